@@ -1,0 +1,136 @@
+"""The MetaLA token mixer (`shared/spec/metala.md` section 2).
+
+Shapes: B batch, T time, D = d_model, H heads, K = qk_dim / H, V = D / H.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metala.cache import LayerCache
+from metala.config import MetaLAConfig
+from metala.modules.conv import NoConv, ShortConv
+from metala.modules.norm import head_layer_norm
+from metala.ops.metala.api import check_metala_args, resolve_backend
+
+
+class DerivedKey(nn.Module):
+    """k = 1 - alpha = -expm1(g): the key is tied to the decay, no projection (the MetaLA design)."""
+
+    def forward(self, u: torch.Tensor, g: torch.Tensor) -> torch.Tensor | None:
+        # None lets the operator derive k in fp32 itself, without reading or storing a key tensor
+        return None
+
+
+class ProjectedKey(nn.Module):
+    """The `use_key` ablation (paper Table 8, "w/ key"): an extra W_K d -> qk_dim replaces k = 1 - alpha."""
+
+    def __init__(self, d_model: int, qk_dim: int, n_heads: int) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.proj = nn.Linear(d_model, qk_dim, bias=False)
+
+    def forward(self, u: torch.Tensor, g: torch.Tensor) -> torch.Tensor | None:
+        return self.proj(u).view(g.shape)
+
+
+class SelfAugmentation(nn.Module):
+    """o += sigmoid(a * v) with the per-head scalar a = sum_j q_j w_aug_j k_j (paper Eq. 22), in fp32.
+
+    w_aug starts at 0, so the added 0.5 is removed exactly by the mean-centring head LayerNorm at init.
+    """
+
+    def __init__(self, n_heads: int, head_qk_dim: int) -> None:
+        super().__init__()
+        self.n_heads, self.head_qk_dim = n_heads, head_qk_dim
+        self.w_aug = nn.Parameter(torch.zeros(n_heads * head_qk_dim))
+
+    def forward(
+        self, o: torch.Tensor, q: torch.Tensor, g: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor
+    ) -> torch.Tensor:
+        k32 = -torch.expm1(g) if k is None else k.float()
+        w = self.w_aug.float().view(self.n_heads, self.head_qk_dim)
+        a = (q.float() * w * k32).sum(-1, keepdim=True)  # [B, T, H, 1]
+        return o.float() + torch.sigmoid(a * v.float())
+
+
+class NoSelfAugmentation(nn.Module):
+    """The `self_aug=False` ablation."""
+
+    def forward(
+        self, o: torch.Tensor, q: torch.Tensor, g: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor
+    ) -> torch.Tensor:
+        return o.float()
+
+
+class MetaLAAttention(nn.Module):
+    """MetaLA token mixer: Chou, Yao et al., "MetaLA: Unified Optimal Linear Approximation to Softmax Attention
+    Map", NeurIPS 2024 (arXiv 2411.10741).
+
+    u = SiLU(conv(x)); q = u W_q; g = logsigmoid(u W_a) / 16; k = 1 - exp(g); v = u W_v; gt = u W_g + b_g;
+    o = LayerNorm_head(scale * q S + sigmoid((q w_aug k) v)); y = (SiLU(gt) * o) W_o.
+
+    Args (forward):
+        x: [B, T, D] block input after the first norm.
+        cu_seqlens: int [N + 1] boundaries of packed documents (B = 1): state and conv history restart at each.
+        cache: decoding cache of this layer; read as the initial state and updated in place.
+        attention_mask: [B, T] 1 for real tokens, 0 for left padding; padded inputs are zeroed before the conv,
+            which keeps the state at exactly zero through the padding.
+    """
+
+    def __init__(self, config: MetaLAConfig, layer_idx: int) -> None:
+        super().__init__()
+        d, dk, H = config.d_model, config.qk_dim, config.n_heads
+        self.layer_idx = layer_idx
+        self.n_heads, self.head_qk_dim, self.head_v_dim = H, config.head_qk_dim, config.head_v_dim
+        self.decay_normalizer = config.decay_normalizer
+        self.head_norm_eps = config.head_norm_eps
+        self.backend = config.attn_backend
+        self.scale = self.head_qk_dim**-0.5
+        self.conv = ShortConv(d, config.conv_size) if config.use_conv else NoConv()
+        self.q_proj = nn.Linear(d, dk, bias=False)
+        self.a_proj = nn.Linear(d, dk, bias=False)
+        self.key = ProjectedKey(d, dk, H) if config.use_key else DerivedKey()
+        self.v_proj = nn.Linear(d, d, bias=False)
+        self.g_proj = nn.Linear(d, d, bias=True)
+        self.o_proj = nn.Linear(d, d, bias=False)
+        self.self_aug = SelfAugmentation(H, self.head_qk_dim) if config.self_aug else NoSelfAugmentation()
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cu_seqlens: torch.Tensor | None = None,
+        cache: LayerCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        B, T, D = x.shape
+        H, K, V = self.n_heads, self.head_qk_dim, self.head_v_dim
+        if attention_mask is not None:
+            x = x * attention_mask[..., None].to(x.dtype)
+        u, conv_state = self.conv(x, cu_seqlens, None if cache is None else cache.conv_state)
+        u = F.silu(u)
+        q = self.q_proj(u).view(B, T, H, K)
+        # fp32 gate math: in bf16, 1 - exp(g) is 0 for logits above ~3.5 (metala.md section 11.1)
+        g = (F.logsigmoid(self.a_proj(u).float()) / self.decay_normalizer).view(B, T, H, K)
+        k = self.key(u, g)
+        v = self.v_proj(u).view(B, T, H, V)
+        gt = self.g_proj(u)
+        initial_state = None if cache is None else cache.state
+        check_metala_args(q, g, v, k, initial_state, cu_seqlens)
+        op = resolve_backend(self.backend, q.device, T, torch.is_grad_enabled(), varlen=cu_seqlens is not None)
+        o, final_state = op(
+            q,
+            g,
+            v,
+            k=k,
+            scale=self.scale,
+            initial_state=initial_state,
+            output_final_state=cache is not None,
+            cu_seqlens=cu_seqlens,
+        )
+        if cache is not None:
+            cache.state, cache.conv_state = final_state, conv_state
+        o = head_layer_norm(self.self_aug(o, q, g, k, v), self.head_norm_eps)
+        return self.o_proj(F.silu(gt) * o.reshape(B, T, D).to(gt.dtype))

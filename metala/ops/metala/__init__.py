@@ -1,0 +1,15 @@
+from metala.ops.metala.api import BACKENDS, check_metala_args, metala_attn, resolve_backend, triton_usable
+from metala.ops.metala.fused_recurrent import fused_recurrent_metala
+from metala.ops.metala.naive import naive_chunk_metala, naive_parallel_metala, naive_recurrent_metala
+
+__all__ = [
+    "BACKENDS",
+    "check_metala_args",
+    "fused_recurrent_metala",
+    "metala_attn",
+    "naive_chunk_metala",
+    "naive_parallel_metala",
+    "naive_recurrent_metala",
+    "resolve_backend",
+    "triton_usable",
+]
