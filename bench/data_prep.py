@@ -1,0 +1,209 @@
+"""Data-stage benchmark: `data_prep.prepare` against raw SentencePiece and `datasets.map` + `save_to_disk`.
+
+For a 32k BPE and a 32k unigram tokenizer trained on the bundled corpus, in one run on the same text:
+  - raw encode: `sp.encode(texts)` on one thread (list output, the default) and with numpy output;
+  - our pipeline with 1 and 2 workers (read .jsonl.zst, parse, split, tokenize, write shards + manifest): tokens/s,
+    tokens/s per worker, and tokens per CPU-second (all processes counted, the reader included);
+  - the plain `datasets` baseline: load_dataset("json") + map(batched, num_proc) + save_to_disk;
+  - the packed loader on one core (seq 2048, batch 16).
+Correctness first: the pipeline's shards must hold exactly the raw encoder's tokens (+ EOS) for every document.
+
+Writes bench/results/<yyyymmdd>_cpu_data_prep.json and prints a table.
+
+Example:
+    python -m bench.data_prep --repeat 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import zstandard
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = [ROOT / "data/demo/00.jsonl.zst", ROOT / "data/demo/01.jsonl.zst"]
+
+
+def cpu_seconds() -> float:
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def load_texts() -> list[str]:
+    texts = []
+    for path in DEMO:
+        raw = zstandard.ZstdDecompressor().stream_reader(path.open("rb")).read()
+        texts += [json.loads(line)["text"] for line in raw.decode().splitlines()]
+    return texts
+
+
+def build_inputs(tmp: Path, texts: list[str], repeat: int) -> tuple[list[str], Path]:
+    """`repeat` copies of the corpus as jsonl.zst files (our input) and one plain .jsonl (the datasets input)."""
+    lines = "".join(json.dumps({"text": t, "meta": {"pile_set_name": "demo"}}) + "\n" for t in texts).encode()
+    zst = []
+    for i in range(repeat):
+        p = tmp / f"in-{i:02d}.jsonl.zst"
+        p.write_bytes(zstandard.ZstdCompressor(level=3).compress(lines))
+        zst.append(str(p))
+    plain = tmp / "all.jsonl"
+    plain.write_bytes(lines * repeat)
+    return zst, plain
+
+
+def train_tokenizer(tmp: Path, model_type: str) -> str:
+    from data_prep.train_tokenizer import main
+
+    out = tmp / f"tok-{model_type}"
+    main(["--input", *map(str, DEMO), "--vocab-size", "32000", "--model-type", model_type, "--output", str(out),
+          "--num-threads", str(os.cpu_count() or 1)])
+    return str(out / "tokenizer.model")
+
+
+def raw_encode(model: str, texts: list[str], repeat: int) -> dict:
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=model)
+    out = {}
+    for name, kw in (("list", {}), ("numpy", {"return_type": "numpy"})):
+        best = 0.0
+        for _ in range(2):
+            t0 = time.perf_counter()
+            n = 0
+            for _ in range(repeat):
+                n += sum(len(x) for x in sp.encode(texts, num_threads=1, **kw))
+            best = max(best, n / (time.perf_counter() - t0))
+        out[name] = {"tokens": n, "tokens_per_s": best}
+    return out
+
+
+def pipeline(model: str, inputs: list[str], out: Path, workers: int) -> dict:
+    from data_prep.prepare import main
+
+    shutil.rmtree(out, ignore_errors=True)
+    c0, t0 = cpu_seconds(), time.perf_counter()
+    m = main(["--input", *inputs, "--tokenizer", model, "--output", str(out), "--workers", str(workers),
+              "--shard-tokens", "2000000"])
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    tokens = m["splits"]["train"]["tokens"]
+    return {"workers": workers, "tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
+            "tokens_per_s_per_worker": tokens / wall / workers, "cpu_seconds": cpu,
+            "tokens_per_cpu_second": tokens / cpu, "manifest": m}
+
+
+def check_pipeline(model: str, texts: list[str], out: Path, manifest: dict, repeat: int) -> bool:
+    """Every document's tokens in the shards equal the raw encoder's, followed by EOS."""
+    import sentencepiece as spm
+
+    from data_prep.shards import ShardView
+
+    sp = spm.SentencePieceProcessor(model_file=model)
+    ref = sp.encode(texts)
+    docs = []
+    for s in manifest["splits"]["train"]["shards"]:
+        v = ShardView(out / s["file"])
+        docs += [v.tokens[v.offsets[i] : v.offsets[i + 1]] for i in range(v.num_docs)]
+    if len(docs) != len(ref) * repeat:
+        return False
+    return all(np.array_equal(d[:-1], ref[i % len(ref)]) and d[-1] == sp.eos_id() for i, d in enumerate(docs))
+
+
+def datasets_baseline(model: str, plain: Path, out: Path, workers: int) -> dict:
+    import datasets
+    import sentencepiece as spm
+
+    datasets.disable_progress_bars()
+    shutil.rmtree(out, ignore_errors=True)
+    cache = out.parent / "hf-cache"
+    t0 = time.perf_counter()
+    ds = datasets.load_dataset("json", data_files=str(plain), split="train", cache_dir=str(cache))
+
+    def tok(batch, _sp={}):
+        if "sp" not in _sp:
+            _sp["sp"] = spm.SentencePieceProcessor(model_file=model)
+        sp = _sp["sp"]
+        return {"input_ids": [ids + [sp.eos_id()] for ids in sp.encode(batch["text"])]}
+
+    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("uint16"))})
+    ds = ds.map(tok, batched=True, num_proc=workers if workers > 1 else None, remove_columns=ds.column_names,
+                features=features)
+    ds.save_to_disk(str(out), num_proc=workers if workers > 1 else None)
+    wall = time.perf_counter() - t0
+    tokens = int(sum(len(x) for x in ds["input_ids"]))
+    shutil.rmtree(cache, ignore_errors=True)
+    return {"workers": workers, "tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall}
+
+
+def loader_speed(data_dir: Path) -> dict:
+    import torch
+
+    from pretrain.data import PackedDataset, PackedLoader
+
+    torch.set_num_threads(1)
+    ds = PackedDataset(data_dir, "train", 2048, verify="size")
+    ld = PackedLoader(ds, global_batch=16, micro_batch=16)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < 3.0:
+        for mb in ld.next_step():
+            n += mb["input_ids"].numel()
+    return {"seq_len": 2048, "batch": 16, "tokens_per_s": n / (time.perf_counter() - t0)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeat", type=int, default=4, help="copies of the 7.9 MB demo corpus to tokenize")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench/results")
+    ap.add_argument("--skip-datasets", action="store_true", help="leave out the datasets.map baseline")
+    args = ap.parse_args()
+    texts = load_texts()
+    rows = []
+    with tempfile.TemporaryDirectory() as t:
+        tmp = Path(t)
+        inputs, plain = build_inputs(tmp, texts, args.repeat)
+        for model_type in ("bpe", "unigram"):
+            model = train_tokenizer(tmp, model_type)
+            raw = raw_encode(model, texts, args.repeat)
+            pipes = [pipeline(model, inputs, tmp / f"ours-{w}", w) for w in (1, 2)]
+            correct = check_pipeline(model, texts, tmp / "ours-1", pipes[0]["manifest"], args.repeat)
+            base = None if args.skip_datasets else datasets_baseline(model, plain, tmp / "hf", 2)
+            loader = loader_speed(tmp / "ours-1")
+            for p in pipes:
+                p.pop("manifest")
+            row = {"tokenizer": f"{model_type}-32k", "correct": correct, "raw_encode": raw, "ours": pipes,
+                   "datasets_map_save_to_disk": base, "loader": loader,
+                   "ratio_ours1_vs_raw_list": pipes[0]["tokens_per_s"] / raw["list"]["tokens_per_s"],
+                   "ratio_ours1_vs_raw_numpy": pipes[0]["tokens_per_s"] / raw["numpy"]["tokens_per_s"],
+                   "ratio_ours1_per_cpu_s_vs_raw_numpy": pipes[0]["tokens_per_cpu_second"] / raw["numpy"]["tokens_per_s"],
+                   "scaling_2_workers": pipes[1]["tokens_per_s"] / pipes[0]["tokens_per_s"],
+                   "ratio_ours2_vs_datasets2": None if base is None else pipes[1]["tokens_per_s"] / base["tokens_per_s"]}
+            rows.append(row)
+    result = {"bench": "data_prep", "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                          "python": platform.python_version()},
+              "corpus": {"documents": len(texts) * args.repeat, "repeat": args.repeat}, "rows": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{time.strftime('%Y%m%d')}_cpu_data_prep.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(f"\n{'tokenizer':<12} {'ok':<5} {'raw list':>10} {'raw numpy':>10} {'ours w=1':>10} {'ours w=2':>10} "
+          f"{'tok/cpu-s':>10} {'datasets':>10} {'loader':>10}  (M tokens/s)")
+    for r in rows:
+        base = r["datasets_map_save_to_disk"]
+        print(f"{r['tokenizer']:<12} {str(r['correct']):<5} {r['raw_encode']['list']['tokens_per_s'] / 1e6:>10.2f} "
+              f"{r['raw_encode']['numpy']['tokens_per_s'] / 1e6:>10.2f} {r['ours'][0]['tokens_per_s'] / 1e6:>10.2f} "
+              f"{r['ours'][1]['tokens_per_s'] / 1e6:>10.2f} {r['ours'][0]['tokens_per_cpu_second'] / 1e6:>10.2f} "
+              f"{(base['tokens_per_s'] / 1e6 if base else float('nan')):>10.2f} {r['loader']['tokens_per_s'] / 1e6:>10.1f}")
+    print(f"wrote {path}")
+    if not all(r["correct"] for r in rows):
+        raise SystemExit("correctness check failed: the shards do not hold the raw encoder's tokens")
+
+
+if __name__ == "__main__":
+    main()

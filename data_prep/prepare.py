@@ -1,0 +1,506 @@
+"""Tokenize a corpus into Arrow IPC shards with a manifest.
+
+Input: `.jsonl`, `.jsonl.zst` (the Pile's own format), `.parquet` files or HF dataset ids, and a SentencePiece
+`.model` (trained by `data_prep.train_tokenizer` or any existing one).
+Output, in OUT:
+  - `train-NNNNN.arrow`, `val-NNNNN.arrow`: Arrow IPC files, one row per document: `input_ids` (the document's
+    tokens followed by EOS; uint16 when the vocabulary fits, else uint32) and `source` (the Pile subset name).
+  - `manifest.json`: shards with rows, tokens and sha256, document and token counts, tokenizer checksum, sources,
+    licences, skipped records by reason (with examples as file:line), unreadable or truncated inputs.
+  - `skipped.jsonl`: file, line and reason of skipped records (capped).
+
+The reader streams records in a fixed order and cuts them into tasks of about `--task-bytes`; worker processes
+parse and tokenize tasks (ordered, with back-pressure so the reader cannot run ahead); the main process writes a
+shard (temp file, fsync, rename) whenever a task ends with at least `--shard-tokens` train tokens buffered. The
+validation split is a deterministic hash of each document's text. After every shard, `progress.json` records the
+task to restart from, so rerunning the same command after an interruption finishes the missing shards without
+redoing the done ones.
+
+Example:
+    python -m data_prep.prepare --input data/demo/*.jsonl.zst --tokenizer runs/tok/tokenizer.model \\
+        --output runs/data --workers 2 --val-fraction 0.01
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from data_prep.readers import (
+    SKIP_REASONS,
+    RawRecord,
+    ReadErrors,
+    block_lines,
+    input_kind,
+    iter_hf,
+    iter_parquet,
+    jsonl_blocks,
+    parse_record,
+)
+from data_prep.tokenizer import Tokenizer
+
+# bump when the shard layout or the task cutting changes: an old progress.json then no longer matches
+SHARD_SCHEMA_VERSION = 1
+
+SKIP_EXAMPLES_PER_TASK = 5
+SKIP_LOG_CAP = 100_000
+# test hook: stop (as if killed) after this many train shards were committed
+STOP_AFTER_ENV = "METALA_PREPARE_STOP_AFTER_SHARDS"
+
+
+@dataclass(kw_only=True, slots=True)
+class PrepareConfig:
+    inputs: list[str]
+    tokenizer: str
+    output: str
+    workers: int = 1
+    shard_tokens: int = 100_000_000
+    val_fraction: float = 0.0
+    split_seed: int = 1234
+    task_bytes: int = 4 << 20
+    include_subsets: list[str] = field(default_factory=list)
+    exclude_subsets: list[str] = field(default_factory=list)
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            raise ValueError("inputs: give at least one input file or dataset id")
+        for spec in self.inputs:
+            kind = input_kind(spec)
+            if kind != "hf" and not Path(spec).exists():
+                raise ValueError(f"inputs: {spec} does not exist")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0 (0 = in-process), got {self.workers}")
+        if self.shard_tokens < 1 or self.task_bytes < 1:
+            raise ValueError("shard_tokens and task_bytes must be >= 1")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+
+
+@dataclass
+class Task:
+    index: int
+    source: int
+    # either a block of whole JSON lines starting at line `first_line` (shipped as one bytes object, so the reader
+    # does no per-record work) or decoded records (parquet, HF datasets)
+    first_line: int = 0
+    block: bytes = b""
+    records: list[RawRecord] = field(default_factory=list)
+    # bytes of input read when the task was cut (for the progress bar)
+    bytes_read: int = 0
+
+    def raw_records(self) -> Iterator[RawRecord]:
+        if self.block:
+            for line_no, line in block_lines(self.first_line, self.block):
+                yield RawRecord(self.source, line_no, line)
+        yield from self.records
+
+
+@dataclass
+class SplitBuffer:
+    tokens: list[np.ndarray] = field(default_factory=list)
+    lengths: list[np.ndarray] = field(default_factory=list)
+    subsets: list[str] = field(default_factory=list)
+    n_tokens: int = 0
+
+    def add(self, tokens: np.ndarray, lengths: np.ndarray, subsets: list[str]) -> None:
+        if len(lengths):
+            self.tokens.append(tokens)
+            self.lengths.append(lengths)
+            self.subsets.extend(subsets)
+            self.n_tokens += int(tokens.size)
+
+    def take(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        tokens = np.concatenate(self.tokens) if self.tokens else np.zeros(0, np.uint32)
+        lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, np.int64)
+        subsets = self.subsets
+        self.tokens, self.lengths, self.subsets, self.n_tokens = [], [], [], 0
+        return tokens, lengths, subsets
+
+
+def is_validation(text: str, fraction: float, seed: int) -> bool:
+    """Deterministic split: a keyed hash of the text; identical documents always land on the same side."""
+    if fraction <= 0:
+        return False
+    h = hashlib.blake2b(text.encode("utf-8"), digest_size=8, key=seed.to_bytes(8, "little")).digest()
+    return int.from_bytes(h, "little") / 2**64 < fraction
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(model_file: str, sha256: str, cfg: dict) -> None:
+    tok = Tokenizer(model_file)
+    if tok.sha256 != sha256:
+        raise RuntimeError(f"{model_file} changed while preparing (sha256 {tok.sha256} != {sha256})")
+    _WORKER.update(tok=tok, **cfg)
+
+
+def _encode(tok: Tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of every text followed by EOS, flattened, and per-document lengths (EOS included)."""
+    if not texts:
+        return np.zeros(0, np.uint32), np.zeros(0, np.int64)
+    # one thread per worker: the worker count is the parallelism knob (sentencepiece's default uses every core)
+    try:
+        arrays = tok.sp.encode(texts, return_type="numpy", num_threads=1)
+    except (ValueError, TypeError):
+        # sentencepiece < 0.2.1 has no numpy output
+        arrays = [np.asarray(a, dtype=np.int32) for a in tok.sp.encode(texts, num_threads=1)]
+    lengths = np.fromiter((a.size + 1 for a in arrays), dtype=np.int64, count=len(arrays))
+    flat = np.empty(int(lengths.sum()), dtype=np.uint32)
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    for a, s, e in zip(arrays, starts, ends):
+        flat[s : e - 1] = a
+    flat[ends - 1] = tok.eos_id
+    return flat, lengths
+
+
+def tokenize_task(task: Task) -> dict:
+    """Worker: parse, split and tokenize one task. Returns plain arrays and counters (cheap to pickle)."""
+    tok: Tokenizer = _WORKER["tok"]
+    include, exclude = _WORKER["include"], _WORKER["exclude"]
+    texts: dict[str, list[str]] = {"train": [], "val": []}
+    subsets: dict[str, list[str]] = {"train": [], "val": []}
+    skips: Counter = Counter()
+    licenses: Counter = Counter()
+    examples = []
+    n_records = 0
+    for rec in task.raw_records():
+        n_records += 1
+        parsed = parse_record(rec.payload, include, exclude)
+        if parsed.text is None:
+            skips[parsed.reason] += 1
+            if len(examples) < SKIP_EXAMPLES_PER_TASK:
+                examples.append({"source": rec.source, "line": rec.line, "reason": parsed.reason})
+            continue
+        split = "val" if is_validation(parsed.text, _WORKER["val_fraction"], _WORKER["split_seed"]) else "train"
+        texts[split].append(parsed.text)
+        subsets[split].append(parsed.subset)
+        if parsed.license:
+            licenses[parsed.license] += 1
+    out = {"index": task.index, "bytes_read": task.bytes_read, "skips": skips, "examples": examples,
+           "licenses": licenses, "n_records": n_records}
+    for split in ("train", "val"):
+        tokens, lengths = _encode(tok, texts[split])
+        out[split] = (tokens, lengths, subsets[split])
+    return out
+
+
+def make_tasks(inputs: list[str], task_bytes: int, start: int, errors: ReadErrors) -> Iterator[Task]:
+    """Cut every input into tasks of about `task_bytes`; tasks before `start` (already in shards) are not emitted.
+
+    Task boundaries depend only on the inputs and `task_bytes`, so a resumed run cuts the same tasks.
+    """
+    index = 0
+    for source, spec in enumerate(inputs):
+        kind = input_kind(spec)
+        if kind in ("jsonl", "jsonl.zst"):
+            for first_line, block in jsonl_blocks(spec, errors, kind == "jsonl.zst", task_bytes):
+                if index >= start:
+                    yield Task(index, source, first_line=first_line, block=block, bytes_read=errors.bytes_read)
+                index += 1
+            continue
+        records = iter_hf(spec, source, errors) if kind == "hf" else iter_parquet(spec, source, errors)
+        batch, size = [], 0
+        for rec in records:
+            batch.append(rec)
+            size += len(str(rec.payload.get("text", "")))
+            if size >= task_bytes:
+                if index >= start:
+                    yield Task(index, source, records=batch, bytes_read=errors.bytes_read)
+                index, batch, size = index + 1, [], 0
+        if batch:
+            if index >= start:
+                yield Task(index, source, records=batch, bytes_read=errors.bytes_read)
+            index += 1
+
+
+def _bounded(it: Iterator[Task], sem: threading.Semaphore) -> Iterator[Task]:
+    # back-pressure: the reader waits until the writer has consumed a result before cutting another task
+    for item in it:
+        sem.acquire()
+        yield item
+
+
+def _fingerprint(cfg: PrepareConfig, tok: Tokenizer) -> str:
+    sources = []
+    for spec in cfg.inputs:
+        p = Path(spec)
+        sources.append([spec, p.stat().st_size if p.exists() else None])
+    key = {
+        "schema": SHARD_SCHEMA_VERSION,
+        "sources": sources,
+        "tokenizer": tok.sha256,
+        "shard_tokens": cfg.shard_tokens,
+        "val_fraction": cfg.val_fraction,
+        "split_seed": cfg.split_seed,
+        "task_bytes": cfg.task_bytes,
+        "include": sorted(cfg.include_subsets),
+        "exclude": sorted(cfg.exclude_subsets),
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _atomic_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=2)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class Preparer:
+    def __init__(self, cfg: PrepareConfig) -> None:
+        self.cfg = cfg
+        self.tok = Tokenizer(cfg.tokenizer)
+        self.out = Path(cfg.output)
+        self.dtype = np.uint16 if self.tok.vocab_size <= 1 << 16 else np.uint32
+        self.fingerprint = _fingerprint(cfg, self.tok)
+        self.state = {
+            "fingerprint": self.fingerprint,
+            "next_task": 0,
+            "shards": {"train": [], "val": []},
+            "docs": {"train": 0, "val": 0},
+            "tokens": {"train": 0, "val": 0},
+            "subsets": {"train": {}, "val": {}},
+            "skipped": {r: 0 for r in SKIP_REASONS},
+            "skipped_examples": [],
+            "licenses": {},
+            "records": 0,
+        }
+        self.buffers = {"train": SplitBuffer(), "val": SplitBuffer()}
+        self.pending = {"docs": {"train": 0, "val": 0}, "subsets": {"train": Counter(), "val": Counter()},
+                        "skipped": Counter(), "examples": [], "licenses": Counter(), "records": 0}
+
+    def _prepare_output(self) -> dict | None:
+        """Decide between finished / resume / fresh; returns the finished manifest if there is nothing to do."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        manifest, progress = self.out / "manifest.json", self.out / "progress.json"
+        if self.cfg.overwrite:
+            for f in list(self.out.glob("*.arrow")) + [manifest, progress, self.out / "skipped.jsonl"]:
+                f.unlink(missing_ok=True)
+        if manifest.exists():
+            m = json.loads(manifest.read_text())
+            if m.get("fingerprint") == self.fingerprint:
+                return m
+            raise SystemExit(
+                f"{self.out} already holds a finished dataset made with different inputs or settings; "
+                "choose another --output or pass --overwrite"
+            )
+        if progress.exists():
+            saved = json.loads(progress.read_text())
+            if saved.get("fingerprint") != self.fingerprint:
+                raise SystemExit(
+                    f"{self.out} holds an interrupted run with different inputs or settings; "
+                    "rerun with the original arguments to resume, or pass --overwrite"
+                )
+            self.state = saved
+            # shards written after the last progress record are incomplete work: they will be redone
+            keep = {s["file"] for split in ("train", "val") for s in saved["shards"][split]}
+            for f in self.out.glob("*.arrow"):
+                if f.name not in keep:
+                    f.unlink()
+            print(f"resuming: {len(saved['shards']['train'])} train shards done, restarting at task "
+                  f"{saved['next_task']}", file=sys.stderr)
+        for f in self.out.glob("*.tmp"):
+            f.unlink()
+        return None
+
+    def _absorb(self, res: dict) -> None:
+        p = self.pending
+        for split in ("train", "val"):
+            tokens, lengths, subsets = res[split]
+            self.buffers[split].add(tokens, lengths, subsets)
+            p["docs"][split] += len(lengths)
+            p["subsets"][split].update(subsets)
+        p["skipped"].update(res["skips"])
+        p["licenses"].update(res["licenses"])
+        p["records"] += res["n_records"]
+        for ex in res["examples"]:
+            if len(self.state["skipped_examples"]) + len(p["examples"]) < 50:
+                p["examples"].append({**ex, "file": self.cfg.inputs[ex["source"]]})
+        self._log_skips(res)
+
+    def _log_skips(self, res: dict) -> None:
+        if not res["examples"] or self._skip_log_lines >= SKIP_LOG_CAP:
+            return
+        with open(self.out / "skipped.jsonl", "a") as fh:
+            for ex in res["examples"]:
+                fh.write(json.dumps({"file": self.cfg.inputs[ex["source"]], "line": ex["line"], "reason": ex["reason"]}) + "\n")
+                self._skip_log_lines += 1
+
+    def _commit(self, next_task: int, final: bool) -> None:
+        """Write the buffered shards and record progress; only whole tasks are ever committed."""
+        st, p = self.state, self.pending
+        for split in ("train", "val"):
+            buf = self.buffers[split]
+            if buf.n_tokens == 0:
+                continue
+            tokens, lengths, subsets = buf.take()
+            # pyarrow is imported here only: spawned tokenizer workers never need it
+            from data_prep.shards import write_shard
+
+            name = f"{split}-{len(st['shards'][split]):05d}.arrow"
+            st["shards"][split].append(write_shard(self.out / name, tokens, lengths, subsets, self.dtype))
+            st["tokens"][split] += int(tokens.size)
+        for split in ("train", "val"):
+            st["docs"][split] += p["docs"][split]
+            for k, v in p["subsets"][split].items():
+                st["subsets"][split][k] = st["subsets"][split].get(k, 0) + v
+        for k, v in p["skipped"].items():
+            st["skipped"][k] = st["skipped"].get(k, 0) + v
+        for k, v in p["licenses"].items():
+            st["licenses"][k] = st["licenses"].get(k, 0) + v
+        st["skipped_examples"].extend(p["examples"])
+        st["records"] += p["records"]
+        st["next_task"] = next_task
+        self.pending = {"docs": {"train": 0, "val": 0}, "subsets": {"train": Counter(), "val": Counter()},
+                        "skipped": Counter(), "examples": [], "licenses": Counter(), "records": 0}
+        if not final:
+            _atomic_json(self.out / "progress.json", st)
+
+    def run(self) -> dict:
+        done = self._prepare_output()
+        if done is not None:
+            print(f"{self.out}: already complete ({done['splits']['train']['tokens']:,} train tokens); nothing to do")
+            return done
+        self._skip_log_lines = 0
+        cfg = self.cfg
+        errors = ReadErrors()
+        total_bytes = sum(Path(s).stat().st_size for s in cfg.inputs if input_kind(s) != "hf") or None
+        worker_cfg = {"include": frozenset(cfg.include_subsets), "exclude": frozenset(cfg.exclude_subsets),
+                      "val_fraction": cfg.val_fraction, "split_seed": cfg.split_seed}
+        stop_after = int(os.environ.get(STOP_AFTER_ENV, "0"))
+        tasks = make_tasks(cfg.inputs, cfg.task_bytes, self.state["next_task"], errors)
+        t0 = time.time()
+        new_tokens = 0
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenize", file=sys.stderr, smoothing=0.1)
+        pool = None
+        try:
+            if cfg.workers == 0:
+                _init_worker(str(self.tok.path), self.tok.sha256, worker_cfg)
+                results: Iterator[dict] = map(tokenize_task, tasks)
+                sem = None
+            else:
+                ctx = mp.get_context("spawn")
+                pool = ctx.Pool(cfg.workers, initializer=_init_worker,
+                                initargs=(str(self.tok.path), self.tok.sha256, worker_cfg))
+                sem = threading.Semaphore(2 * cfg.workers + 2)
+                results = pool.imap(tokenize_task, _bounded(tasks, sem), chunksize=1)
+            for res in results:
+                if sem is not None:
+                    sem.release()
+                self._absorb(res)
+                new_tokens += sum(int(res[s][0].size) for s in ("train", "val"))
+                bar.update(res["bytes_read"] - bar.n)
+                elapsed = max(time.time() - t0, 1e-9)
+                bar.set_postfix(docs_s=f"{(self.state['docs']['train'] + self.pending['docs']['train']) / elapsed:,.0f}",
+                                tok_s=f"{new_tokens / elapsed:,.0f}", refresh=False)
+                if self.buffers["train"].n_tokens >= cfg.shard_tokens:
+                    self._commit(res["index"] + 1, final=False)
+                    if stop_after and len(self.state["shards"]["train"]) >= stop_after:
+                        raise SystemExit(f"stopped after {stop_after} shards ({STOP_AFTER_ENV})")
+            self._commit(self.state["next_task"], final=True)
+        except KeyboardInterrupt:
+            raise SystemExit("interrupted: rerun the same command to resume from the last written shard")
+        finally:
+            bar.close()
+            if pool is not None:
+                pool.terminate()
+                pool.join()
+        elapsed = time.time() - t0
+        manifest = self._manifest(errors, elapsed, new_tokens)
+        _atomic_json(self.out / "manifest.json", manifest)
+        (self.out / "progress.json").unlink(missing_ok=True)
+        self._report(manifest)
+        return manifest
+
+    def _manifest(self, errors: ReadErrors, elapsed: float, new_tokens: int) -> dict:
+        st, cfg = self.state, self.cfg
+        sources = []
+        for spec in cfg.inputs:
+            p = Path(spec)
+            sources.append({"input": spec, "kind": input_kind(spec), "bytes": p.stat().st_size if p.exists() else None})
+        splits = {
+            split: {"docs": st["docs"][split], "tokens": st["tokens"][split], "shards": st["shards"][split],
+                    "subsets": st["subsets"][split]}
+            for split in ("train", "val")
+        }
+        return {
+            "format": "metala-arrow-shards",
+            "schema_version": SHARD_SCHEMA_VERSION,
+            "fingerprint": self.fingerprint,
+            "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "tokenizer": {"file": str(self.tok.path.resolve()), "sha256": self.tok.sha256,
+                          "vocab_size": self.tok.vocab_size, "eos_id": self.tok.eos_id, "bos_id": self.tok.bos_id},
+            "dtype": np.dtype(self.dtype).name,
+            "eos_appended": True,
+            "splits": splits,
+            "sources": sources,
+            "licenses": st["licenses"],
+            "records": st["records"],
+            "skipped": st["skipped"],
+            "skipped_examples": st["skipped_examples"],
+            "read_errors": errors.errors,
+            "settings": {k: v for k, v in asdict(cfg).items() if k not in ("inputs", "tokenizer", "output", "overwrite")},
+            "last_run": {"seconds": round(elapsed, 3), "tokens": new_tokens,
+                         "tokens_per_s": round(new_tokens / max(elapsed, 1e-9))},
+        }
+
+    def _report(self, m: dict) -> None:
+        tr, va = m["splits"]["train"], m["splits"]["val"]
+        print(f"wrote {len(tr['shards'])} train shards ({tr['docs']:,} docs, {tr['tokens']:,} tokens) and "
+              f"{len(va['shards'])} val shards ({va['docs']:,} docs, {va['tokens']:,} tokens) to {self.out}")
+        skipped = {k: v for k, v in m["skipped"].items() if v}
+        if skipped:
+            print(f"skipped records: {skipped} (examples in {self.out / 'skipped.jsonl'})")
+        for err in m["read_errors"]:
+            print(f"WARNING {err['file']}: {err['kind']}: {err['detail']}", file=sys.stderr)
+
+
+def parse_args(argv: list[str] | None = None) -> PrepareConfig:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--input", nargs="+", required=True, help="input files (.jsonl, .jsonl.zst, .parquet) or HF ids")
+    ap.add_argument("--tokenizer", required=True, help="SentencePiece .model file (or a folder holding tokenizer.model)")
+    ap.add_argument("--output", required=True, help="output folder")
+    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                    help="tokenizer processes (0 = in-process); default: cores - 1")
+    ap.add_argument("--shard-tokens", type=int, default=100_000_000, help="train tokens per shard (about)")
+    ap.add_argument("--val-fraction", type=float, default=0.0, help="fraction of documents for validation")
+    ap.add_argument("--split-seed", type=int, default=1234, help="key of the validation hash")
+    ap.add_argument("--task-bytes", type=int, default=4 << 20, help="input bytes per worker task")
+    ap.add_argument("--include-subsets", nargs="*", default=[], help="keep only these pile_set_name values")
+    ap.add_argument("--exclude-subsets", nargs="*", default=[], help="drop these pile_set_name values")
+    ap.add_argument("--overwrite", action="store_true", help="discard whatever OUT holds")
+    a = ap.parse_args(argv)
+    try:
+        return PrepareConfig(inputs=a.input, tokenizer=a.tokenizer, output=a.output, workers=a.workers,
+                             shard_tokens=a.shard_tokens, val_fraction=a.val_fraction, split_seed=a.split_seed,
+                             task_bytes=a.task_bytes, include_subsets=a.include_subsets,
+                             exclude_subsets=a.exclude_subsets, overwrite=a.overwrite)
+    except ValueError as e:
+        ap.error(str(e))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return Preparer(parse_args(argv)).run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""`data_prep.prepare`: shards round-trip to the input text, runs are deterministic, resumable and survive bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import zstandard
+
+from data_prep.prepare import STOP_AFTER_ENV, is_validation
+from data_prep.prepare import main as prepare_main
+from data_prep.shards import ShardView
+from data_prep.tokenizer import Tokenizer
+from tests.corpus import demo_documents
+
+
+def write_jsonl_zst(path, records):
+    lines = b"".join(r if isinstance(r, bytes) else json.dumps(r).encode() + b"\n" for r in records)
+    path.write_bytes(zstandard.ZstdCompressor().compress(lines))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    docs = [{"text": t, "meta": {"pile_set_name": f"S{i % 3}", "license": "PD"}} for i, t in enumerate(demo_documents(1)[:500])]
+    a = write_jsonl_zst(d / "00.jsonl.zst", docs[:250])
+    b = write_jsonl_zst(d / "01.jsonl.zst", docs[250:])
+    return [a, b], docs
+
+
+def run_prepare(inputs, tok, out, *extra):
+    return prepare_main(["--input", *inputs, "--tokenizer", tok, "--output", str(out), *extra])
+
+
+def read_split(out, manifest, split):
+    docs = []
+    for shard in manifest["splits"][split]["shards"]:
+        view = ShardView(out / shard["file"])
+        for i in range(view.num_docs):
+            docs.append(view.tokens[view.offsets[i] : view.offsets[i + 1]].tolist())
+    return docs
+
+
+def test_shards_roundtrip_to_the_input(small_corpus, tokenizer_model, tmp_path):
+    inputs, docs = small_corpus
+    out = tmp_path / "out"
+    m = run_prepare(inputs, tokenizer_model, out, "--workers", "2", "--val-fraction", "0.1",
+                    "--shard-tokens", "40000", "--task-bytes", "30000")
+    tok = Tokenizer(tokenizer_model)
+    assert m["dtype"] == "uint16" and m["tokenizer"]["sha256"] == tok.sha256 and m["tokenizer"]["eos_id"] == 2
+    assert len(m["splits"]["train"]["shards"]) > 2
+    decoded = {"train": [], "val": []}
+    for split in decoded:
+        for ids in read_split(out, m, split):
+            assert ids[-1] == tok.eos_id and tok.eos_id not in ids[:-1]
+            decoded[split].append(tok.decode(ids[:-1]))
+    texts = [d["text"] for d in docs]
+    # order is preserved within each split, and the split is the deterministic text hash
+    assert decoded["train"] == [t for t in texts if not is_validation(t, 0.1, 1234)]
+    assert decoded["val"] == [t for t in texts if is_validation(t, 0.1, 1234)]
+    assert 0 < len(decoded["val"]) < len(texts) * 0.2
+    train = m["splits"]["train"]
+    assert train["docs"] == len(decoded["train"])
+    assert train["tokens"] == sum(s["tokens"] for s in train["shards"])
+    assert sum(train["subsets"].values()) == train["docs"] and set(train["subsets"]) == {"S0", "S1", "S2"}
+    assert m["licenses"] == {"PD": 500} and m["records"] == 500
+    assert not list(out.glob("*.tmp")) and not (out / "progress.json").exists()
+
+
+def test_deterministic_across_worker_counts(small_corpus, tokenizer_model, tmp_path):
+    inputs, _ = small_corpus
+    shas = []
+    for workers in ("0", "1", "2"):
+        m = run_prepare(inputs, tokenizer_model, tmp_path / workers, "--workers", workers, "--val-fraction", "0.05",
+                        "--shard-tokens", "50000", "--task-bytes", "20000")
+        shas.append([s["sha256"] for split in ("train", "val") for s in m["splits"][split]["shards"]])
+    assert shas[0] == shas[1] == shas[2]
+
+
+def test_resume_after_interruption(small_corpus, tokenizer_model, tmp_path, monkeypatch):
+    inputs, _ = small_corpus
+    args = ("--workers", "1", "--val-fraction", "0.05", "--shard-tokens", "30000", "--task-bytes", "20000")
+    full = run_prepare(inputs, tokenizer_model, tmp_path / "full", *args)
+    out = tmp_path / "resumed"
+    monkeypatch.setenv(STOP_AFTER_ENV, "2")
+    with pytest.raises(SystemExit, match="stopped after 2 shards"):
+        run_prepare(inputs, tokenizer_model, out, *args)
+    progress = json.loads((out / "progress.json").read_text())
+    assert len(progress["shards"]["train"]) == 2 and not (out / "manifest.json").exists()
+    done = {p.name: os.stat(p).st_mtime_ns for p in out.glob("train-*.arrow")}
+    # a shard half-written after the last progress record must not survive the restart
+    (out / "train-00002.arrow").write_bytes(b"partial")
+    monkeypatch.delenv(STOP_AFTER_ENV)
+    resumed = run_prepare(inputs, tokenizer_model, out, *args)
+    for name, mtime in done.items():
+        assert os.stat(out / name).st_mtime_ns == mtime, f"{name} was rewritten"
+    for split in ("train", "val"):
+        assert [s["sha256"] for s in resumed["splits"][split]["shards"]] == [
+            s["sha256"] for s in full["splits"][split]["shards"]
+        ]
+        assert resumed["splits"][split]["docs"] == full["splits"][split]["docs"]
+    assert resumed["skipped"] == full["skipped"]
+    # a finished output is left alone; different settings are refused
+    again = run_prepare(inputs, tokenizer_model, out, *args)
+    assert again["fingerprint"] == resumed["fingerprint"]
+    with pytest.raises(SystemExit, match="different inputs or settings"):
+        run_prepare(inputs, tokenizer_model, out, "--val-fraction", "0.2")
+    redone = run_prepare(inputs, tokenizer_model, out, "--val-fraction", "0.2", "--overwrite")
+    assert redone["settings"]["val_fraction"] == 0.2
+
+
+def test_bad_input_is_skipped_counted_and_reported(tokenizer_model, tmp_path):
+    big = "All the world's a stage, and all the men and women merely players. " * 150_000  # ~10 MB
+    records = [
+        {"text": "A good document.", "meta": {"pile_set_name": "A"}},
+        b'{"text": "broken json\n',
+        {"meta": {"pile_set_name": "A"}},
+        b'{"text": "\xff\xfe invalid utf-8"}\n',
+        {"text": "", "meta": {}},
+        {"text": big, "meta": {"pile_set_name": "Big"}},
+        {"text": "Another good one.", "meta": {"pile_set_name": "A"}},
+    ]
+    good = write_jsonl_zst(tmp_path / "good.jsonl.zst", records)
+    # large enough (several 128 KiB zstd blocks) that the first half of the file decodes to whole records
+    n_cut = 30_000
+    blob = zstandard.ZstdCompressor().compress(
+        b"".join(json.dumps({"text": f"doc {i} {i * 7919 % 104729}"}).encode() + b"\n" for i in range(n_cut))
+    )
+    cut = tmp_path / "cut.jsonl.zst"
+    cut.write_bytes(blob[: len(blob) // 2])
+    unreadable = tmp_path / "folder.jsonl"
+    unreadable.mkdir()
+    m = run_prepare([good, str(cut), str(unreadable)], tokenizer_model, tmp_path / "out", "--workers", "1")
+    assert m["skipped"]["invalid_json"] == 1 and m["skipped"]["missing_text"] == 1
+    assert m["skipped"]["invalid_utf8"] == 1 and m["skipped"]["empty_text"] == 1
+    assert {(e["file"], e["kind"]) for e in m["read_errors"]} == {
+        (str(cut), "truncated_or_corrupt"),
+        (str(unreadable), "unreadable"),
+    }
+    tok = Tokenizer(tokenizer_model)
+    docs = [tok.decode(ids[:-1]) for ids in read_split(tmp_path / "out", m, "train")]
+    assert docs[:3] == ["A good document.", big, "Another good one."]
+    # the records of the truncated file before the cut are kept
+    assert 0 < len(docs) - 3 < n_cut and docs[3] == "doc 0 0"
+    examples = {(e["file"], e["reason"]) for e in m["skipped_examples"]}
+    assert (good, "invalid_json") in examples
+    logged = [json.loads(line) for line in (tmp_path / "out" / "skipped.jsonl").read_text().splitlines()]
+    assert {"file": good, "line": 2, "reason": "invalid_json"} in logged
+
+
+def test_bad_arguments(tokenizer_model, tmp_path):
+    with pytest.raises(SystemExit):
+        run_prepare([str(tmp_path / "missing.jsonl")], tokenizer_model, tmp_path / "o")
+    with pytest.raises(SystemExit):
+        run_prepare([str(tmp_path)], tokenizer_model, tmp_path / "o", "--val-fraction", "1.5")
