@@ -152,6 +152,18 @@ class MetaLAForCausalLM(nn.Module):
             n = (labels != IGNORE_INDEX).sum()
         return MetaLAOutput(logits=logits, loss=loss_sum / n.clamp(min=1), n_tokens=n)
 
+    @classmethod
+    def from_pretrained(cls, path: str, **kwargs: Any) -> "MetaLAForCausalLM":
+        """Load a folder written by `metala.export.save_pretrained` (config.json + model.safetensors)."""
+        from metala.export import from_pretrained
+
+        return from_pretrained(path, **kwargs)
+
+    def save_pretrained(self, path: str, tokenizer_file: str | None = None) -> None:
+        from metala.export import save_pretrained
+
+        save_pretrained(self, path, tokenizer_file)
+
     def new_cache(self) -> MetaLACache:
         return MetaLACache.empty(len(self.layers))
 

@@ -16,6 +16,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 _POISONED_DIRS = ("ops", "modules")
+DEMO_DIR = Path(__file__).resolve().parents[1] / "data" / "demo"
+DEMO_INPUTS = [str(DEMO_DIR / "00.jsonl.zst"), str(DEMO_DIR / "01.jsonl.zst")]
 
 
 def _poison(t: torch.Tensor) -> torch.Tensor:
@@ -45,3 +47,30 @@ def _seed():
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: longer integration tests (multi-process DeepSpeed runs)")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A 1024-piece unigram tokenizer trained once per session on part of the demo corpus."""
+    from data_prep.train_tokenizer import main
+
+    out = tmp_path_factory.mktemp("tok")
+    main(["--input", *DEMO_INPUTS, "--vocab-size", "1024", "--max-chars", "3000000", "--output", str(out),
+          "--num-threads", "2"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer_model(tokenizer_dir) -> str:
+    return str(tokenizer_dir / "tokenizer.model")
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory, tokenizer_model) -> Path:
+    """The second demo shard tokenized with a 5% validation split."""
+    from data_prep.prepare import main
+
+    out = tmp_path_factory.mktemp("demo_data")
+    main(["--input", DEMO_INPUTS[1], "--tokenizer", tokenizer_model, "--output", str(out), "--workers", "1",
+          "--val-fraction", "0.05", "--shard-tokens", "300000"])
+    return out

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from data_prep.prepare import main as prepare_main
 from data_prep.shards import ShardView
 from pretrain.data import (
     DataError,
@@ -16,17 +15,13 @@ from pretrain.data import (
     iter_eval_batches,
     make_batch,
 )
-from tests.data.conftest import DEMO_INPUTS
 
 SEQ = 64
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory, tokenizer_model):
-    out = tmp_path_factory.mktemp("prepared")
-    prepare_main(["--input", DEMO_INPUTS[1], "--tokenizer", tokenizer_model, "--output", str(out),
-                  "--workers", "1", "--val-fraction", "0.05", "--shard-tokens", "200000"])
-    return out
+def data_dir(demo_data):
+    return demo_data
 
 
 def stream_of(data_dir, split="train"):

@@ -1,0 +1,1 @@
+"""Evaluation of trained MetaLA models: lm-evaluation-harness adapter, needle-in-a-haystack, report, samples."""

@@ -1,0 +1,108 @@
+"""Entry point: `python -m pretrain.train --config RECIPE.yaml [section.key=value ...]` (under `deepspeed` or alone).
+
+`--dry-run` validates the recipe and prints the resolved plan (world size, parallel layout, tokens per step, steps,
+checkpoint dir) without starting process groups or touching the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from pretrain.config import ConfigError, TrainConfig, load_config
+from pretrain.data import DataError
+
+
+def plan(cfg: TrainConfig, world_size: int) -> list[str]:
+    """The resolved plan of a run, as lines; raises ConfigError on an impossible layout or batch."""
+    from pretrain.data import load_manifest
+    from pretrain.trainer import pad_vocab
+
+    tp, sp = cfg.parallel.tp, cfg.parallel.sp
+    if world_size % (tp * sp):
+        raise ConfigError(f"world size {world_size} is not divisible by parallel.tp * parallel.sp = {tp * sp}")
+    dp = world_size // (tp * sp)
+    t = cfg.train
+    if t.global_batch % (t.micro_batch * dp):
+        raise ConfigError(f"train.global_batch ({t.global_batch}) must be a multiple of train.micro_batch "
+                          f"({t.micro_batch}) x data-parallel size ({dp})")
+    lines = []
+    vocab_note = ""
+    data_dir = Path(cfg.data.dir)
+    vocab = None
+    if (data_dir / "manifest.json").is_file():
+        m = load_manifest(data_dir)
+        vocab = pad_vocab(m["tokenizer"]["vocab_size"])
+        lines.append(f"data        {data_dir}: {m['splits']['train']['tokens']:,} train tokens, "
+                     f"{m['splits']['val']['tokens']:,} val tokens")
+    else:
+        lines.append(f"data        {data_dir}: NOT FOUND (prepare it with `python -m data_prep.prepare` before training)")
+        vocab_note = " (vocab from the preset; the data's tokenizer decides at start)"
+    mcfg = cfg.model.build(vocab_size=vocab)
+    if mcfg.n_heads % tp:
+        raise ConfigError(f"parallel.tp={tp} must divide the head count {mcfg.n_heads}")
+    if cfg.data.seq_len % sp:
+        raise ConfigError(f"parallel.sp={sp} must divide data.seq_len={cfg.data.seq_len}")
+    tokens_step = t.global_batch * cfg.data.seq_len
+    lines += [
+        f"model       {mcfg.name}: {mcfg.param_count() / 1e6:,.1f}M params, d={mcfg.d_model} L={mcfg.n_layers} "
+        f"H={mcfg.n_heads} vocab={mcfg.vocab_size}{vocab_note}, tied={mcfg.tie_embeddings}",
+        f"world       {world_size} ranks = DP {dp} x SP {sp} x TP {tp}; ZeRO-{t.zero_stage}; precision {t.precision}",
+        f"batch       global {t.global_batch} x seq {cfg.data.seq_len} = {tokens_step:,} tokens/step; micro "
+        f"{t.micro_batch}/rank, grad accumulation {t.global_batch // (t.micro_batch * dp)}",
+        f"schedule    {t.steps:,} steps = {t.steps * tokens_step / 1e9:,.3f}B tokens; lr {cfg.optim.lr:g} warm-up "
+        f"{cfg.warmup_steps()} steps, cosine to {cfg.optim.lr * cfg.optim.min_lr_ratio:g}",
+        f"checkpoint  {Path(t.out_dir) / 'checkpoints'} every {t.save_every or 'end'} steps, keep {t.keep_last}; "
+        f"resume {t.resume}",
+    ]
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="recipe YAML (launch/configs/*.yaml)")
+    ap.add_argument("--dry-run", action="store_true", help="validate and print the plan, do not train")
+    ap.add_argument("--world-size", type=int, default=0, help="for --dry-run: ranks the launch would start")
+    ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=100")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # DeepSpeed 0.19 calls a collective that torch 2.13 marks deprecated, once per step and rank
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.dry_run:
+            world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+            print(f"recipe      {args.config} ({cfg.name})")
+            for line in plan(cfg, world):
+                print(line)
+            print("dry run: configuration is valid")
+            return 0
+    except (ConfigError, DataError) as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    from pretrain.trainer import Trainer
+
+    trainer = None
+    try:
+        trainer = Trainer(cfg)
+        trainer.run()
+        return 0
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if trainer is not None:
+            trainer.close()
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

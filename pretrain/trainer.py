@@ -1,0 +1,368 @@
+"""The training loop: DeepSpeed ZeRO engine, packed data, logging, validation, checkpoints and resume."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from metala import MetaLAConfig, MetaLAForCausalLM
+from pretrain import checkpoint as ckpt
+from pretrain.config import ConfigError, TrainConfig
+from pretrain.data import DataError, PackedDataset, PackedLoader, iter_eval_batches, load_manifest
+from pretrain.distributed import all_ranks_ok, init_distributed, reduce_mean, reduce_sum
+from pretrain.metrics import MultiSink, NullSink, build_sinks
+from pretrain.optim import build_optimizer, build_scheduler, lr_multiplier
+from pretrain.parallel.layout import ParallelLayout
+from pretrain.parallelize import parallelize
+
+log = logging.getLogger(__name__)
+
+# dense bf16 peak per GPU for MFU, by device-name substring
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12}
+
+
+def pad_vocab(n: int, multiple: int = 128) -> int:
+    return multiple * math.ceil(n / multiple)
+
+
+def git_sha() -> str:
+    try:
+        root = Path(__file__).resolve().parents[1]
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision in ("bf16", "fp16") and device.type != "cuda":
+        raise ConfigError(f"train.precision={precision} needs a GPU; use fp32 (or auto) on CPU")
+    return precision
+
+
+def deepspeed_config(cfg: TrainConfig, dp: int, precision: str) -> dict:
+    t, o = cfg.train, cfg.optim
+    per_rank = t.global_batch // dp if t.global_batch % dp == 0 else 0
+    if per_rank == 0 or per_rank % t.micro_batch:
+        raise ConfigError(
+            f"train.global_batch ({t.global_batch}) must be a multiple of train.micro_batch ({t.micro_batch}) x "
+            f"data-parallel size ({dp})"
+        )
+    return {
+        "train_batch_size": t.global_batch,
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": per_rank // t.micro_batch,
+        "gradient_clipping": o.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "initial_scale_power": 12, "loss_scale_window": 1000,
+                 "hysteresis": 2, "min_loss_scale": 1},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31,
+        "wall_clock_breakdown": False,
+    }
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.device, self.rank, self.world = init_distributed()
+        self.is_main = self.rank == 0
+        t = cfg.train
+        self.layout = ParallelLayout(self.world, self.rank, tp=cfg.parallel.tp, sp=cfg.parallel.sp)
+        self.precision = resolve_precision(t.precision, self.device)
+        self.out_dir = Path(t.out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        ckpt.seed_everything(t.seed * 100_003 + self.rank)
+
+        def setup_data():
+            tok = cfg.data.tokenizer or None
+            # one full checksum pass per node is enough; the other ranks check sizes
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            verify = cfg.data.verify if local_rank == 0 else "size"
+            train = PackedDataset(cfg.data.dir, "train", cfg.data.seq_len, seed=cfg.data.seed, tokenizer=tok,
+                                  verify=verify)
+            manifest = load_manifest(cfg.data.dir)
+            val = None
+            if manifest["splits"]["val"]["tokens"] > cfg.data.seq_len:
+                val = PackedDataset(cfg.data.dir, "val", cfg.data.seq_len, shuffle=False, verify=verify)
+            return train, val, manifest
+
+        self.train_data, self.val_data, self.manifest = all_ranks_ok(setup_data, "data set-up")
+        vocab = pad_vocab(self.train_data.info.vocab_size)
+        self.model_config: MetaLAConfig = cfg.model.build(vocab_size=vocab)
+        if self.model_config.vocab_size < self.train_data.info.vocab_size:
+            raise ConfigError(f"model.vocab_size={self.model_config.vocab_size} is smaller than the tokenizer's "
+                              f"{self.train_data.info.vocab_size}")
+        with torch.device("meta"):
+            model = MetaLAForCausalLM(self.model_config)
+        model.to_empty(device=self.device)
+        model.init_weights(seed=t.seed)
+        # token ids were range-checked against the vocabulary when the data was made (manifest), not per step
+        model.validate_inputs = False
+        model = parallelize(model, cfg, self.layout)
+        self.model = model
+        warmup = cfg.warmup_steps()
+        self.warmup = warmup
+        optimizer = build_optimizer(model, cfg.optim.lr, tuple(cfg.optim.betas), cfg.optim.eps,
+                                    cfg.optim.weight_decay, self.device)
+        scheduler = build_scheduler(optimizer, warmup, t.steps, cfg.optim.min_lr_ratio)
+        import deepspeed
+
+        ds_cfg = deepspeed_config(cfg, self.layout.dp, self.precision)
+        mpu = self.layout if (cfg.parallel.tp > 1 or cfg.parallel.sp > 1) else None
+        self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                                 lr_scheduler=scheduler, config=ds_cfg, mpu=mpu)
+        self.loader = PackedLoader(self.train_data, t.global_batch, t.micro_batch, self.layout.coords.dp,
+                                   self.layout.dp, doc_reset=self.model_config.doc_reset,
+                                   mask_eos_label=cfg.data.mask_eos_label)
+        self.step = 0
+        self.tokens_per_step = t.global_batch * cfg.data.seq_len
+        self.sinks: MultiSink | NullSink = NullSink()
+        self.peak_flops = t.peak_flops or self._device_peak_flops()
+        self.git_sha = git_sha()
+
+    def _device_peak_flops(self) -> float:
+        if self.device.type != "cuda":
+            return 0.0
+        name = torch.cuda.get_device_name(self.device)
+        return next((v for k, v in PEAK_FLOPS.items() if k in name), 0.0)
+
+    def print0(self, *args: Any) -> None:
+        if self.is_main:
+            print(*args, flush=True)
+
+    # --- checkpoints -----------------------------------------------------------------------------------------
+
+    def _client_state(self) -> dict:
+        return {"step": self.step, "data": self.loader.state_dict(), "config": self.cfg.to_dict(),
+                "model_config": self.model_config.to_dict(), "git_sha": self.git_sha}
+
+    def save(self) -> Path:
+        tok_file = Path(self.manifest["tokenizer"]["file"])
+        extra = {"model_config.json": json.dumps(self.model_config.to_dict(), indent=2).encode(),
+                 "train_config.yaml": yaml.safe_dump(self.cfg.to_dict(), sort_keys=False).encode()}
+        if tok_file.is_file():
+            extra["tokenizer.model"] = tok_file.read_bytes()
+        manifest_extra = {"world_size": self.world, "layout": {"dp": self.layout.dp, "sp": self.layout.sp,
+                          "tp": self.layout.tp}, "zero_stage": self.cfg.train.zero_stage,
+                          "consumed_samples": self.loader.consumed_samples,
+                          "tokens": self.loader.consumed_samples * self.cfg.data.seq_len,
+                          "git_sha": self.git_sha, "config": self.cfg.to_dict()}
+        path = ckpt.save_checkpoint(self.engine, self.ckpt_dir, self.step, self._client_state(), manifest_extra,
+                                    extra, self.cfg.train.keep_last)
+        self.print0(f"saved checkpoint {path}")
+        return path
+
+    def _resume_source(self) -> tuple[Path, str] | None:
+        mode = self.cfg.train.resume
+        if mode == "none":
+            if ckpt.list_tags(self.ckpt_dir):
+                raise ConfigError(f"{self.ckpt_dir} already holds checkpoints; set train.resume=auto to continue "
+                                  "that run, or choose another train.out_dir")
+            return None
+        src = self.ckpt_dir if mode == "auto" else Path(mode)
+        if ckpt.TAG_RE.match(src.name):
+            src, tag = src.parent, src.name
+            problem = ckpt.check_checkpoint(src / tag)
+            if problem:
+                raise ConfigError(f"train.resume: {problem}")
+            return src, tag
+        tag, warnings = ckpt.find_resumable(src)
+        for w in warnings:
+            log.warning(w)
+            self.print0(f"WARNING {w}")
+        if tag is None:
+            if mode != "auto":
+                raise ConfigError(f"train.resume={mode}: no complete checkpoint there")
+            return None
+        return src, tag
+
+    def maybe_resume(self) -> None:
+        found = None
+        if self.is_main:
+            found = self._resume_source()
+        box = [found]
+        if self.world > 1:
+            dist.broadcast_object_list(box, src=0)
+        if box[0] is None:
+            return
+        src, tag = box[0]
+        manifest = ckpt.read_manifest(src / tag)
+        saved_model = manifest["config"]["model"] if manifest else None
+        mine = self.cfg.to_dict()["model"]
+        if saved_model is not None and saved_model != mine:
+            diff = {k: (saved_model.get(k), mine.get(k)) for k in set(saved_model) | set(mine)
+                    if saved_model.get(k) != mine.get(k)}
+            raise ConfigError(f"the checkpoint {src / tag} has a different model: {diff} (saved, now)")
+        _, client = self.engine.load_checkpoint(str(src), tag=tag)
+        if client is None:
+            raise RuntimeError(f"DeepSpeed could not load {src / tag}")
+        self.step = int(client["step"])
+        self.loader.load_state_dict(client["data"])
+        rng_file = src / tag / f"rng_rank{self.rank:05d}.pt"
+        if rng_file.is_file() and manifest and manifest.get("world_size") == self.world:
+            ckpt.set_rng_state(torch.load(rng_file, weights_only=False))
+        else:
+            # a new layout cannot reuse per-rank streams: re-seed from (seed, step, rank)
+            ckpt.seed_everything((self.cfg.train.seed * 1_000_003 + self.step) * 1009 + self.rank)
+        self.print0(f"resumed from {src / tag} at step {self.step} "
+                    f"({self.loader.consumed_samples} samples consumed)")
+
+    # --- loop ------------------------------------------------------------------------------------------------
+
+    def _to_device(self, mb: dict) -> dict:
+        return {k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in mb.items()}
+
+    def train_step(self) -> torch.Tensor:
+        losses = []
+        for mb in self.loader.next_step():
+            mb = self._to_device(mb)
+            out = self.engine(mb["input_ids"], labels=mb["labels"], cu_seqlens=mb["cu_seqlens"])
+            self.engine.backward(out.loss)
+            self.engine.step()
+            losses.append(out.loss.detach())
+        self.step += 1
+        return torch.stack(losses).float().mean()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        if self.val_data is None:
+            return {}
+        self.engine.eval()
+        dp, r = self.layout.dp, self.layout.coords.dp
+        mb = self.cfg.train.micro_batch
+        total = len(self.val_data) // mb
+        # every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively)
+        per_rank = min(self.cfg.train.eval_batches, total // dp) if total >= dp else 0
+        loss_sum, count = 0.0, 0.0
+        batches = list(iter_eval_batches(self.val_data, mb, per_rank * dp, self.model_config.doc_reset))
+        for batch in batches[r::dp][:per_rank]:
+            batch = self._to_device(batch)
+            out = self.engine(batch["input_ids"], labels=batch["labels"], cu_seqlens=batch["cu_seqlens"])
+            loss_sum += float(out.loss) * float(out.n_tokens)
+            count += float(out.n_tokens)
+        self.engine.train()
+        loss_sum, count = reduce_sum([loss_sum, count], self.layout.dp_group)
+        if count == 0:
+            return {}
+        val = loss_sum / count
+        return {"val/loss": val, "val/ppl": math.exp(min(val, 50.0)), "val/tokens": count}
+
+    def _memory(self) -> dict[str, float]:
+        if self.device.type == "cuda":
+            return {"mem/peak_alloc_gib": torch.cuda.max_memory_allocated(self.device) / 2**30,
+                    "mem/peak_reserved_gib": torch.cuda.max_memory_reserved(self.device) / 2**30}
+        return {"mem/peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+    def run(self) -> dict[str, float]:
+        cfg, t = self.cfg, self.cfg.train
+        self.maybe_resume()
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            self.sinks = build_sinks(self.out_dir, cfg.logging.tensorboard, cfg.logging.wandb,
+                                     cfg.logging.wandb_project, cfg.name, cfg.to_dict())
+        n_mfu = self.model_config.non_embedding_param_count()
+        self.print0(f"model: {self.model_config.name} {self.model_config.param_count() / 1e6:.2f}M params "
+                    f"(vocab {self.model_config.vocab_size}); {self.layout.describe()}; ZeRO-{t.zero_stage}; "
+                    f"{self.precision}; {self.tokens_per_step:,} tokens/step; steps {self.step} -> {t.steps}")
+        last: dict[str, float] = {}
+        acc_loss = torch.zeros((), device=self.device)
+        acc_n = 0
+        t_log, step_log = time.perf_counter(), self.step
+        start_step = self.step
+        stop_at = t.stop_at_step if 0 < t.stop_at_step < t.steps else t.steps
+        saved_at = -1
+        while self.step < stop_at:
+            acc_loss += self.train_step()
+            acc_n += 1
+            step = self.step
+            if step % t.log_every == 0 or step == stop_at:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                dt = time.perf_counter() - t_log
+                n_steps = step - step_log
+                (loss,) = reduce_mean([float(acc_loss) / max(acc_n, 1)], self.layout.dp_group)
+                tok_s = self.tokens_per_step * n_steps / max(dt, 1e-9)
+                metrics = {
+                    "train/loss": loss,
+                    "train/lr": cfg.optim.lr * lr_multiplier(step - 1, self.warmup, t.steps, cfg.optim.min_lr_ratio),
+                    "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+                    "perf/tokens_per_s": tok_s,
+                    "perf/step_s": dt / max(n_steps, 1),
+                    "train/tokens": float(self.loader.consumed_samples * cfg.data.seq_len),
+                    **self._memory(),
+                }
+                if self.peak_flops:
+                    metrics["perf/mfu"] = 6 * n_mfu * tok_s / (self.peak_flops * self.world)
+                self.sinks.log(metrics, step)
+                eta = (stop_at - step) * dt / max(n_steps, 1)
+                mfu = f" | mfu {metrics['perf/mfu'] * 100:.1f}%" if "perf/mfu" in metrics else ""
+                mem = next(v for k, v in metrics.items() if k.startswith("mem/"))
+                self.print0(f"step {step:>6}/{t.steps} | loss {loss:.4f} | lr {metrics['train/lr']:.2e} | "
+                            f"gnorm {metrics['train/grad_norm']:.3f} | {tok_s:,.0f} tok/s{mfu} | "
+                            f"mem {mem:.2f} GiB | eta {eta:,.0f}s")
+                last = metrics
+                acc_loss.zero_()
+                acc_n = 0
+                t_log, step_log = time.perf_counter(), step
+            if t.eval_every and step % t.eval_every == 0 and step < t.steps:
+                val = self.evaluate()
+                if val:
+                    self.sinks.log(val, step)
+                    self.print0(f"step {step:>6} | val loss {val['val/loss']:.4f} | val ppl {val['val/ppl']:.2f}")
+            if t.save_every and step % t.save_every == 0:
+                self.save()
+                saved_at = step
+        if self.step >= t.steps:
+            val = self.evaluate()
+            if val:
+                self.sinks.log(val, self.step)
+                self.print0(f"final | val loss {val['val/loss']:.4f} | val ppl {val['val/ppl']:.2f}")
+                last.update(val)
+        if saved_at != self.step and self.step > start_step:
+            self.save()
+        if self.is_main and cfg.logging.plot:
+            from pretrain.plot import plot_loss_curve
+
+            png = plot_loss_curve(self.out_dir / "metrics.jsonl", self.out_dir / "loss_curve.png", cfg.name)
+            self.print0(f"loss curve: {png}")
+        state = "finished" if self.step >= t.steps else "stopped"
+        if state == "stopped":
+            self.print0(f"stopped at step {self.step}; rerun with train.resume=auto to continue")
+        self._write_run_state(state)
+        self.print0(f"outputs in {self.out_dir}: metrics.jsonl, tb/, checkpoints/, loss_curve.png")
+        return last
+
+    def _write_run_state(self, state: str) -> None:
+        """{"state": "finished" | "stopped", ...} for schedulers (METALA_RUN_STATE) and humans (out_dir)."""
+        if not self.is_main:
+            return
+        text = json.dumps({"state": state, "step": self.step, "steps": self.cfg.train.steps,
+                           "checkpoint_dir": str(self.ckpt_dir)})
+        targets = [self.out_dir / "run_state.json"]
+        if os.environ.get("METALA_RUN_STATE"):
+            targets.append(Path(os.environ["METALA_RUN_STATE"]))
+        for path in targets:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text + "\n")
+
+    def close(self) -> None:
+        self.sinks.close()
+
+
+__all__ = ["Trainer", "DataError", "deepspeed_config", "pad_vocab"]

@@ -1,0 +1,101 @@
+"""Recipes, overrides and launch-script dry runs: bad configuration fails early and says which key is wrong."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pretrain.config import ConfigError, load_config
+from pretrain.optim import lr_multiplier
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPES = sorted(p.stem for p in (REPO / "launch/configs").glob("*.yaml"))
+
+
+def test_every_preset_has_a_recipe():
+    assert {"tiny-cpu", "125m", "360m", "1.3b", "1.4b", "3b"} <= set(RECIPES)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_dry_run_every_recipe(recipe):
+    # the CPU recipe is meant for 2 ranks, the GPU recipes for 8-GPU nodes
+    gpus = "2" if recipe == "tiny-cpu" else "8"
+    env = {**os.environ, "DRY_RUN": "1", "NUM_GPUS": gpus, "PYTHON": sys.executable}
+    r = subprocess.run(["bash", str(REPO / "launch/pretrain.sh"), recipe], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "dry run: configuration is valid" in r.stdout
+    assert "tokens/step" in r.stdout and f"{gpus} ranks = DP {gpus} x SP 1 x TP 1" in r.stdout
+
+
+def test_dry_run_reports_an_impossible_batch():
+    env = {**os.environ, "DRY_RUN": "1", "NUM_GPUS": "3", "PYTHON": sys.executable}
+    r = subprocess.run(["bash", str(REPO / "launch/pretrain.sh"), "360m"], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "global_batch (256) must be a multiple" in r.stderr
+
+
+def test_unknown_recipe_name():
+    r = subprocess.run(["bash", str(REPO / "launch/pretrain.sh"), "9b"], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHON": sys.executable})
+    assert r.returncode == 2 and "recipe not found" in r.stderr
+
+
+def tiny_recipe() -> Path:
+    return REPO / "launch/configs/tiny-cpu.yaml"
+
+
+def test_overrides_are_typed():
+    cfg = load_config(tiny_recipe(), ["train.steps=7", "optim.betas=[0.9, 0.99]", "model.n_layers=3", "optim.lr=1"])
+    assert cfg.train.steps == 7 and cfg.optim.betas == [0.9, 0.99] and cfg.optim.lr == 1.0
+    assert cfg.model.build(vocab_size=1024).n_layers == 3
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.stpes=5", "unknown key 'train.stpes' (did you mean 'steps'?)"),
+        ("trian.steps=5", "unknown section 'trian' (did you mean 'train'?)"),
+        ("model.n_layer=3", "unknown key 'model.n_layer' (did you mean 'n_layers'?)"),
+        ("train.steps=many", "train.steps must be an integer"),
+        ("train.zero_stage=4", "train.zero_stage must be 0, 1, 2 or 3"),
+        ("optim.lr=-1", "optim.lr must be > 0"),
+        ("model.n_heads=3", "n_heads (3) must divide"),
+        ("train.micro_batch=5", "must be a multiple of train.micro_batch"),
+        ("data.verify=maybe", "data.verify must be 'full' or 'size'"),
+        ("steps=5", "must look like section.key=value"),
+    ],
+)
+def test_config_errors_name_the_key(override, message):
+    if override == "steps=5":
+        override = "steps"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(tiny_recipe(), [override])
+
+
+def test_cli_exit_codes(tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "pretrain.train", "--config", str(tiny_recipe()), *args],
+                              capture_output=True, text=True, timeout=120, cwd=REPO)
+
+    r = run("train.stpes=3")
+    assert r.returncode == 2 and "did you mean 'steps'" in r.stderr
+    r = run(f"data.dir={tmp_path / 'nothing'}", f"train.out_dir={tmp_path / 'out'}", "data.tokenizer=")
+    assert r.returncode == 2 and "no manifest.json" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "pretrain.train", "--config", str(tmp_path / "missing.yaml")],
+                       capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert r.returncode == 2 and "recipe not found" in r.stderr
+
+
+def test_lr_schedule():
+    warm, total = 10, 110
+    assert lr_multiplier(0, warm, total, 0.1) == pytest.approx(0.1)
+    assert lr_multiplier(9, warm, total, 0.1) == pytest.approx(1.0)
+    assert lr_multiplier(60, warm, total, 0.1) == pytest.approx(0.55)
+    assert lr_multiplier(110, warm, total, 0.1) == pytest.approx(0.1)
+    assert lr_multiplier(500, warm, total, 0.1) == pytest.approx(0.1)
