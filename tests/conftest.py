@@ -13,6 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# without a GPU the Triton kernels run on the CPU interpreter; it must be chosen before any kernel module loads
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 _POISONED_DIRS = ("ops", "modules")

@@ -13,13 +13,13 @@ from metala.cache import LayerCache
 from metala.config import MetaLAConfig
 from metala.modules.conv import NoConv, ShortConv
 from metala.modules.norm import head_layer_norm
-from metala.ops.metala.api import check_metala_args, resolve_backend
+from metala.ops.metala.api import metala_attn_from_logits
 
 
 class DerivedKey(nn.Module):
     """k = 1 - alpha = -expm1(g): the key is tied to the decay, no projection (the MetaLA design)."""
 
-    def forward(self, u: torch.Tensor, g: torch.Tensor) -> torch.Tensor | None:
+    def forward(self, u: torch.Tensor, z: torch.Tensor) -> torch.Tensor | None:
         # None lets the operator derive k in fp32 itself, without reading or storing a key tensor
         return None
 
@@ -32,8 +32,8 @@ class ProjectedKey(nn.Module):
         self.n_heads = n_heads
         self.proj = nn.Linear(d_model, qk_dim, bias=False)
 
-    def forward(self, u: torch.Tensor, g: torch.Tensor) -> torch.Tensor | None:
-        return self.proj(u).view(g.shape)
+    def forward(self, u: torch.Tensor, z: torch.Tensor) -> torch.Tensor | None:
+        return self.proj(u).view(z.shape)
 
 
 class SelfAugmentation(nn.Module):
@@ -42,15 +42,16 @@ class SelfAugmentation(nn.Module):
     w_aug starts at 0, so the added 0.5 is removed exactly by the mean-centring head LayerNorm at init.
     """
 
-    def __init__(self, n_heads: int, head_qk_dim: int) -> None:
+    def __init__(self, n_heads: int, head_qk_dim: int, decay_normalizer: float) -> None:
         super().__init__()
         self.n_heads, self.head_qk_dim = n_heads, head_qk_dim
+        self.decay_normalizer = decay_normalizer
         self.w_aug = nn.Parameter(torch.zeros(n_heads * head_qk_dim))
 
     def forward(
-        self, o: torch.Tensor, q: torch.Tensor, g: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor
+        self, o: torch.Tensor, q: torch.Tensor, z: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor
     ) -> torch.Tensor:
-        k32 = -torch.expm1(g) if k is None else k.float()
+        k32 = -torch.expm1(F.logsigmoid(z.float()) / self.decay_normalizer) if k is None else k.float()
         w = self.w_aug.float().view(self.n_heads, self.head_qk_dim)
         a = (q.float() * w * k32).sum(-1, keepdim=True)  # [B, T, H, 1]
         return o.float() + torch.sigmoid(a * v.float())
@@ -60,7 +61,7 @@ class NoSelfAugmentation(nn.Module):
     """The `self_aug=False` ablation."""
 
     def forward(
-        self, o: torch.Tensor, q: torch.Tensor, g: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor
+        self, o: torch.Tensor, q: torch.Tensor, z: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor
     ) -> torch.Tensor:
         return o.float()
 
@@ -96,7 +97,7 @@ class MetaLAAttention(nn.Module):
         self.v_proj = nn.Linear(d, d, bias=False)
         self.g_proj = nn.Linear(d, d, bias=True)
         self.o_proj = nn.Linear(d, d, bias=False)
-        self.self_aug = SelfAugmentation(H, self.head_qk_dim) if config.self_aug else NoSelfAugmentation()
+        self.self_aug = SelfAugmentation(H, self.head_qk_dim, config.decay_normalizer) if config.self_aug else NoSelfAugmentation()
 
     def forward(
         self,
@@ -112,25 +113,25 @@ class MetaLAAttention(nn.Module):
         u, conv_state = self.conv(x, cu_seqlens, None if cache is None else cache.conv_state)
         u = F.silu(u)
         q = self.q_proj(u).view(B, T, H, K)
-        # fp32 gate math: in bf16, 1 - exp(g) is 0 for logits above ~3.5 (metala.md section 11.1)
-        g = (F.logsigmoid(self.a_proj(u).float()) / self.decay_normalizer).view(B, T, H, K)
-        k = self.key(u, g)
+        z = self.a_proj(u).view(B, T, H, K)
+        k = self.key(u, z)
         v = self.v_proj(u).view(B, T, H, V)
         gt = self.g_proj(u)
-        initial_state = None if cache is None else cache.state
-        check_metala_args(q, g, v, k, initial_state, cu_seqlens)
-        op = resolve_backend(self.backend, q.device, T, torch.is_grad_enabled(), varlen=cu_seqlens is not None)
-        o, final_state = op(
+        # the gate math (g = logsigmoid(z) / 16, k = 1 - exp(g), cumulative sums) runs in fp32 inside the
+        # operator: in bf16, 1 - exp(g) is 0 for logits above ~3.5 (metala.md section 11.1)
+        o, final_state = metala_attn_from_logits(
             q,
-            g,
+            z,
             v,
+            decay_normalizer=self.decay_normalizer,
             k=k,
             scale=self.scale,
-            initial_state=initial_state,
+            initial_state=None if cache is None else cache.state,
             output_final_state=cache is not None,
             cu_seqlens=cu_seqlens,
+            backend=self.backend,
         )
         if cache is not None:
             cache.state, cache.conv_state = final_state, conv_state
-        o = head_layer_norm(self.self_aug(o, q, g, k, v), self.head_norm_eps)
+        o = head_layer_norm(self.self_aug(o, q, z, k, v), self.head_norm_eps)
         return self.o_proj(F.silu(gt) * o.reshape(B, T, D).to(gt.dtype))

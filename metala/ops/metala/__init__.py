@@ -1,4 +1,11 @@
-from metala.ops.metala.api import BACKENDS, check_metala_args, metala_attn, resolve_backend, triton_usable
+from metala.ops.metala.api import (
+    BACKENDS,
+    check_metala_args,
+    metala_attn,
+    metala_attn_from_logits,
+    resolve_backend,
+    triton_usable,
+)
 from metala.ops.metala.fused_recurrent import fused_recurrent_metala
 from metala.ops.metala.naive import naive_chunk_metala, naive_parallel_metala, naive_recurrent_metala
 
@@ -7,6 +14,7 @@ __all__ = [
     "check_metala_args",
     "fused_recurrent_metala",
     "metala_attn",
+    "metala_attn_from_logits",
     "naive_chunk_metala",
     "naive_parallel_metala",
     "naive_recurrent_metala",

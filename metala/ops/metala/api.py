@@ -44,23 +44,43 @@ def _triton_backend() -> Backend:
     return BACKENDS["triton"]
 
 
-def resolve_backend(
-    backend: str, device: torch.device, seq_len: int, needs_grad: bool, varlen: bool = False
-) -> Backend:
-    """Pick the implementation: "auto" is triton on CUDA, chunk elsewhere, and the recurrent step for decoding."""
+def resolve_backend_name(backend: str, device: torch.device, seq_len: int, needs_grad: bool, varlen: bool) -> str:
+    """ "triton", "triton_recurrent", "chunk", "naive" or "recurrent": "auto" is triton on CUDA (its recurrent
+    kernel for single-token decoding), chunk elsewhere (the recurrent step for decoding)."""
+    decode = seq_len == 1 and not needs_grad and not varlen
     if backend == "auto":
-        if seq_len == 1 and not needs_grad and not varlen and device.type != "cuda":
-            return BACKENDS["recurrent"]
-        backend = "triton" if device.type == "cuda" and triton_usable(device) else "chunk"
+        if device.type == "cuda" and triton_usable(device):
+            return "triton_recurrent" if decode else "triton"
+        return "recurrent" if decode else "chunk"
     if backend == "triton":
         if not triton_usable(device):
             raise ValueError(
                 f"backend='triton' needs a CUDA device or TRITON_INTERPRET=1 and the triton package (device={device})"
             )
-        return _triton_backend()
+        return "triton"
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {['auto', 'triton', *BACKENDS]}")
-    return BACKENDS[backend]
+    return backend
+
+
+def resolve_backend(
+    backend: str, device: torch.device, seq_len: int, needs_grad: bool, varlen: bool = False
+) -> Backend:
+    """The implementation `metala_attn` runs for these arguments (see `resolve_backend_name`)."""
+    name = resolve_backend_name(backend, device, seq_len, needs_grad, varlen)
+    if name == "triton":
+        return _triton_backend()
+    if name == "triton_recurrent":
+        from metala.ops.metala.fused_recurrent import fused_recurrent_metala_triton
+
+        return lambda q, g, v, k=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None: (
+            fused_recurrent_metala(q, g, v, k=k, scale=scale, initial_state=initial_state,
+                                   output_final_state=output_final_state)
+            if k is not None
+            else fused_recurrent_metala_triton(q, g, v, scale=scale, initial_state=initial_state,
+                                               output_final_state=output_final_state)
+        )
+    return BACKENDS[name]
 
 
 def check_metala_args(
@@ -165,3 +185,43 @@ def metala_attn(
         output_final_state=output_final_state,
         cu_seqlens=cu_seqlens,
     )
+
+
+def metala_attn_from_logits(
+    q: torch.Tensor,
+    z: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    decay_normalizer: float = 16.0,
+    k: torch.Tensor | None = None,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`metala_attn` from the gate logits z: g = logsigmoid(z) / decay_normalizer.
+
+    On the Triton path the log-decay, the key and dz are computed inside the kernels from z (no fp32 g tensor is
+    written or read); the PyTorch backends compute g in fp32 first. Used by the model layer.
+    """
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, z, v, k, initial_state)
+    )
+    name = resolve_backend_name(backend, q.device, q.shape[1], needs_grad, cu_seqlens is not None)
+    if k is None and name == "triton":
+        from metala.ops.metala.chunk import chunk_metala_from_logits
+
+        return chunk_metala_from_logits(q, z, v, decay_normalizer, scale=scale, initial_state=initial_state,
+                                        output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    if k is None and name == "triton_recurrent":
+        from metala.ops.metala.fused_recurrent import fused_recurrent_metala_triton
+
+        return fused_recurrent_metala_triton(q, z, v, scale=scale, initial_state=initial_state,
+                                             output_final_state=output_final_state, gate_logits=True,
+                                             decay_normalizer=decay_normalizer)
+    g = torch.nn.functional.logsigmoid(z.float()) / decay_normalizer
+    check_metala_args(q, g, v, k, initial_state, cu_seqlens)
+    fn = resolve_backend(backend, q.device, q.shape[1], needs_grad, cu_seqlens is not None)
+    return fn(q, g, v, k=k, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+              cu_seqlens=cu_seqlens)

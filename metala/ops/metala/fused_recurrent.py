@@ -35,3 +35,31 @@ def fused_recurrent_metala(
         outs.append(torch.einsum("bhk,bhkv->bhv", q32[:, t], S))
     o = (scale * torch.stack(outs, 1)).to(q.dtype)
     return o, (S if output_final_state else None)
+
+
+def fused_recurrent_metala_triton(
+    q: torch.Tensor,
+    gate: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    gate_logits: bool = False,
+    decay_normalizer: float = 16.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Triton recurrence for decoding (no autograd): one program per (sequence, head, V-tile) keeps its state
+    tile in registers across the T tokens. `gate` is g (fp32 log-decay) or, with gate_logits, the logits z."""
+    from metala.ops.metala.fused_recurrent_kernel import fused_recurrent_metala_kernel
+
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    scale = K**-0.5 if scale is None else scale
+    BV = min(64, V)
+    o = torch.empty_like(v)
+    ht = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32)
+    h0 = initial_state.contiguous() if initial_state is not None else ht
+    fused_recurrent_metala_kernel[(B * H, -(-V // BV))](
+        q.contiguous(), gate.contiguous(), v.contiguous(), h0, o, ht, T, scale, 1.0 / decay_normalizer,
+        H=H, K=K, V=V, BV=BV, GATE_LOGITS=gate_logits, HAS_H0=initial_state is not None, num_warps=4,
+    )
+    return o, (ht if output_final_state else None)

@@ -1,0 +1,241 @@
+"""Chunked MetaLA operator on Triton: launchers, the autograd Function and the functional API.
+
+Levels (fla layout): kernels in `chunk_fwd.py` / `chunk_bwd.py` -> launchers `chunk_metala_fwd` /
+`chunk_metala_bwd` (allocate, pick grids, launch) -> `ChunkMetaLAFunction` (bookkeeping) -> `chunk_metala` and
+`chunk_metala_from_logits` (documented, validated) -> the `MetaLAAttention` layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from metala.ops.metala.api import BACKENDS, check_metala_args
+from metala.ops.metala.chunk_bwd import (
+    chunk_metala_bwd_kernel_dh,
+    chunk_metala_bwd_kernel_main,
+    chunk_metala_bwd_kernel_seg,
+)
+from metala.ops.metala.chunk_fwd import (
+    BC,
+    BT,
+    chunk_metala_fwd_kernel_h,
+    chunk_metala_fwd_kernel_o,
+    chunk_metala_fwd_kernel_seg,
+)
+from metala.ops.utils.chunk_plan import ChunkPlan, default_seg_chunks, plan_for
+
+log = logging.getLogger(__name__)
+MAX_K, MAX_V = 128, 256
+
+
+def _state_dtype(dtype: torch.dtype) -> torch.dtype:
+    # per-chunk states: bf16 next to bf16 inputs (half the traffic), fp32 otherwise (never fp16: it overflows)
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+
+
+def _dot_prec(dtype: torch.dtype) -> str:
+    return "ieee" if _dot_dtype(dtype) == tl.float32 else "tf32"
+
+
+def _dot_dtype(dtype: torch.dtype):
+    """Operand dtype of the tensor-core products: the inputs' half type, fp32 for fp32 inputs and under the CPU
+    interpreter (whose tl.dot mishandles bf16 operands in Triton 3.6)."""
+    if dtype == torch.float32 or os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return tl.float32
+    return tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
+
+
+def _tiles(K: int, V: int) -> tuple[int, int]:
+    return min(64, K), min(64, V)
+
+
+def chunk_metala_fwd(q, gate, v, scale, inv_tau, initial_state, output_final_state, plan: ChunkPlan,
+                     gate_logits: bool):
+    T, H, K = q.shape
+    V = v.shape[-1]
+    BK, BV = _tiles(K, V)
+    NK, NV = triton.cdiv(K, BK), triton.cdiv(V, BV)
+    dev = q.device
+    prec = _dot_prec(q.dtype)
+    h_local = torch.empty(plan.n_chunks, H, K, V, device=dev, dtype=_state_dtype(q.dtype))
+    cdec = torch.empty(plan.n_chunks, H, K, device=dev, dtype=torch.float32)
+    E = torch.empty(plan.n_segs, H, K, V, device=dev, dtype=torch.float32)
+    G = torch.empty(plan.n_segs, H, K, device=dev, dtype=torch.float32)
+    chunk_metala_fwd_kernel_h[(NK * NV, plan.n_segs, H)](
+        gate, v, h_local, cdec, E, G, plan.chunk_start, plan.chunk_len, plan.seg_first_chunk, plan.seg_n_chunks,
+        inv_tau, H=H, K=K, V=V, BT_=BT, BK=BK, BV=BV, GATE_LOGITS=gate_logits, DT=_dot_dtype(q.dtype),
+        DOT_PREC=prec, num_warps=4,
+    )
+    S_in = torch.empty(plan.n_segs, H, K, V, device=dev, dtype=torch.float32)
+    ht = torch.empty(plan.n_docs, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None
+    chunk_metala_fwd_kernel_seg[(NK * NV, plan.n_docs, H)](
+        E, G, initial_state if initial_state is not None else E, S_in, ht if ht is not None else E,
+        plan.doc_first_seg, plan.doc_n_segs, H=H, K=K, V=V, BK=BK, BV=BV,
+        HAS_H0=initial_state is not None, STORE_HT=output_final_state, num_warps=4,
+    )
+    o = torch.empty_like(v)
+    chunk_metala_fwd_kernel_o[(plan.n_chunks, H, NV)](
+        q, gate, v, h_local, cdec, S_in, o, plan.chunk_start, plan.chunk_len, plan.chunk_seg, scale, inv_tau,
+        H=H, K=K, V=V, BT_=BT, BC_=BC, BV=BV, GATE_LOGITS=gate_logits, DT=_dot_dtype(q.dtype), DOT_PREC=prec,
+        num_warps=8 if K > 64 else 4,
+    )
+    return o, ht, (h_local, cdec, S_in, G)
+
+
+def chunk_metala_bwd(q, gate, v, do, dht, scale, inv_tau, saved, plan: ChunkPlan, gate_logits: bool,
+                     need_dh0: bool):
+    h_local, cdec, S_in, G = saved
+    T, H, K = q.shape
+    V = v.shape[-1]
+    BK, BV = _tiles(K, V)
+    NK, NV = triton.cdiv(K, BK), triton.cdiv(V, BV)
+    dev = q.device
+    prec = _dot_prec(q.dtype)
+    dS_local = torch.empty(plan.n_chunks, H, K, V, device=dev, dtype=_state_dtype(q.dtype))
+    Dseg = torch.empty(plan.n_segs, H, K, V, device=dev, dtype=torch.float32)
+    chunk_metala_bwd_kernel_dh[(NK * NV, plan.n_segs, H)](
+        q, gate, do, dS_local, Dseg, plan.chunk_start, plan.chunk_len, plan.seg_first_chunk, plan.seg_n_chunks,
+        scale, inv_tau, H=H, K=K, V=V, BT_=BT, BK=BK, BV=BV, GATE_LOGITS=gate_logits, DT=_dot_dtype(q.dtype),
+        DOT_PREC=prec, num_warps=4,
+    )
+    Dout = torch.empty(plan.n_segs, H, K, V, device=dev, dtype=torch.float32)
+    dh0 = torch.empty(plan.n_docs, H, K, V, device=dev, dtype=torch.float32) if need_dh0 else None
+    chunk_metala_bwd_kernel_seg[(NK * NV, plan.n_docs, H)](
+        Dseg, G, dht if dht is not None else Dseg, Dout, dh0 if dh0 is not None else Dseg,
+        plan.doc_first_seg, plan.doc_n_segs, H=H, K=K, V=V, BK=BK, BV=BV,
+        HAS_DHT=dht is not None, STORE_DH0=need_dh0, num_warps=4,
+    )
+    dq = torch.empty_like(q)
+    dv = torch.empty_like(v)
+    dgate = torch.empty_like(gate)
+    chunk_metala_bwd_kernel_main[(plan.n_chunks, H)](
+        q, gate, v, do, h_local, cdec, S_in, G, dS_local, Dout, dq, dgate, dv,
+        plan.chunk_start, plan.chunk_len, plan.chunk_seg, scale, inv_tau,
+        H=H, K=K, V=V, BT_=BT, BC_=BC, BV=BV, GATE_LOGITS=gate_logits, DT=_dot_dtype(q.dtype), DOT_PREC=prec,
+        INTRA_PREC="ieee" if _dot_dtype(q.dtype) == tl.float32 else "tf32", num_warps=8,
+    )
+    return dq, dgate, dv, dh0
+
+
+class ChunkMetaLAFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, gate, v, scale, inv_tau, initial_state, output_final_state, plan, gate_logits):
+        B, T, H, K = q.shape
+        flat = [t.reshape(B * T, H, t.shape[-1]).contiguous() for t in (q, gate, v)]
+        h0 = initial_state.contiguous() if initial_state is not None else None
+        o, ht, saved = chunk_metala_fwd(*flat, scale, inv_tau, h0, output_final_state, plan, gate_logits)
+        ctx.save_for_backward(*flat, *saved)
+        ctx.meta = (B, T, scale, inv_tau, plan, gate_logits, initial_state is not None)
+        return o.view(B, T, H, v.shape[-1]), ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, gate, v, *saved = ctx.saved_tensors
+        B, T, scale, inv_tau, plan, gate_logits, has_h0 = ctx.meta
+        H = q.shape[1]
+        do = do.reshape(B * T, H, do.shape[-1]).contiguous()
+        dht = dht.contiguous() if dht is not None else None
+        dq, dgate, dv, dh0 = chunk_metala_bwd(q, gate, v, do, dht, scale, inv_tau, saved, plan, gate_logits, has_h0)
+        shape = (B, T, H)
+        return (dq.view(*shape, -1), dgate.view(*shape, -1), dv.view(*shape, -1), None, None, dh0, None, None,
+                None)
+
+
+def _plan(q: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None, seg_chunks: int | None) -> ChunkPlan:
+    B, T, H, K = q.shape
+    n_docs = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    if seg_chunks is None:
+        per_doc = triton.cdiv(B * T // max(n_docs, 1), BT)
+        seg_chunks = default_seg_chunks(per_doc, n_docs, H, triton.cdiv(v.shape[-1], 64) * triton.cdiv(K, 64))
+    return plan_for(B, T, cu_seqlens, BT, seg_chunks, q.device)
+
+
+def _check_sizes(q: torch.Tensor, v: torch.Tensor) -> None:
+    K, V = q.shape[-1], v.shape[-1]
+    for name, d, cap in (("K", K, MAX_K), ("V", V, MAX_V)):
+        if d < 16 or d > cap or d & (d - 1):
+            raise ValueError(f"the Triton MetaLA kernel needs {name} a power of two in [16, {cap}], got {d}")
+
+
+def chunk_metala(
+    q: torch.Tensor,
+    g: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    seg_chunks: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Triton chunked MetaLA with the fp32 log-decay g (<= 0); the key k = 1 - exp(g) is derived in-kernel.
+
+    Args:
+        q: [B, T, H, K], K a power of two in [16, 128]; v: [B, T, H, V], V a power of two in [16, 256].
+        g: [B, T, H, K] fp32 log-decay (floored at -10 in-kernel, see chunk_fwd.py).
+        scale: default K ** -0.5. initial_state: fp32 [N, H, K, V]. cu_seqlens: int [N + 1] with B = 1.
+        seg_chunks: chunks per segment of the two-level state pass (default: sized to fill the GPU).
+
+    Returns:
+        (o [B, T, H, V] in q's dtype, final fp32 state [N, H, K, V] or None).
+
+    Examples::
+
+        >>> o, ht = chunk_metala(q, g, v, output_final_state=True)
+        >>> o, ht = chunk_metala(q1, g1, v1, cu_seqlens=torch.tensor([0, 100, 356], device="cuda"))
+    """
+    check_metala_args(q, g, v, None, initial_state, cu_seqlens)
+    _check_sizes(q, v)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    plan = _plan(q, v, cu_seqlens, seg_chunks)
+    return ChunkMetaLAFunction.apply(q, g, v, scale, 1.0, initial_state, output_final_state, plan, False)
+
+
+def chunk_metala_from_logits(
+    q: torch.Tensor,
+    z: torch.Tensor,
+    v: torch.Tensor,
+    decay_normalizer: float = 16.0,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    seg_chunks: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """As `chunk_metala`, from the gate logits z (any float dtype): g = logsigmoid(z) / decay_normalizer, and the
+    key, the cumulative sums and dz are all computed in fp32 inside the kernels (no g tensor is ever stored)."""
+    if z.shape != q.shape:
+        raise ValueError(f"z must have the shape of q {tuple(q.shape)}, got {tuple(z.shape)}")
+    if not z.is_floating_point():
+        raise ValueError(f"z (gate logits) must be a float tensor, got {z.dtype}")
+    check_metala_args(q, _as_g_like(z), v, None, initial_state, cu_seqlens)
+    _check_sizes(q, v)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    plan = _plan(q, v, cu_seqlens, seg_chunks)
+    return ChunkMetaLAFunction.apply(q, z, v, scale, 1.0 / decay_normalizer, initial_state, output_final_state,
+                                     plan, True)
+
+
+def _as_g_like(z: torch.Tensor) -> torch.Tensor:
+    # shape/dtype checks only look at metadata: an fp32 view-alike on the meta device stands in for g
+    return torch.empty(z.shape, dtype=torch.float32, device="meta")
+
+
+_warned_key = False
+
+
+def chunk_metala_backend(q, g, v, k=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
+    """The `metala_attn(backend="triton")` entry; explicit keys (the use_key ablation) fall back to "chunk"."""
+    global _warned_key
+    if k is not None:
+        if not _warned_key:
+            log.warning("the Triton MetaLA kernel derives k = 1 - exp(g); explicit keys run on the PyTorch chunk form")
+            _warned_key = True
+        return BACKENDS["chunk"](q, g, v, k=k, scale=scale, initial_state=initial_state,
+                                 output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    return chunk_metala(q, g, v, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+                        cu_seqlens=cu_seqlens)

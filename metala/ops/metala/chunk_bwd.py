@@ -1,0 +1,178 @@
+"""Triton backward of the chunked MetaLA operator (formulas: README.md beside this file).
+
+The state gradients mirror the forward's two-level pass, in reverse:
+1. `chunk_metala_bwd_kernel_dh`: per (tile, segment, head), walks the segment's chunks backwards from a zero
+   gradient, storing dS_local (the gradient of the state after each chunk from later chunks of the segment) and
+   the segment's gradient of its entering state `Dseg`.
+2. `chunk_metala_bwd_kernel_seg`: per (tile, document, head), D_out(last) = d final state,
+   D_out(s - 1) = exp(G_s) * D_out(s) + Dseg_s; the document's d initial state is the last D.
+3. `chunk_metala_bwd_kernel_main`: per (chunk, head), with h = h_local + exp(cdec) * S_in and
+   dS = dS_local + exp(G - cdec - gam) * D_out, computes dv, dq, dk and the decay gradient
+   dg = revcumsum(q dq - k dk) + (state terms) - alpha dk (the key tied to the decay), and dz when the gate came
+   as logits. The intra-chunk products use the forward's sub-chunk references.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+import metala.ops.utils.triton_compat  # noqa: F401  (interpreter shim)
+from metala.ops.metala.chunk_fwd import intra_scores, load_gate, sub_reference
+from metala.ops.utils.triton_math import logsigmoid, neg_expm1, sigmoid_neg
+
+
+@triton.jit
+def chunk_metala_bwd_kernel_dh(
+    q, gate, do, dS_local, Dseg,
+    chunk_start, chunk_len, seg_first_chunk, seg_n_chunks,
+    scale, inv_tau,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT_: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    GATE_LOGITS: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    i_kv, i_s, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NV: tl.constexpr = (V + BV - 1) // BV
+    i_k, i_v = i_kv // NV, i_kv % NV
+    offs_k = i_k * BK + tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    m_kv = (offs_k[:, None] < K) & (offs_v[None, :] < V)
+    o_t = tl.arange(0, BT_)
+    first = tl.load(seg_first_chunk + i_s)
+    n = tl.load(seg_n_chunks + i_s)
+    D = tl.zeros([BK, BV], dtype=tl.float32)
+    for jj in range(0, n):
+        c = first + n - 1 - jj
+        start = tl.load(chunk_start + c)
+        length = tl.load(chunk_len + c)
+        tl.store(dS_local + ((c * H + i_h) * K + offs_k[:, None]) * V + offs_v[None, :],
+                 D.to(dS_local.dtype.element_ty), mask=m_kv)
+        m_t = o_t < length
+        tok = start + o_t
+        g = load_gate(gate, tok, m_t, i_h, offs_k, H, K, GATE_LOGITS, inv_tau)
+        Gam = tl.cumsum(g, axis=0)
+        gam = tl.sum(g, axis=0)
+        qq = tl.load(q + (tok[:, None] * H + i_h) * K + offs_k[None, :],
+                     mask=m_t[:, None] & (offs_k[None, :] < K), other=0.0)
+        dd = tl.load(do + (tok[:, None] * H + i_h) * V + offs_v[None, :],
+                     mask=m_t[:, None] & (offs_v[None, :] < V), other=0.0)
+        qd = (qq.to(tl.float32) * tl.exp(Gam)).to(DT)
+        D = D * tl.exp(gam)[:, None] + scale * tl.dot(tl.trans(qd), dd.to(DT), input_precision=DOT_PREC)
+    tl.store(Dseg + ((i_s * H + i_h) * K + offs_k[:, None]) * V + offs_v[None, :], D, mask=m_kv)
+
+
+@triton.jit
+def chunk_metala_bwd_kernel_seg(
+    Dseg, Gseg, dht, Dout, dh0,
+    doc_first_seg, doc_n_segs,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
+):
+    i_kv, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NV: tl.constexpr = (V + BV - 1) // BV
+    i_k, i_v = i_kv // NV, i_kv % NV
+    offs_k = i_k * BK + tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    m_kv = (offs_k[:, None] < K) & (offs_v[None, :] < V)
+    kv = offs_k[:, None] * V + offs_v[None, :]
+    if HAS_DHT:
+        D = tl.load(dht + (i_n * H + i_h) * K * V + kv, mask=m_kv, other=0.0).to(tl.float32)
+    else:
+        D = tl.zeros([BK, BV], dtype=tl.float32)
+    first = tl.load(doc_first_seg + i_n)
+    ns = tl.load(doc_n_segs + i_n)
+    for jj in range(0, ns):
+        s = first + ns - 1 - jj
+        tl.store(Dout + (s * H + i_h) * K * V + kv, D, mask=m_kv)
+        G = tl.load(Gseg + (s * H + i_h) * K + offs_k, mask=offs_k < K, other=0.0)
+        D = D * tl.exp(G)[:, None] + tl.load(Dseg + (s * H + i_h) * K * V + kv, mask=m_kv, other=0.0)
+    if STORE_DH0:
+        tl.store(dh0 + (i_n * H + i_h) * K * V + kv, D, mask=m_kv)
+
+
+@triton.jit
+def chunk_metala_bwd_kernel_main(
+    q, gate, v, do, h_local, cdec, S_in, Gseg, dS_local, Dout,
+    dq, dgate, dv,
+    chunk_start, chunk_len, chunk_seg,
+    scale, inv_tau,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT_: tl.constexpr, BC_: tl.constexpr, BV: tl.constexpr,
+    GATE_LOGITS: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, INTRA_PREC: tl.constexpr,
+):
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    offs_k = tl.arange(0, K)
+    o_t = tl.arange(0, BT_)
+    start = tl.load(chunk_start + i_c)
+    length = tl.load(chunk_len + i_c)
+    s = tl.load(chunk_seg + i_c)
+    m_t = o_t < length
+    tok = start + o_t
+    g = load_gate(gate, tok, m_t, i_h, offs_k, H, K, GATE_LOGITS, inv_tau)
+    Gam = tl.cumsum(g, axis=0)
+    gam = tl.sum(g, axis=0)
+    k = neg_expm1(g)
+    qq = tl.load(q + (tok[:, None] * H + i_h) * K + offs_k[None, :], mask=m_t[:, None], other=0.0).to(tl.float32)
+    dec_in = tl.load(cdec + (i_c * H + i_h) * K + offs_k)
+    # log-decay from this chunk's end to its segment's end
+    dec_out = tl.load(Gseg + (s * H + i_h) * K + offs_k) - dec_in - gam
+    R = sub_reference(Gam, o_t, BT_, BC_)
+    A = intra_scores(qq * tl.exp(Gam - R), k, Gam, o_t, BT_, BC_, DT, DOT_PREC)
+    kd = k * tl.exp(gam[None, :] - Gam)
+    dA = tl.zeros([BT_, BT_], dtype=tl.float32)
+    dq_inter = tl.zeros([BT_, K], dtype=tl.float32)
+    dk_state = tl.zeros([BT_, K], dtype=tl.float32)
+    h_dS = tl.zeros([K], dtype=tl.float32)
+    for i_v in tl.static_range((V + BV - 1) // BV):
+        offs_v = i_v * BV + tl.arange(0, BV)
+        m_v = offs_v[None, :] < V
+        kv = offs_k[:, None] * V + offs_v[None, :]
+        h = tl.load(h_local + (i_c * H + i_h) * K * V + kv, mask=m_v, other=0.0).to(tl.float32)
+        h += tl.exp(dec_in)[:, None] * tl.load(S_in + (s * H + i_h) * K * V + kv, mask=m_v, other=0.0)
+        dS = tl.load(dS_local + (i_c * H + i_h) * K * V + kv, mask=m_v, other=0.0).to(tl.float32)
+        dS += tl.exp(dec_out)[:, None] * tl.load(Dout + (s * H + i_h) * K * V + kv, mask=m_v, other=0.0)
+        vv = tl.load(v + (tok[:, None] * H + i_h) * V + offs_v[None, :], mask=m_t[:, None] & m_v,
+                     other=0.0).to(DT)
+        dd = tl.load(do + (tok[:, None] * H + i_h) * V + offs_v[None, :], mask=m_t[:, None] & m_v,
+                     other=0.0).to(DT)
+        dA += tl.dot(dd, tl.trans(vv), input_precision=DOT_PREC)
+        dq_inter += tl.dot(dd, tl.trans(h.to(DT)), input_precision=DOT_PREC)
+        dk_state += tl.dot(vv, tl.trans(dS.to(DT)), input_precision=DOT_PREC)
+        h_dS += tl.sum(h * dS, axis=1)
+        dvv = scale * tl.dot(tl.trans(A.to(DT)), dd, input_precision=DOT_PREC)
+        dvv += tl.dot(kd.to(DT), dS.to(DT), input_precision=DOT_PREC)
+        tl.store(dv + (tok[:, None] * H + i_h) * V + offs_v[None, :], dvv.to(dv.dtype.element_ty),
+                 mask=m_t[:, None] & m_v)
+    dA = tl.where(o_t[:, None] >= o_t[None, :], dA * scale, 0.0)
+    sub = o_t // BC_
+    dq_intra = tl.zeros([BT_, K], dtype=tl.float32)
+    dk_intra = tl.zeros([BT_, K], dtype=tl.float32)
+    for i in tl.static_range(BT_ // BC_):
+        R_i = tl.sum(tl.where((o_t == i * BC_ + BC_ // 2)[:, None], Gam, 0.0), axis=0)
+        # query rows of sub-chunk i against keys up to it, keys scaled by exp(R_i - Gam)
+        kf = tl.where((sub <= i)[:, None], k * tl.exp(tl.minimum(R_i[None, :] - Gam, 80.0)), 0.0)
+        dq_intra += tl.where((sub == i)[:, None], tl.dot(dA, kf, input_precision=INTRA_PREC), 0.0)
+        # key rows of sub-chunk i against queries from it on, queries scaled by exp(Gam - R_i)
+        qf = tl.where((sub >= i)[:, None], qq * tl.exp(tl.minimum(Gam - R_i[None, :], 80.0)), 0.0)
+        dk_intra += tl.where((sub == i)[:, None], tl.dot(tl.trans(dA), qf, input_precision=INTRA_PREC), 0.0)
+    dqq = dq_intra * tl.exp(Gam - R) + scale * tl.exp(Gam) * dq_inter
+    dk_state = dk_state * tl.exp(gam[None, :] - Gam)
+    dkk = dk_intra * tl.exp(R - Gam) + dk_state
+    d_gam = qq * dqq - k * dkk
+    # reverse cumulative sum within the chunk, plus the terms that reach every row through the chunk's total decay
+    dg = tl.sum(d_gam, axis=0)[None, :] - tl.cumsum(d_gam, axis=0) + d_gam
+    dg += (tl.sum(k * dk_state, axis=0) + tl.exp(gam) * h_dS)[None, :]
+    # the key is tied to the decay: k = 1 - exp(g), dk/dg = -exp(g)
+    dg -= tl.exp(g) * dkk
+    m_tk = m_t[:, None]
+    p_k = (tok[:, None] * H + i_h) * K + offs_k[None, :]
+    tl.store(dq + p_k, dqq.to(dq.dtype.element_ty), mask=m_tk)
+    if GATE_LOGITS:
+        z = tl.load(gate + p_k, mask=m_tk, other=0.0).to(tl.float32)
+        # no gradient where the log-decay was floored
+        live = logsigmoid(z) * inv_tau > -10.0
+        tl.store(dgate + p_k, tl.where(live, dg * sigmoid_neg(z) * inv_tau, 0.0).to(dgate.dtype.element_ty),
+                 mask=m_tk)
+    else:
+        graw = tl.load(gate + p_k, mask=m_tk, other=0.0).to(tl.float32)
+        tl.store(dgate + p_k, tl.where(graw > -10.0, dg, 0.0).to(dgate.dtype.element_ty), mask=m_tk)

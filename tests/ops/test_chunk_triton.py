@@ -1,0 +1,161 @@
+"""The Triton kernels (forward, backward, decode) against the fp32 token-by-token reference.
+
+On a CPU machine these run under TRITON_INTERPRET=1 (tests/conftest.py), on small shapes; on a GPU the same tests
+run compiled, plus bf16 checks at the benchmark shapes in bench/ops.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from metala.ops import metala_attn, naive_recurrent_metala
+from metala.ops.metala import metala_attn_from_logits
+from metala.ops.metala.api import triton_usable
+from metala.ops.metala.fused_recurrent import fused_recurrent_metala_triton
+from tests.utils import assert_close
+
+pytestmark = pytest.mark.skipif(not triton_usable(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+                                reason="needs a CUDA GPU or the Triton CPU interpreter")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FP32_RATIO = 2e-5
+
+
+def inputs(B, T, H, K, V, logit=0.0, n_states=None, dtype=torch.float32):
+    q = torch.randn(B, T, H, K, device=DEVICE, dtype=dtype).requires_grad_()
+    z = (torch.randn(B, T, H, K, device=DEVICE) * 3 + logit).requires_grad_()
+    v = torch.randn(B, T, H, V, device=DEVICE, dtype=dtype).requires_grad_()
+    h0 = torch.randn(n_states or B, H, K, V, device=DEVICE).requires_grad_()
+    return q, z, v, h0
+
+
+def fwd_bwd(fn, q, z, v, h0, do, dht):
+    o, ht = fn(q, z, v, h0)
+    grads = torch.autograd.grad((o.float() * do).sum() + (ht * dht).sum(), [q, z, v, h0])
+    return (o, ht, *grads)
+
+
+def compare(ref, tst, ratio):
+    for name, a, b in zip(("o", "ht", "dq", "dz", "dv", "dh0"), ref, tst):
+        assert_close(name, a.float(), b.float(), ratio)
+
+
+def reference(q, z, v, h0, cu=None):
+    return naive_recurrent_metala(q.float(), F.logsigmoid(z) / 16, v.float(), initial_state=h0,
+                                  output_final_state=True, cu_seqlens=cu)
+
+
+@pytest.mark.parametrize(
+    "B,T,H,K,V,seg",
+    [
+        pytest.param(1, 1, 1, 16, 16, 8, id="B1-T1-H1-K16-V16"),
+        pytest.param(2, 63, 2, 16, 32, 8, id="B2-T63-H2-K16-V32"),
+        pytest.param(1, 65, 1, 32, 64, 1, id="B1-T65-H1-K32-V64-seg1"),
+        pytest.param(2, 200, 1, 16, 32, 1, id="B2-T200-H1-K16-V32-seg1"),
+        pytest.param(1, 130, 1, 64, 128, 2, id="B1-T130-H1-K64-V128-seg2"),
+    ],
+)
+@pytest.mark.parametrize("gate", ["g", "logits"])
+def test_triton_matches_naive(B, T, H, K, V, seg, gate):
+    from metala.ops.metala.chunk import chunk_metala, chunk_metala_from_logits
+
+    q, z, v, h0 = inputs(B, T, H, K, V)
+    do, dht = torch.randn(B, T, H, V, device=DEVICE), torch.randn(B, H, K, V, device=DEVICE)
+    ref = fwd_bwd(lambda q, z, v, h0: reference(q, z, v, h0), q, z, v, h0, do, dht)
+    if gate == "g":
+        fn = lambda q, z, v, h0: chunk_metala(q, F.logsigmoid(z) / 16, v, initial_state=h0, output_final_state=True,
+                                              seg_chunks=seg)
+    else:
+        fn = lambda q, z, v, h0: chunk_metala_from_logits(q, z, v, 16.0, initial_state=h0, output_final_state=True,
+                                                          seg_chunks=seg)
+    compare(ref, fwd_bwd(fn, q, z, v, h0, do, dht), FP32_RATIO)
+
+
+@pytest.mark.parametrize("logit", [-30.0, 30.0])
+def test_triton_extreme_gates(logit):
+    from metala.ops.metala.chunk import chunk_metala_from_logits
+
+    q, z, v, h0 = inputs(1, 150, 2, 32, 32, logit=logit)
+    do, dht = torch.randn(1, 150, 2, 32, device=DEVICE), torch.randn(1, 2, 32, 32, device=DEVICE)
+    ref = fwd_bwd(lambda q, z, v, h0: reference(q, z, v, h0), q, z, v, h0, do, dht)
+    fn = lambda q, z, v, h0: chunk_metala_from_logits(q, z, v, 16.0, initial_state=h0, output_final_state=True,
+                                                      seg_chunks=1)
+    compare(ref, fwd_bwd(fn, q, z, v, h0, do, dht), 1e-4)
+
+
+@pytest.mark.parametrize("seg", [1, 8])
+def test_triton_varlen_matches_naive(seg):
+    lengths = [1, 63, 1, 2, 70, 130]
+    cu = torch.tensor([0] + lengths, device=DEVICE).cumsum(0).to(torch.int32)
+    T = sum(lengths)
+    q, z, v, h0 = inputs(1, T, 2, 16, 32, n_states=len(lengths))
+    do, dht = torch.randn(1, T, 2, 32, device=DEVICE), torch.randn(len(lengths), 2, 16, 32, device=DEVICE)
+    ref = fwd_bwd(lambda q, z, v, h0: reference(q, z, v, h0, cu), q, z, v, h0, do, dht)
+    fn = lambda q, z, v, h0: metala_attn_from_logits(q, z, v, initial_state=h0, output_final_state=True,
+                                                     cu_seqlens=cu, backend="triton")
+    compare(ref, fwd_bwd(fn, q, z, v, h0, do, dht), FP32_RATIO)
+
+
+def test_triton_without_initial_state_through_metala_attn():
+    q, z, v, _ = inputs(2, 70, 1, 16, 16)
+    o_r, _ = naive_recurrent_metala(q, F.logsigmoid(z) / 16, v)
+    o_t, ht = metala_attn(q, F.logsigmoid(z) / 16, v, backend="triton")
+    assert ht is None
+    assert_close("o", o_r, o_t, FP32_RATIO)
+    dq_r, dg_r = torch.autograd.grad(o_r.sum(), [q, z])
+    dq_t, dg_t = torch.autograd.grad(o_t.sum(), [q, z])
+    assert_close("dq", dq_r, dq_t, FP32_RATIO)
+    assert_close("dz", dg_r, dg_t, FP32_RATIO)
+
+
+def test_triton_bf16_inputs():
+    q, z, v, h0 = inputs(1, 130, 2, 32, 64)
+    do, dht = torch.randn(1, 130, 2, 64, device=DEVICE), torch.randn(1, 2, 32, 64, device=DEVICE)
+    ref = fwd_bwd(lambda q, z, v, h0: reference(q, z, v, h0), q, z, v, h0, do, dht)
+    qb, vb = q.detach().bfloat16().requires_grad_(), v.detach().bfloat16().requires_grad_()
+    fn = lambda q, z, v, h0: metala_attn_from_logits(q, z, v, initial_state=h0, output_final_state=True,
+                                                     backend="triton")
+    o, ht, dq, dz, dv, dh0 = fwd_bwd(fn, qb, z, vb, h0, do, dht)
+    assert o.dtype == torch.bfloat16 and dq.dtype == torch.bfloat16 and dz.dtype == torch.float32
+    compare(ref, (o, ht, dq, dz, dv, dh0), 1e-2)
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_triton_decode_step(T):
+    q, z, v, h0 = (t.detach() for t in inputs(3, T, 2, 16, 32))
+    o_r, ht_r = reference(q, z, v, h0)
+    o_t, ht_t = fused_recurrent_metala_triton(q, z, v, initial_state=h0, output_final_state=True, gate_logits=True)
+    assert_close("o", o_r, o_t, FP32_RATIO)
+    assert_close("ht", ht_r, ht_t, FP32_RATIO)
+
+
+def test_triton_rejects_unsupported_sizes():
+    from metala.ops.metala.chunk import chunk_metala
+
+    q = torch.randn(1, 8, 1, 24, device=DEVICE)
+    with pytest.raises(ValueError, match="K a power of two"):
+        chunk_metala(q, torch.zeros_like(q) - 0.1, torch.randn(1, 8, 1, 16, device=DEVICE))
+
+
+def test_model_on_triton_matches_model_on_chunk():
+    from metala import MetaLAConfig, MetaLAForCausalLM, next_token_labels
+
+    torch.manual_seed(0)
+    chunk = MetaLAForCausalLM(MetaLAConfig.from_preset("tiny", attn_backend="chunk")).to(DEVICE)
+    tri = MetaLAForCausalLM(MetaLAConfig.from_preset("tiny", attn_backend="triton")).to(DEVICE)
+    tri.load_state_dict(chunk.state_dict())
+    for m in (chunk, tri):
+        for layer in m.layers:
+            torch.manual_seed(1)
+            torch.nn.init.normal_(layer.mixer.self_aug.w_aug, 0, 0.5)
+    lengths = [5, 1, 70, 20]
+    ids = torch.randint(0, 512, (1, sum(lengths)), device=DEVICE)
+    cu = torch.tensor([0] + lengths, device=DEVICE).cumsum(0).to(torch.int32)
+    outs = []
+    for m in (chunk, tri):
+        out = m(ids, labels=next_token_labels(ids), cu_seqlens=cu)
+        outs.append((out, torch.autograd.grad(out.loss, list(m.parameters()))))
+    assert_close("logits", outs[0][0].logits, outs[1][0].logits, FP32_RATIO)
+    for (name, _), a, b in zip(chunk.named_parameters(), outs[0][1], outs[1][1]):
+        assert_close(name, a, b, 1e-4)
