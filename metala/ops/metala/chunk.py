@@ -17,7 +17,10 @@ import triton.language as tl
 from metala.ops.metala.api import BACKENDS, check_metala_args
 from metala.ops.metala.chunk_bwd import (
     chunk_metala_bwd_kernel_dh,
-    chunk_metala_bwd_kernel_main,
+    chunk_metala_bwd_kernel_dkg,
+    chunk_metala_bwd_kernel_dq,
+    chunk_metala_bwd_kernel_dqk,
+    chunk_metala_bwd_kernel_dv,
     chunk_metala_bwd_kernel_seg,
 )
 from metala.ops.metala.chunk_fwd import (
@@ -54,6 +57,27 @@ def _tiles(K: int, V: int) -> tuple[int, int]:
     return min(64, K), min(64, V)
 
 
+# launch configuration per kernel: warps, software-pipelining stages, tiles (bench/kernel_tune.py sweeps these)
+CONFIG = {
+    "fwd_h": {"num_warps": 4, "num_stages": 2, "BV": 64},
+    "fwd_o": {"num_warps": 4, "num_stages": 2, "BV": 64},
+    "bwd_dh": {"num_warps": 4, "num_stages": 2, "BV": 64},
+    "bwd_dv": {"num_warps": 4, "num_stages": 2, "BV": 64},
+    # intra_bf16: bf16 operands for the dA products (faster, ~2^-9 relative error) instead of tf32
+    # split: dq and (dk, dg) in two kernels, each with half the live registers of the fused one
+    "bwd_dqk": {"num_warps": 4, "num_stages": 2, "BK": 32, "BV": 64, "intra_bf16": False, "split": False},
+    "seg": {"num_warps": 4, "num_stages": 2},
+}
+
+
+def _bv(name: str, V: int) -> int:
+    return min(CONFIG[name].get("BV", 64), V)
+
+
+def _launch(name: str) -> dict:
+    return {k: v for k, v in CONFIG[name].items() if k in ("num_warps", "num_stages")}
+
+
 def chunk_metala_fwd(q, gate, v, scale, inv_tau, initial_state, output_final_state, plan: ChunkPlan,
                      gate_logits: bool):
     T, H, K = q.shape
@@ -66,23 +90,25 @@ def chunk_metala_fwd(q, gate, v, scale, inv_tau, initial_state, output_final_sta
     cdec = torch.empty(plan.n_chunks, H, K, device=dev, dtype=torch.float32)
     E = torch.empty(plan.n_segs, H, K, V, device=dev, dtype=torch.float32)
     G = torch.empty(plan.n_segs, H, K, device=dev, dtype=torch.float32)
-    chunk_metala_fwd_kernel_h[(NK * NV, plan.n_segs, H)](
+    BVh = _bv("fwd_h", V)
+    chunk_metala_fwd_kernel_h[(NK * triton.cdiv(V, BVh), plan.n_segs, H)](
         gate, v, h_local, cdec, E, G, plan.chunk_start, plan.chunk_len, plan.seg_first_chunk, plan.seg_n_chunks,
-        inv_tau, H=H, K=K, V=V, BT_=BT, BK=BK, BV=BV, GATE_LOGITS=gate_logits, DT=_dot_dtype(q.dtype),
-        DOT_PREC=prec, num_warps=4,
+        inv_tau, H=H, K=K, V=V, BT_=BT, BK=BK, BV=BVh, GATE_LOGITS=gate_logits, DT=_dot_dtype(q.dtype),
+        DOT_PREC=prec, **_launch("fwd_h"),
     )
     S_in = torch.empty(plan.n_segs, H, K, V, device=dev, dtype=torch.float32)
     ht = torch.empty(plan.n_docs, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None
     chunk_metala_fwd_kernel_seg[(NK * NV, plan.n_docs, H)](
         E, G, initial_state if initial_state is not None else E, S_in, ht if ht is not None else E,
         plan.doc_first_seg, plan.doc_n_segs, H=H, K=K, V=V, BK=BK, BV=BV,
-        HAS_H0=initial_state is not None, STORE_HT=output_final_state, num_warps=4,
+        HAS_H0=initial_state is not None, STORE_HT=output_final_state, **_launch("seg"),
     )
     o = torch.empty_like(v)
-    chunk_metala_fwd_kernel_o[(plan.n_chunks, H, NV)](
+    BVo = _bv("fwd_o", V)
+    chunk_metala_fwd_kernel_o[(plan.n_chunks, H, triton.cdiv(V, BVo))](
         q, gate, v, h_local, cdec, S_in, o, plan.chunk_start, plan.chunk_len, plan.chunk_seg, scale, inv_tau,
-        H=H, K=K, V=V, BT_=BT, BC_=BC, BV=BV, GATE_LOGITS=gate_logits, DT=_dot_dtype(q.dtype), DOT_PREC=prec,
-        num_warps=8 if K > 64 else 4,
+        H=H, K=K, V=V, BT_=BT, BC_=BC, BV=BVo, GATE_LOGITS=gate_logits, DT=_dot_dtype(q.dtype), DOT_PREC=prec,
+        **_launch("fwd_o"),
     )
     return o, ht, (h_local, cdec, S_in, G)
 
@@ -98,27 +124,45 @@ def chunk_metala_bwd(q, gate, v, do, dht, scale, inv_tau, saved, plan: ChunkPlan
     prec = _dot_prec(q.dtype)
     dS_local = torch.empty(plan.n_chunks, H, K, V, device=dev, dtype=_state_dtype(q.dtype))
     Dseg = torch.empty(plan.n_segs, H, K, V, device=dev, dtype=torch.float32)
-    chunk_metala_bwd_kernel_dh[(NK * NV, plan.n_segs, H)](
+    BVd = _bv("bwd_dh", V)
+    chunk_metala_bwd_kernel_dh[(NK * triton.cdiv(V, BVd), plan.n_segs, H)](
         q, gate, do, dS_local, Dseg, plan.chunk_start, plan.chunk_len, plan.seg_first_chunk, plan.seg_n_chunks,
-        scale, inv_tau, H=H, K=K, V=V, BT_=BT, BK=BK, BV=BV, GATE_LOGITS=gate_logits, DT=_dot_dtype(q.dtype),
-        DOT_PREC=prec, num_warps=4,
+        scale, inv_tau, H=H, K=K, V=V, BT_=BT, BK=BK, BV=BVd, GATE_LOGITS=gate_logits, DT=_dot_dtype(q.dtype),
+        DOT_PREC=prec, **_launch("bwd_dh"),
     )
     Dout = torch.empty(plan.n_segs, H, K, V, device=dev, dtype=torch.float32)
     dh0 = torch.empty(plan.n_docs, H, K, V, device=dev, dtype=torch.float32) if need_dh0 else None
     chunk_metala_bwd_kernel_seg[(NK * NV, plan.n_docs, H)](
         Dseg, G, dht if dht is not None else Dseg, Dout, dh0 if dh0 is not None else Dseg,
         plan.doc_first_seg, plan.doc_n_segs, H=H, K=K, V=V, BK=BK, BV=BV,
-        HAS_DHT=dht is not None, STORE_DH0=need_dh0, num_warps=4,
+        HAS_DHT=dht is not None, STORE_DH0=need_dh0, **_launch("seg"),
     )
     dq = torch.empty_like(q)
     dv = torch.empty_like(v)
     dgate = torch.empty_like(gate)
-    chunk_metala_bwd_kernel_main[(plan.n_chunks, H)](
-        q, gate, v, do, h_local, cdec, S_in, G, dS_local, Dout, dq, dgate, dv,
-        plan.chunk_start, plan.chunk_len, plan.chunk_seg, scale, inv_tau,
-        H=H, K=K, V=V, BT_=BT, BC_=BC, BV=BV, GATE_LOGITS=gate_logits, DT=_dot_dtype(q.dtype), DOT_PREC=prec,
-        INTRA_PREC="ieee" if _dot_dtype(q.dtype) == tl.float32 else "tf32", num_warps=8,
+    DT = _dot_dtype(q.dtype)
+    BVv = _bv("bwd_dv", V)
+    chunk_metala_bwd_kernel_dv[(plan.n_chunks, H, triton.cdiv(V, BVv))](
+        q, gate, do, h_local, cdec, S_in, G, dS_local, Dout, dv, plan.chunk_start, plan.chunk_len, plan.chunk_seg,
+        scale, inv_tau, H=H, K=K, V=V, BT_=BT, BC_=BC, BV=BVv, GATE_LOGITS=gate_logits, DT=DT, DOT_PREC=prec,
+        **_launch("bwd_dv"),
     )
+    BK_dqk = min(CONFIG["bwd_dqk"]["BK"], K)
+    common = dict(
+        H=H, K=K, V=V, BT_=BT, BC_=BC, BK=BK_dqk, BV=_bv("bwd_dqk", V), GATE_LOGITS=gate_logits, DT=DT, DOT_PREC=prec,
+        INTRA_PREC="ieee" if DT == tl.float32 else "tf32",
+        INTRA_DT=tl.bfloat16 if DT != tl.float32 and CONFIG["bwd_dqk"].get("intra_bf16") else tl.float32,
+        **_launch("bwd_dqk"),
+    )
+    grid = (plan.n_chunks, H, K // BK_dqk)
+    tables = (plan.chunk_start, plan.chunk_len, plan.chunk_seg, scale, inv_tau)
+    if CONFIG["bwd_dqk"].get("split"):
+        chunk_metala_bwd_kernel_dq[grid](q, gate, v, do, h_local, cdec, S_in, G, dS_local, Dout, dq, *tables, **common)
+        chunk_metala_bwd_kernel_dkg[grid](q, gate, v, do, h_local, cdec, S_in, G, dS_local, Dout, dq, dgate, *tables,
+                                          **common)
+    else:
+        chunk_metala_bwd_kernel_dqk[grid](q, gate, v, do, h_local, cdec, S_in, G, dS_local, Dout, dq, dgate, *tables,
+                                          **common)
     return dq, dgate, dv, dh0
 
 

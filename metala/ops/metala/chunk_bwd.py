@@ -6,10 +6,10 @@ The state gradients mirror the forward's two-level pass, in reverse:
    the segment's gradient of its entering state `Dseg`.
 2. `chunk_metala_bwd_kernel_seg`: per (tile, document, head), D_out(last) = d final state,
    D_out(s - 1) = exp(G_s) * D_out(s) + Dseg_s; the document's d initial state is the last D.
-3. `chunk_metala_bwd_kernel_main`: per (chunk, head), with h = h_local + exp(cdec) * S_in and
-   dS = dS_local + exp(G - cdec - gam) * D_out, computes dv, dq, dk and the decay gradient
-   dg = revcumsum(q dq - k dk) + (state terms) - alpha dk (the key tied to the decay), and dz when the gate came
-   as logits. The intra-chunk products use the forward's sub-chunk references.
+3. per chunk, with h = h_local + exp(cdec) * S_in and dS = dS_local + exp(G - cdec - gam) * D_out:
+   `chunk_metala_bwd_kernel_dv` (per V-tile) computes dv; `chunk_metala_bwd_kernel_dqk` computes dq, dk and the
+   decay gradient dg = revcumsum(q dq - k dk) + (state terms) - alpha dk (the key tied to the decay), and dz when
+   the gate came as logits. Two kernels instead of one keep each under the register file (no spills).
 """
 
 from __future__ import annotations
@@ -91,17 +91,34 @@ def chunk_metala_bwd_kernel_seg(
 
 
 @triton.jit
-def chunk_metala_bwd_kernel_main(
-    q, gate, v, do, h_local, cdec, S_in, Gseg, dS_local, Dout,
-    dq, dgate, dv,
+def load_states(h_local, cdec, S_in, Gseg, dS_local, Dout, i_c, i_h, s, gam, offs_k, offs_v,
+                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr):
+    """fp32 [K, BV] tiles of the state entering chunk i_c and of the gradient of the state leaving it."""
+    m_v = offs_v[None, :] < V
+    kv = offs_k[:, None] * V + offs_v[None, :]
+    dec_in = tl.load(cdec + (i_c * H + i_h) * K + offs_k)
+    # log-decay from this chunk's end to its segment's end
+    dec_out = tl.load(Gseg + (s * H + i_h) * K + offs_k) - dec_in - gam
+    h = tl.load(h_local + (i_c * H + i_h) * K * V + kv, mask=m_v, other=0.0).to(tl.float32)
+    h += tl.exp(dec_in)[:, None] * tl.load(S_in + (s * H + i_h) * K * V + kv, mask=m_v, other=0.0)
+    dS = tl.load(dS_local + (i_c * H + i_h) * K * V + kv, mask=m_v, other=0.0).to(tl.float32)
+    dS += tl.exp(dec_out)[:, None] * tl.load(Dout + (s * H + i_h) * K * V + kv, mask=m_v, other=0.0)
+    return h, dS
+
+
+@triton.jit
+def chunk_metala_bwd_kernel_dv(
+    q, gate, do, h_local, cdec, S_in, Gseg, dS_local, Dout, dv,
     chunk_start, chunk_len, chunk_seg,
     scale, inv_tau,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT_: tl.constexpr, BC_: tl.constexpr, BV: tl.constexpr,
-    GATE_LOGITS: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, INTRA_PREC: tl.constexpr,
+    GATE_LOGITS: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    """dv = scale * A^T dO + (k * exp(gam - Gam)) dS, per (chunk, head, V-tile)."""
+    i_c, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_k = tl.arange(0, K)
+    offs_v = i_v * BV + tl.arange(0, BV)
     o_t = tl.arange(0, BT_)
     start = tl.load(chunk_start + i_c)
     length = tl.load(chunk_len + i_c)
@@ -113,60 +130,85 @@ def chunk_metala_bwd_kernel_main(
     gam = tl.sum(g, axis=0)
     k = neg_expm1(g)
     qq = tl.load(q + (tok[:, None] * H + i_h) * K + offs_k[None, :], mask=m_t[:, None], other=0.0).to(tl.float32)
-    dec_in = tl.load(cdec + (i_c * H + i_h) * K + offs_k)
-    # log-decay from this chunk's end to its segment's end
-    dec_out = tl.load(Gseg + (s * H + i_h) * K + offs_k) - dec_in - gam
-    R = sub_reference(Gam, o_t, BT_, BC_)
-    A = intra_scores(qq * tl.exp(Gam - R), k, Gam, o_t, BT_, BC_, DT, DOT_PREC)
-    kd = k * tl.exp(gam[None, :] - Gam)
+    A = intra_scores(qq * tl.exp(Gam - sub_reference(Gam, o_t, BT_, BC_)), k, Gam, o_t, BT_, BC_, DT, DOT_PREC)
+    _, dS = load_states(h_local, cdec, S_in, Gseg, dS_local, Dout, i_c, i_h, s, gam, offs_k, offs_v, H, K, V)
+    m_tv = m_t[:, None] & (offs_v[None, :] < V)
+    dd = tl.load(do + (tok[:, None] * H + i_h) * V + offs_v[None, :], mask=m_tv, other=0.0).to(DT)
+    dvv = scale * tl.dot(tl.trans(A.to(DT)), dd, input_precision=DOT_PREC)
+    dvv += tl.dot((k * tl.exp(gam[None, :] - Gam)).to(DT), dS.to(DT), input_precision=DOT_PREC)
+    tl.store(dv + (tok[:, None] * H + i_h) * V + offs_v[None, :], dvv.to(dv.dtype.element_ty), mask=m_tv)
+
+
+@triton.jit
+def chunk_metala_bwd_kernel_dqk(
+    q, gate, v, do, h_local, cdec, S_in, Gseg, dS_local, Dout,
+    dq, dgate,
+    chunk_start, chunk_len, chunk_seg,
+    scale, inv_tau,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT_: tl.constexpr, BC_: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    GATE_LOGITS: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, INTRA_PREC: tl.constexpr,
+    INTRA_DT: tl.constexpr,
+):
+    """dq and the decay gradient dg (or dz) per (chunk, head, K-tile); key channels are independent except
+    through dA = dO v^T, which each K-tile recomputes (cheap) so that no program holds all K channels."""
+    i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_k = i_k * BK + tl.arange(0, BK)
+    o_t = tl.arange(0, BT_)
+    start = tl.load(chunk_start + i_c)
+    length = tl.load(chunk_len + i_c)
+    s = tl.load(chunk_seg + i_c)
+    m_t = o_t < length
+    tok = start + o_t
+    g = load_gate(gate, tok, m_t, i_h, offs_k, H, K, GATE_LOGITS, inv_tau)
+    gam = tl.sum(g, axis=0)
     dA = tl.zeros([BT_, BT_], dtype=tl.float32)
-    dq_inter = tl.zeros([BT_, K], dtype=tl.float32)
-    dk_state = tl.zeros([BT_, K], dtype=tl.float32)
-    h_dS = tl.zeros([K], dtype=tl.float32)
+    dq_inter = tl.zeros([BT_, BK], dtype=tl.float32)
+    dk_state = tl.zeros([BT_, BK], dtype=tl.float32)
+    h_dS = tl.zeros([BK], dtype=tl.float32)
     for i_v in tl.static_range((V + BV - 1) // BV):
         offs_v = i_v * BV + tl.arange(0, BV)
-        m_v = offs_v[None, :] < V
-        kv = offs_k[:, None] * V + offs_v[None, :]
-        h = tl.load(h_local + (i_c * H + i_h) * K * V + kv, mask=m_v, other=0.0).to(tl.float32)
-        h += tl.exp(dec_in)[:, None] * tl.load(S_in + (s * H + i_h) * K * V + kv, mask=m_v, other=0.0)
-        dS = tl.load(dS_local + (i_c * H + i_h) * K * V + kv, mask=m_v, other=0.0).to(tl.float32)
-        dS += tl.exp(dec_out)[:, None] * tl.load(Dout + (s * H + i_h) * K * V + kv, mask=m_v, other=0.0)
-        vv = tl.load(v + (tok[:, None] * H + i_h) * V + offs_v[None, :], mask=m_t[:, None] & m_v,
-                     other=0.0).to(DT)
-        dd = tl.load(do + (tok[:, None] * H + i_h) * V + offs_v[None, :], mask=m_t[:, None] & m_v,
-                     other=0.0).to(DT)
+        m_tv = m_t[:, None] & (offs_v[None, :] < V)
+        h, dS = load_states(h_local, cdec, S_in, Gseg, dS_local, Dout, i_c, i_h, s, gam, offs_k, offs_v, H, K, V)
+        vv = tl.load(v + (tok[:, None] * H + i_h) * V + offs_v[None, :], mask=m_tv, other=0.0).to(DT)
+        dd = tl.load(do + (tok[:, None] * H + i_h) * V + offs_v[None, :], mask=m_tv, other=0.0).to(DT)
         dA += tl.dot(dd, tl.trans(vv), input_precision=DOT_PREC)
         dq_inter += tl.dot(dd, tl.trans(h.to(DT)), input_precision=DOT_PREC)
         dk_state += tl.dot(vv, tl.trans(dS.to(DT)), input_precision=DOT_PREC)
         h_dS += tl.sum(h * dS, axis=1)
-        dvv = scale * tl.dot(tl.trans(A.to(DT)), dd, input_precision=DOT_PREC)
-        dvv += tl.dot(kd.to(DT), dS.to(DT), input_precision=DOT_PREC)
-        tl.store(dv + (tok[:, None] * H + i_h) * V + offs_v[None, :], dvv.to(dv.dtype.element_ty),
-                 mask=m_t[:, None] & m_v)
     dA = tl.where(o_t[:, None] >= o_t[None, :], dA * scale, 0.0)
+    Gam = tl.cumsum(g, axis=0)
+    k = neg_expm1(g)
     sub = o_t // BC_
-    dq_intra = tl.zeros([BT_, K], dtype=tl.float32)
-    dk_intra = tl.zeros([BT_, K], dtype=tl.float32)
+    m_tk = m_t[:, None]
+    p_k = (tok[:, None] * H + i_h) * K + offs_k[None, :]
+    # dq: query rows of sub-chunk i against keys up to it, keys scaled by exp(R_i - Gam)
+    dq_intra = tl.zeros([BT_, BK], dtype=tl.float32)
     for i in tl.static_range(BT_ // BC_):
         R_i = tl.sum(tl.where((o_t == i * BC_ + BC_ // 2)[:, None], Gam, 0.0), axis=0)
-        # query rows of sub-chunk i against keys up to it, keys scaled by exp(R_i - Gam)
         kf = tl.where((sub <= i)[:, None], k * tl.exp(tl.minimum(R_i[None, :] - Gam, 80.0)), 0.0)
-        dq_intra += tl.where((sub == i)[:, None], tl.dot(dA, kf, input_precision=INTRA_PREC), 0.0)
-        # key rows of sub-chunk i against queries from it on, queries scaled by exp(Gam - R_i)
-        qf = tl.where((sub >= i)[:, None], qq * tl.exp(tl.minimum(Gam - R_i[None, :], 80.0)), 0.0)
-        dk_intra += tl.where((sub == i)[:, None], tl.dot(tl.trans(dA), qf, input_precision=INTRA_PREC), 0.0)
+        dq_intra += tl.where((sub == i)[:, None], tl.dot(dA.to(INTRA_DT), kf.to(INTRA_DT), input_precision=INTRA_PREC),
+                             0.0)
+    R = sub_reference(Gam, o_t, BT_, BC_)
     dqq = dq_intra * tl.exp(Gam - R) + scale * tl.exp(Gam) * dq_inter
+    tl.store(dq + p_k, dqq.to(dq.dtype.element_ty), mask=m_tk)
+    qq = tl.load(q + p_k, mask=m_tk, other=0.0).to(tl.float32)
+    d_gam = qq * dqq
+    # dk: key rows of sub-chunk i against queries from it on, queries scaled by exp(Gam - R_i)
+    dk_intra = tl.zeros([BT_, BK], dtype=tl.float32)
+    for i in tl.static_range(BT_ // BC_):
+        R_i = tl.sum(tl.where((o_t == i * BC_ + BC_ // 2)[:, None], Gam, 0.0), axis=0)
+        qf = tl.where((sub >= i)[:, None], qq * tl.exp(tl.minimum(Gam - R_i[None, :], 80.0)), 0.0)
+        dk_intra += tl.where((sub == i)[:, None],
+                             tl.dot(tl.trans(dA).to(INTRA_DT), qf.to(INTRA_DT), input_precision=INTRA_PREC), 0.0)
     dk_state = dk_state * tl.exp(gam[None, :] - Gam)
     dkk = dk_intra * tl.exp(R - Gam) + dk_state
-    d_gam = qq * dqq - k * dkk
+    d_gam -= k * dkk
     # reverse cumulative sum within the chunk, plus the terms that reach every row through the chunk's total decay
     dg = tl.sum(d_gam, axis=0)[None, :] - tl.cumsum(d_gam, axis=0) + d_gam
     dg += (tl.sum(k * dk_state, axis=0) + tl.exp(gam) * h_dS)[None, :]
     # the key is tied to the decay: k = 1 - exp(g), dk/dg = -exp(g)
     dg -= tl.exp(g) * dkk
-    m_tk = m_t[:, None]
-    p_k = (tok[:, None] * H + i_h) * K + offs_k[None, :]
-    tl.store(dq + p_k, dqq.to(dq.dtype.element_ty), mask=m_tk)
     if GATE_LOGITS:
         z = tl.load(gate + p_k, mask=m_tk, other=0.0).to(tl.float32)
         # no gradient where the log-decay was floored
@@ -176,3 +218,119 @@ def chunk_metala_bwd_kernel_main(
     else:
         graw = tl.load(gate + p_k, mask=m_tk, other=0.0).to(tl.float32)
         tl.store(dgate + p_k, tl.where(graw > -10.0, dg, 0.0).to(dgate.dtype.element_ty), mask=m_tk)
+
+
+@triton.jit
+def chunk_metala_bwd_kernel_dq(
+    q, gate, v, do, h_local, cdec, S_in, Gseg, dS_local, Dout, dq,
+    chunk_start, chunk_len, chunk_seg,
+    scale, inv_tau,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT_: tl.constexpr, BC_: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    GATE_LOGITS: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, INTRA_PREC: tl.constexpr,
+    INTRA_DT: tl.constexpr,
+):
+    """dq per (chunk, head, K-tile): the split form of `chunk_metala_bwd_kernel_dqk` (fewer live registers)."""
+    i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_k = i_k * BK + tl.arange(0, BK)
+    o_t = tl.arange(0, BT_)
+    start = tl.load(chunk_start + i_c)
+    length = tl.load(chunk_len + i_c)
+    s = tl.load(chunk_seg + i_c)
+    m_t = o_t < length
+    tok = start + o_t
+    g = load_gate(gate, tok, m_t, i_h, offs_k, H, K, GATE_LOGITS, inv_tau)
+    gam = tl.sum(g, axis=0)
+    dA = tl.zeros([BT_, BT_], dtype=tl.float32)
+    dq_inter = tl.zeros([BT_, BK], dtype=tl.float32)
+    for i_v in tl.static_range((V + BV - 1) // BV):
+        offs_v = i_v * BV + tl.arange(0, BV)
+        m_tv = m_t[:, None] & (offs_v[None, :] < V)
+        m_v = offs_v[None, :] < V
+        kv = offs_k[:, None] * V + offs_v[None, :]
+        h = tl.load(h_local + (i_c * H + i_h) * K * V + kv, mask=m_v, other=0.0).to(tl.float32)
+        dec_in = tl.load(cdec + (i_c * H + i_h) * K + offs_k)
+        h += tl.exp(dec_in)[:, None] * tl.load(S_in + (s * H + i_h) * K * V + kv, mask=m_v, other=0.0)
+        vv = tl.load(v + (tok[:, None] * H + i_h) * V + offs_v[None, :], mask=m_tv, other=0.0).to(DT)
+        dd = tl.load(do + (tok[:, None] * H + i_h) * V + offs_v[None, :], mask=m_tv, other=0.0).to(DT)
+        dA += tl.dot(dd, tl.trans(vv), input_precision=DOT_PREC)
+        dq_inter += tl.dot(dd, tl.trans(h.to(DT)), input_precision=DOT_PREC)
+    dA = tl.where(o_t[:, None] >= o_t[None, :], dA * scale, 0.0)
+    Gam = tl.cumsum(g, axis=0)
+    k = neg_expm1(g)
+    sub = o_t // BC_
+    dq_intra = tl.zeros([BT_, BK], dtype=tl.float32)
+    R = tl.zeros_like(Gam)
+    for i in tl.static_range(BT_ // BC_):
+        R_i = tl.sum(tl.where((o_t == i * BC_ + BC_ // 2)[:, None], Gam, 0.0), axis=0)
+        R = tl.where((sub == i)[:, None], R_i[None, :], R)
+        kf = tl.where((sub <= i)[:, None], k * tl.exp(tl.minimum(R_i[None, :] - Gam, 80.0)), 0.0)
+        dq_intra += tl.where((sub == i)[:, None],
+                             tl.dot(dA.to(INTRA_DT), kf.to(INTRA_DT), input_precision=INTRA_PREC), 0.0)
+    dqq = dq_intra * tl.exp(Gam - R) + scale * tl.exp(Gam) * dq_inter
+    tl.store(dq + (tok[:, None] * H + i_h) * K + offs_k[None, :], dqq.to(dq.dtype.element_ty), mask=m_t[:, None])
+
+
+@triton.jit
+def chunk_metala_bwd_kernel_dkg(
+    q, gate, v, do, h_local, cdec, S_in, Gseg, dS_local, Dout, dq, dgate,
+    chunk_start, chunk_len, chunk_seg,
+    scale, inv_tau,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT_: tl.constexpr, BC_: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    GATE_LOGITS: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, INTRA_PREC: tl.constexpr,
+    INTRA_DT: tl.constexpr,
+):
+    """dk and the decay gradient per (chunk, head, K-tile), reading the dq that `chunk_metala_bwd_kernel_dq`
+    wrote (q * dq enters dg)."""
+    i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_k = i_k * BK + tl.arange(0, BK)
+    o_t = tl.arange(0, BT_)
+    start = tl.load(chunk_start + i_c)
+    length = tl.load(chunk_len + i_c)
+    s = tl.load(chunk_seg + i_c)
+    m_t = o_t < length
+    tok = start + o_t
+    g = load_gate(gate, tok, m_t, i_h, offs_k, H, K, GATE_LOGITS, inv_tau)
+    gam = tl.sum(g, axis=0)
+    dA = tl.zeros([BT_, BT_], dtype=tl.float32)
+    dk_state = tl.zeros([BT_, BK], dtype=tl.float32)
+    h_dS = tl.zeros([BK], dtype=tl.float32)
+    for i_v in tl.static_range((V + BV - 1) // BV):
+        offs_v = i_v * BV + tl.arange(0, BV)
+        m_tv = m_t[:, None] & (offs_v[None, :] < V)
+        h, dS = load_states(h_local, cdec, S_in, Gseg, dS_local, Dout, i_c, i_h, s, gam, offs_k, offs_v, H, K, V)
+        vv = tl.load(v + (tok[:, None] * H + i_h) * V + offs_v[None, :], mask=m_tv, other=0.0).to(DT)
+        dd = tl.load(do + (tok[:, None] * H + i_h) * V + offs_v[None, :], mask=m_tv, other=0.0).to(DT)
+        dA += tl.dot(dd, tl.trans(vv), input_precision=DOT_PREC)
+        dk_state += tl.dot(vv, tl.trans(dS.to(DT)), input_precision=DOT_PREC)
+        h_dS += tl.sum(h * dS, axis=1)
+    dA = tl.where(o_t[:, None] >= o_t[None, :], dA * scale, 0.0)
+    Gam = tl.cumsum(g, axis=0)
+    sub = o_t // BC_
+    m_tk = m_t[:, None]
+    p_k = (tok[:, None] * H + i_h) * K + offs_k[None, :]
+    # the state terms first, so dk_state and h_dS die early (register pressure)
+    k = neg_expm1(g)
+    dk_state = dk_state * tl.exp(gam[None, :] - Gam)
+    c = tl.sum(k * dk_state, axis=0) + tl.exp(gam) * h_dS
+    qq = tl.load(q + p_k, mask=m_tk, other=0.0).to(tl.float32)
+    dk_intra = tl.zeros([BT_, BK], dtype=tl.float32)
+    R = tl.zeros_like(Gam)
+    for i in tl.static_range(BT_ // BC_):
+        R_i = tl.sum(tl.where((o_t == i * BC_ + BC_ // 2)[:, None], Gam, 0.0), axis=0)
+        R = tl.where((sub == i)[:, None], R_i[None, :], R)
+        qf = tl.where((sub >= i)[:, None], qq * tl.exp(tl.minimum(Gam - R_i[None, :], 80.0)), 0.0)
+        dk_intra += tl.where((sub == i)[:, None],
+                             tl.dot(tl.trans(dA).to(INTRA_DT), qf.to(INTRA_DT), input_precision=INTRA_PREC), 0.0)
+    dkk = dk_intra * tl.exp(R - Gam) + dk_state
+    d_gam = qq * tl.load(dq + p_k, mask=m_tk, other=0.0).to(tl.float32) - k * dkk
+    # revcumsum within the chunk + the chunk-wide state terms - alpha * dk (the key tied to the decay)
+    dg = tl.sum(d_gam, axis=0)[None, :] - tl.cumsum(d_gam, axis=0) + d_gam + c[None, :] - tl.exp(g) * dkk
+    if GATE_LOGITS:
+        z = tl.load(gate + p_k, mask=m_tk, other=0.0).to(tl.float32)
+        # no gradient where the log-decay was floored
+        tl.store(dgate + p_k, tl.where(g > -10.0, dg * sigmoid_neg(z) * inv_tau, 0.0).to(dgate.dtype.element_ty),
+                 mask=m_tk)
+    else:
+        tl.store(dgate + p_k, tl.where(g > -10.0, dg, 0.0).to(dgate.dtype.element_ty), mask=m_tk)

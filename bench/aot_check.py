@@ -1,0 +1,98 @@
+"""Compile every Triton kernel ahead of time for Hopper (sm_90) on a machine without a GPU: catches compile errors,
+and reports shared memory and (from the PTX) register pressure, before any GPU time is spent.
+
+    python -m bench.aot_check [--sm 90]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from metala.ops.metala import chunk_bwd, chunk_fwd, fused_recurrent_kernel
+
+
+def sig(kernel, types: dict[str, str], consts: dict) -> dict:
+    out = {}
+    for name in kernel.arg_names:
+        out[name] = "constexpr" if name in consts else types.get(name, "*fp32")
+    return out
+
+
+def ptxas_report(ptx: str, sm: int) -> str:
+    """Registers and spills as ptxas reports them for the PTX Triton produced."""
+    ptxas = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        r = subprocess.run([str(ptxas), f"-arch=sm_{sm}a" if sm == 90 else f"-arch=sm_{sm}", "-v", str(src), "-o",
+                            str(Path(tmp) / "k.cubin")], capture_output=True, text=True)
+    text = r.stderr + r.stdout
+    regs = re.search(r"Used (\d+) registers", text)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    return f"regs {regs.group(1) if regs else '?':>3} spills {spill.group(1) + '/' + spill.group(2) if spill else '?'}"
+
+
+def compile_one(kernel, types, consts, warps, target) -> str:
+    src = ASTSource(fn=kernel, signature=sig(kernel, types, consts), constexprs=consts)
+    k = triton.compile(src, target=target, options={"num_warps": warps})
+    return f"warps {warps} shared {k.metadata.shared:>6} B  {ptxas_report(k.asm['ptx'], target.arch)}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sm", type=int, default=90)
+    ap.add_argument("--quick", action="store_true", help="bf16 K64/V128 only")
+    args = ap.parse_args()
+    target = GPUTarget("cuda", args.sm, 32)
+    dtypes = (("bf16", tl.bfloat16, "tf32"),) if args.quick else (("bf16", tl.bfloat16, "tf32"), ("fp32", tl.float32, "ieee"))
+    for dt_name, dt, prec in dtypes:
+        for K, V in ((64, 128),) if args.quick else ((64, 128), (128, 128), (32, 64), (128, 256)):
+            ints = {n: "*i32" for n in ("chunk_start", "chunk_len", "chunk_seg", "seg_first_chunk", "seg_n_chunks",
+                                        "doc_first_seg", "doc_n_segs")}
+            io = {n: f"*{dt_name}" for n in ("q", "gate", "v", "o", "do", "dq", "dgate", "dv")}
+            state = {"h_local": f"*{dt_name}", "dS_local": f"*{dt_name}"}
+            scal = {"inv_tau": "fp32", "scale": "fp32", "T": "i32"}
+            types = {**ints, **io, **state, **scal}
+            BK, BV = min(64, K), min(64, V)
+            common = {"H": 8, "K": K, "V": V}
+            jobs = [
+                ("fwd_h", chunk_fwd.chunk_metala_fwd_kernel_h, {**common, "BT_": 64, "BK": BK, "BV": BV,
+                 "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec}, 4),
+                ("fwd_seg", chunk_fwd.chunk_metala_fwd_kernel_seg, {**common, "BK": BK, "BV": BV, "HAS_H0": True,
+                 "STORE_HT": True}, 4),
+                ("fwd_o", chunk_fwd.chunk_metala_fwd_kernel_o, {**common, "BT_": 64, "BC_": 16, "BV": BV,
+                 "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec}, 4),
+                ("bwd_dh", chunk_bwd.chunk_metala_bwd_kernel_dh, {**common, "BT_": 64, "BK": BK, "BV": BV,
+                 "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec}, 4),
+                ("bwd_seg", chunk_bwd.chunk_metala_bwd_kernel_seg, {**common, "BK": BK, "BV": BV, "HAS_DHT": True,
+                 "STORE_DH0": True}, 4),
+                ("bwd_dv", chunk_bwd.chunk_metala_bwd_kernel_dv, {**common, "BT_": 64, "BC_": 16, "BV": BV,
+                 "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec}, 4),
+                ("bwd_dqk", chunk_bwd.chunk_metala_bwd_kernel_dqk, {**common, "BT_": 64, "BC_": 16, "BK": min(32, K), "BV": BV,
+                 "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec, "INTRA_PREC": prec, "INTRA_DT": tl.float32}, 4),
+                ("bwd_dq", chunk_bwd.chunk_metala_bwd_kernel_dq, {**common, "BT_": 64, "BC_": 16, "BK": min(32, K), "BV": BV,
+                 "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec, "INTRA_PREC": prec, "INTRA_DT": tl.float32}, 4),
+                ("bwd_dkg", chunk_bwd.chunk_metala_bwd_kernel_dkg, {**common, "BT_": 64, "BC_": 16, "BK": min(32, K), "BV": BV,
+                 "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec, "INTRA_PREC": prec, "INTRA_DT": tl.float32}, 4),
+                ("decode", fused_recurrent_kernel.fused_recurrent_metala_kernel, {**common, "BV": BV,
+                 "GATE_LOGITS": True, "HAS_H0": True}, 4),
+            ]
+            for name, kern, consts, warps in jobs:
+                try:
+                    info = compile_one(kern, types, consts, warps, target)
+                    print(f"{dt_name} K{K:<3} V{V:<3} {name:<9} ok   {info}")
+                except Exception as e:  # noqa: BLE001 - report every failure, keep going
+                    print(f"{dt_name} K{K:<3} V{V:<3} {name:<9} FAILED {type(e).__name__}: {str(e)[:400]}")
+
+
+if __name__ == "__main__":
+    main()

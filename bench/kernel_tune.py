@@ -1,0 +1,125 @@
+"""Per-kernel times of the Triton MetaLA operator and a sweep of launch configurations (warps, pipelining stages,
+tiles, segment length), at the benchmark shapes. Correctness is checked for every configuration that is timed
+(against the default configuration's outputs, which bench/ops.py checks against the fp32 reference).
+
+    python -m bench.kernel_tune [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from metala.ops.metala import chunk as C
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def setup(B, T, H, K=64, V=128, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(B * T, H, K, device="cuda", generator=g).bfloat16()
+    z = torch.randn(B * T, H, K, device="cuda", generator=g).bfloat16()
+    v = torch.randn(B * T, H, V, device="cuda", generator=g).bfloat16()
+    do = torch.randn(B * T, H, V, device="cuda", generator=g).bfloat16()
+    return q, z, v, do
+
+
+def run(q, z, v, do, B, T, seg):
+    plan = C.plan_for(B, T, None, C.BT, seg, q.device)
+    o, _, saved = C.chunk_metala_fwd(q, z, v, q.shape[-1] ** -0.5, 1 / 16, None, False, plan, True)
+    dq, dz, dv, _ = C.chunk_metala_bwd(q, z, v, do, None, q.shape[-1] ** -0.5, 1 / 16, saved, plan, True, False)
+    return plan, saved, (o, dq, dz, dv)
+
+
+def timed(q, z, v, do, B, T, seg):
+    from triton.testing import do_bench
+
+    plan, saved, outs = run(q, z, v, do, B, T, seg)
+    f = do_bench(lambda: C.chunk_metala_fwd(q, z, v, 0.125, 1 / 16, None, False, plan, True), warmup=25, rep=100)
+    b = do_bench(lambda: C.chunk_metala_bwd(q, z, v, do, None, 0.125, 1 / 16, saved, plan, True, False),
+                 warmup=25, rep=100)
+    return f, b, outs
+
+
+def breakdown(q, z, v, do, B, T, seg) -> dict[str, float]:
+    from torch.profiler import ProfilerActivity, profile
+
+    run(q, z, v, do, B, T, seg)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            run(q, z, v, do, B, T, seg)
+        torch.cuda.synchronize()
+    out = {}
+    for e in prof.key_averages():
+        if "metala" in e.key:
+            out[e.key] = e.device_time_total / 10 / 1e3
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench/results")
+    args = ap.parse_args()
+    shapes = [(16, 2048, 8), (1, 32768, 16)]
+    default = copy.deepcopy(C.CONFIG)
+    report = {"gpu": torch.cuda.get_device_name(), "default": default, "shapes": []}
+    variants = [
+        ("fwd_h", {"BV": 32}), ("fwd_h", {"num_warps": 2}), ("fwd_h", {"BV": 128, "num_warps": 8}),
+        ("fwd_o", {"BV": 128}), ("fwd_o", {"BV": 128, "num_warps": 8}), ("fwd_o", {"BV": 32}),
+        ("bwd_dh", {"BV": 32}), ("bwd_dh", {"num_warps": 2}),
+        ("bwd_dv", {"BV": 128}), ("bwd_dv", {"BV": 128, "num_warps": 8}), ("bwd_dv", {"BV": 32}),
+        ("bwd_dqk", {"BK": 64}), ("bwd_dqk", {"BV": 32}), ("bwd_dqk", {"BK": 16}), ("bwd_dqk", {"num_stages": 3}),
+        ("bwd_dqk", {"intra_bf16": True}), ("bwd_dqk", {"intra_bf16": True, "BK": 64}),
+        ("bwd_dqk", {"split": True}), ("bwd_dqk", {"split": True, "BK": 64}),
+        ("bwd_dqk", {"split": True, "num_warps": 8}), ("bwd_dqk", {"split": True, "intra_bf16": True}),
+        ("bwd_dqk", {"split": True, "BV": 128}), ("bwd_dqk", {"split": True, "BV": 32}),
+    ]
+    for B, T, H in shapes[:1] if args.quick else shapes:
+        q, z, v, do = setup(B, T, H)
+        seg_default = C.default_seg_chunks(T // 64, B, H, 2)
+        f, b, ref = timed(q, z, v, do, B, T, seg_default)
+        entry = {"B": B, "T": T, "H": H, "seg_default": seg_default, "fwd_ms": f, "bwd_ms": b,
+                 "kernels_ms": breakdown(q, z, v, do, B, T, seg_default), "variants": []}
+        print(f"B{B} T{T} H{H} seg {seg_default}: fwd {f:.3f} bwd {b:.3f} ms", flush=True)
+        for k, ms in entry["kernels_ms"].items():
+            print(f"   {ms:8.3f} ms  {k[:90]}", flush=True)
+        for seg in (8, 16, 32, 64):
+            if seg == seg_default:
+                continue
+            f2, b2, outs = timed(q, z, v, do, B, T, seg)
+            err = max(rel(a, r) for a, r in zip(outs, ref))
+            entry["variants"].append({"seg_chunks": seg, "fwd_ms": f2, "bwd_ms": b2, "max_rel_diff": err})
+            print(f"   seg {seg:>3}: fwd {f2:.3f} bwd {b2:.3f}  diff {err:.1e}", flush=True)
+        if not args.quick or True:
+            for name, change in variants:
+                C.CONFIG = copy.deepcopy(default)
+                C.CONFIG[name].update(change)
+                try:
+                    f2, b2, outs = timed(q, z, v, do, B, T, seg_default)
+                    err = max(rel(a, r) for a, r in zip(outs, ref))
+                    entry["variants"].append({"kernel": name, **change, "fwd_ms": f2, "bwd_ms": b2,
+                                              "max_rel_diff": err})
+                    print(f"   {name} {change}: fwd {f2:.3f} bwd {b2:.3f}  diff {err:.1e}", flush=True)
+                except Exception as e:  # noqa: BLE001 - e.g. out of shared memory for one configuration
+                    print(f"   {name} {change}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+            C.CONFIG = copy.deepcopy(default)
+        report["shapes"].append(entry)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{time.strftime('%Y%m%d')}_kernel_tune.json"
+    path.write_text(json.dumps(report, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
