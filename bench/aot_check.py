@@ -59,6 +59,7 @@ def main() -> None:
             ints = {n: "*i32" for n in ("chunk_start", "chunk_len", "chunk_seg", "seg_first_chunk", "seg_n_chunks",
                                         "doc_first_seg", "doc_n_segs")}
             io = {n: f"*{dt_name}" for n in ("q", "gate", "v", "o", "do", "dq", "dgate", "dv")}
+            io["dA_out"] = io["dA_in"] = "*fp32"
             state = {"h_local": f"*{dt_name}", "dS_local": f"*{dt_name}"}
             scal = {"inv_tau": "fp32", "scale": "fp32", "T": "i32"}
             types = {**ints, **io, **state, **scal}
@@ -75,14 +76,16 @@ def main() -> None:
                  "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec}, 4),
                 ("bwd_seg", chunk_bwd.chunk_metala_bwd_kernel_seg, {**common, "BK": BK, "BV": BV, "HAS_DHT": True,
                  "STORE_DH0": True}, 4),
-                ("bwd_dv", chunk_bwd.chunk_metala_bwd_kernel_dv, {**common, "BT_": 64, "BC_": 16, "BV": BV,
-                 "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec}, 4),
+                ("bwd_dv", chunk_bwd.chunk_metala_bwd_kernel_dv, {**common, "BT_": 64, "BC_": 16, "BV": V,
+                 "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec, "STORE_DA": True}, 4),
                 ("bwd_dqk", chunk_bwd.chunk_metala_bwd_kernel_dqk, {**common, "BT_": 64, "BC_": 16, "BK": min(32, K), "BV": BV,
                  "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec, "INTRA_PREC": prec, "INTRA_DT": tl.float32}, 4),
                 ("bwd_dq", chunk_bwd.chunk_metala_bwd_kernel_dq, {**common, "BT_": 64, "BC_": 16, "BK": min(32, K), "BV": BV,
-                 "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec, "INTRA_PREC": prec, "INTRA_DT": tl.float32}, 4),
+                 "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec, "INTRA_PREC": prec, "INTRA_DT": tl.float32,
+                 "LOAD_DA": True}, 4),
                 ("bwd_dkg", chunk_bwd.chunk_metala_bwd_kernel_dkg, {**common, "BT_": 64, "BC_": 16, "BK": min(32, K), "BV": BV,
-                 "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec, "INTRA_PREC": prec, "INTRA_DT": tl.float32}, 4),
+                 "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec, "INTRA_PREC": prec, "INTRA_DT": tl.float32,
+                 "LOAD_DA": True}, 4),
                 ("decode", fused_recurrent_kernel.fused_recurrent_metala_kernel, {**common, "BV": BV,
                  "GATE_LOGITS": True, "HAS_H0": True}, 4),
             ]

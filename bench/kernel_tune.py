@@ -75,15 +75,11 @@ def main() -> None:
     default = copy.deepcopy(C.CONFIG)
     report = {"gpu": torch.cuda.get_device_name(), "default": default, "shapes": []}
     variants = [
-        ("fwd_h", {"BV": 32}), ("fwd_h", {"num_warps": 2}), ("fwd_h", {"BV": 128, "num_warps": 8}),
-        ("fwd_o", {"BV": 128}), ("fwd_o", {"BV": 128, "num_warps": 8}), ("fwd_o", {"BV": 32}),
-        ("bwd_dh", {"BV": 32}), ("bwd_dh", {"num_warps": 2}),
-        ("bwd_dv", {"BV": 128}), ("bwd_dv", {"BV": 128, "num_warps": 8}), ("bwd_dv", {"BV": 32}),
-        ("bwd_dqk", {"BK": 64}), ("bwd_dqk", {"BV": 32}), ("bwd_dqk", {"BK": 16}), ("bwd_dqk", {"num_stages": 3}),
-        ("bwd_dqk", {"intra_bf16": True}), ("bwd_dqk", {"intra_bf16": True, "BK": 64}),
-        ("bwd_dqk", {"split": True}), ("bwd_dqk", {"split": True, "BK": 64}),
-        ("bwd_dqk", {"split": True, "num_warps": 8}), ("bwd_dqk", {"split": True, "intra_bf16": True}),
-        ("bwd_dqk", {"split": True, "BV": 128}), ("bwd_dqk", {"split": True, "BV": 32}),
+        ("bwd_dkg", {"BK": 16, "num_warps": 4}), ("bwd_dkg", {"BK": 64}), ("bwd_dq", {"BK": 64}),
+        ("bwd_dq", {"num_warps": 8}), ("bwd_dq", {"BK": 16}),
+        ("bwd_dqk", {"dA_from_dv": False}), ("bwd_dqk", {"split": False, "dA_from_dv": False}),
+        ("bwd_dh", {"BV": 128, "num_warps": 8}), ("bwd_dv", {"num_warps": 8}),
+        ("fwd_o", {"num_warps": 8}), ("fwd_h", {"num_warps": 4}),
     ]
     for B, T, H in shapes[:1] if args.quick else shapes:
         q, z, v, do = setup(B, T, H)
@@ -94,7 +90,7 @@ def main() -> None:
         print(f"B{B} T{T} H{H} seg {seg_default}: fwd {f:.3f} bwd {b:.3f} ms", flush=True)
         for k, ms in entry["kernels_ms"].items():
             print(f"   {ms:8.3f} ms  {k[:90]}", flush=True)
-        for seg in (8, 16, 32, 64):
+        for seg in (32, 64):
             if seg == seg_default:
                 continue
             f2, b2, outs = timed(q, z, v, do, B, T, seg)

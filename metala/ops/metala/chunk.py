@@ -59,13 +59,17 @@ def _tiles(K: int, V: int) -> tuple[int, int]:
 
 # launch configuration per kernel: warps, software-pipelining stages, tiles (bench/kernel_tune.py sweeps these)
 CONFIG = {
-    "fwd_h": {"num_warps": 4, "num_stages": 2, "BV": 64},
-    "fwd_o": {"num_warps": 4, "num_stages": 2, "BV": 64},
+    "fwd_h": {"num_warps": 8, "num_stages": 2, "BV": 128},
+    "fwd_o": {"num_warps": 4, "num_stages": 2, "BV": 128},
     "bwd_dh": {"num_warps": 4, "num_stages": 2, "BV": 64},
-    "bwd_dv": {"num_warps": 4, "num_stages": 2, "BV": 64},
+    "bwd_dv": {"num_warps": 4, "num_stages": 2, "BV": 128},
     # intra_bf16: bf16 operands for the dA products (faster, ~2^-9 relative error) instead of tf32
-    # split: dq and (dk, dg) in two kernels, each with half the live registers of the fused one
-    "bwd_dqk": {"num_warps": 4, "num_stages": 2, "BK": 32, "BV": 64, "intra_bf16": False, "split": False},
+    # split: dq and (dk, dg) in two kernels (bwd_dq, bwd_dkg), each with half the live registers of the fused
+    # one; dA_from_dv: the dv kernel (one program per chunk) stores dA = dO v^T for them
+    "bwd_dqk": {"num_warps": 4, "num_stages": 2, "BK": 32, "BV": 64, "intra_bf16": False, "split": True,
+                "dA_from_dv": True},
+    "bwd_dq": {"num_warps": 4, "num_stages": 2, "BK": 32},
+    "bwd_dkg": {"num_warps": 8, "num_stages": 2, "BK": 64},
     "seg": {"num_warps": 4, "num_stages": 2},
 }
 
@@ -142,10 +146,14 @@ def chunk_metala_bwd(q, gate, v, do, dht, scale, inv_tau, saved, plan: ChunkPlan
     dgate = torch.empty_like(gate)
     DT = _dot_dtype(q.dtype)
     BVv = _bv("bwd_dv", V)
+    split = CONFIG["bwd_dqk"].get("split", False)
+    # the dv kernel hands dA to the split dq / dk kernels when one program covers all of V
+    store_dA = split and BVv >= V and CONFIG["bwd_dqk"].get("dA_from_dv", False)
+    dA = torch.empty(plan.n_chunks, H, BT, BT, device=dev, dtype=torch.float32) if store_dA else dS_local
     chunk_metala_bwd_kernel_dv[(plan.n_chunks, H, triton.cdiv(V, BVv))](
-        q, gate, do, h_local, cdec, S_in, G, dS_local, Dout, dv, plan.chunk_start, plan.chunk_len, plan.chunk_seg,
-        scale, inv_tau, H=H, K=K, V=V, BT_=BT, BC_=BC, BV=BVv, GATE_LOGITS=gate_logits, DT=DT, DOT_PREC=prec,
-        **_launch("bwd_dv"),
+        q, gate, v, do, h_local, cdec, S_in, G, dS_local, Dout, dv, dA, plan.chunk_start, plan.chunk_len,
+        plan.chunk_seg, scale, inv_tau, H=H, K=K, V=V, BT_=BT, BC_=BC, BV=BVv, GATE_LOGITS=gate_logits, DT=DT,
+        DOT_PREC=prec, STORE_DA=store_dA, **_launch("bwd_dv"),
     )
     BK_dqk = min(CONFIG["bwd_dqk"]["BK"], K)
     common = dict(
@@ -156,10 +164,13 @@ def chunk_metala_bwd(q, gate, v, do, dht, scale, inv_tau, saved, plan: ChunkPlan
     )
     grid = (plan.n_chunks, H, K // BK_dqk)
     tables = (plan.chunk_start, plan.chunk_len, plan.chunk_seg, scale, inv_tau)
-    if CONFIG["bwd_dqk"].get("split"):
-        chunk_metala_bwd_kernel_dq[grid](q, gate, v, do, h_local, cdec, S_in, G, dS_local, Dout, dq, *tables, **common)
-        chunk_metala_bwd_kernel_dkg[grid](q, gate, v, do, h_local, cdec, S_in, G, dS_local, Dout, dq, dgate, *tables,
-                                          **common)
+    if split:
+        for name, kernel, outs in (("bwd_dq", chunk_metala_bwd_kernel_dq, (dq, dA)),
+                                   ("bwd_dkg", chunk_metala_bwd_kernel_dkg, (dq, dgate, dA))):
+            bk = min(CONFIG[name]["BK"], K)
+            kw = {**common, "BK": bk, **_launch(name)}
+            kernel[(plan.n_chunks, H, K // bk)](q, gate, v, do, h_local, cdec, S_in, G, dS_local, Dout, *outs,
+                                                *tables, LOAD_DA=store_dA, **kw)
     else:
         chunk_metala_bwd_kernel_dqk[grid](q, gate, v, do, h_local, cdec, S_in, G, dS_local, Dout, dq, dgate, *tables,
                                           **common)

@@ -108,14 +108,15 @@ def load_states(h_local, cdec, S_in, Gseg, dS_local, Dout, i_c, i_h, s, gam, off
 
 @triton.jit
 def chunk_metala_bwd_kernel_dv(
-    q, gate, do, h_local, cdec, S_in, Gseg, dS_local, Dout, dv,
+    q, gate, v, do, h_local, cdec, S_in, Gseg, dS_local, Dout, dv, dA_out,
     chunk_start, chunk_len, chunk_seg,
     scale, inv_tau,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT_: tl.constexpr, BC_: tl.constexpr, BV: tl.constexpr,
-    GATE_LOGITS: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr,
+    GATE_LOGITS: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, STORE_DA: tl.constexpr,
 ):
-    """dv = scale * A^T dO + (k * exp(gam - Gam)) dS, per (chunk, head, V-tile)."""
+    """dv = scale * A^T dO + (k * exp(gam - Gam)) dS, per (chunk, head, V-tile). With STORE_DA (one V-tile
+    covering V) it also stores the masked dA = scale * dO v^T (fp32), so the dq/dk kernels need no dO v pass."""
     i_c, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_k = tl.arange(0, K)
     offs_v = i_v * BV + tl.arange(0, BV)
@@ -137,6 +138,11 @@ def chunk_metala_bwd_kernel_dv(
     dvv = scale * tl.dot(tl.trans(A.to(DT)), dd, input_precision=DOT_PREC)
     dvv += tl.dot((k * tl.exp(gam[None, :] - Gam)).to(DT), dS.to(DT), input_precision=DOT_PREC)
     tl.store(dv + (tok[:, None] * H + i_h) * V + offs_v[None, :], dvv.to(dv.dtype.element_ty), mask=m_tv)
+    if STORE_DA:
+        vv = tl.load(v + (tok[:, None] * H + i_h) * V + offs_v[None, :], mask=m_tv, other=0.0).to(DT)
+        dA = tl.dot(dd, tl.trans(vv), input_precision=DOT_PREC)
+        dA = tl.where(o_t[:, None] >= o_t[None, :], dA * scale, 0.0)
+        tl.store(dA_out + ((i_c * H + i_h) * BT_ + o_t[:, None]) * BT_ + o_t[None, :], dA)
 
 
 @triton.jit
@@ -222,15 +228,16 @@ def chunk_metala_bwd_kernel_dqk(
 
 @triton.jit
 def chunk_metala_bwd_kernel_dq(
-    q, gate, v, do, h_local, cdec, S_in, Gseg, dS_local, Dout, dq,
+    q, gate, v, do, h_local, cdec, S_in, Gseg, dS_local, Dout, dq, dA_in,
     chunk_start, chunk_len, chunk_seg,
     scale, inv_tau,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT_: tl.constexpr, BC_: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     GATE_LOGITS: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, INTRA_PREC: tl.constexpr,
-    INTRA_DT: tl.constexpr,
+    INTRA_DT: tl.constexpr, LOAD_DA: tl.constexpr,
 ):
-    """dq per (chunk, head, K-tile): the split form of `chunk_metala_bwd_kernel_dqk` (fewer live registers)."""
+    """dq per (chunk, head, K-tile): the split form of `chunk_metala_bwd_kernel_dqk` (fewer live registers).
+    With LOAD_DA, dA comes from `dA_in` (written by the dv kernel) instead of a dO v^T pass here."""
     i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_k = i_k * BK + tl.arange(0, BK)
     o_t = tl.arange(0, BT_)
@@ -251,11 +258,15 @@ def chunk_metala_bwd_kernel_dq(
         h = tl.load(h_local + (i_c * H + i_h) * K * V + kv, mask=m_v, other=0.0).to(tl.float32)
         dec_in = tl.load(cdec + (i_c * H + i_h) * K + offs_k)
         h += tl.exp(dec_in)[:, None] * tl.load(S_in + (s * H + i_h) * K * V + kv, mask=m_v, other=0.0)
-        vv = tl.load(v + (tok[:, None] * H + i_h) * V + offs_v[None, :], mask=m_tv, other=0.0).to(DT)
         dd = tl.load(do + (tok[:, None] * H + i_h) * V + offs_v[None, :], mask=m_tv, other=0.0).to(DT)
-        dA += tl.dot(dd, tl.trans(vv), input_precision=DOT_PREC)
+        if not LOAD_DA:
+            vv = tl.load(v + (tok[:, None] * H + i_h) * V + offs_v[None, :], mask=m_tv, other=0.0).to(DT)
+            dA += tl.dot(dd, tl.trans(vv), input_precision=DOT_PREC)
         dq_inter += tl.dot(dd, tl.trans(h.to(DT)), input_precision=DOT_PREC)
-    dA = tl.where(o_t[:, None] >= o_t[None, :], dA * scale, 0.0)
+    if LOAD_DA:
+        dA = tl.load(dA_in + ((i_c * H + i_h) * BT_ + o_t[:, None]) * BT_ + o_t[None, :])
+    else:
+        dA = tl.where(o_t[:, None] >= o_t[None, :], dA * scale, 0.0)
     Gam = tl.cumsum(g, axis=0)
     k = neg_expm1(g)
     sub = o_t // BC_
@@ -273,16 +284,16 @@ def chunk_metala_bwd_kernel_dq(
 
 @triton.jit
 def chunk_metala_bwd_kernel_dkg(
-    q, gate, v, do, h_local, cdec, S_in, Gseg, dS_local, Dout, dq, dgate,
+    q, gate, v, do, h_local, cdec, S_in, Gseg, dS_local, Dout, dq, dgate, dA_in,
     chunk_start, chunk_len, chunk_seg,
     scale, inv_tau,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT_: tl.constexpr, BC_: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     GATE_LOGITS: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, INTRA_PREC: tl.constexpr,
-    INTRA_DT: tl.constexpr,
+    INTRA_DT: tl.constexpr, LOAD_DA: tl.constexpr,
 ):
     """dk and the decay gradient per (chunk, head, K-tile), reading the dq that `chunk_metala_bwd_kernel_dq`
-    wrote (q * dq enters dg)."""
+    wrote (q * dq enters dg), and dA from `dA_in` with LOAD_DA."""
     i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_k = i_k * BK + tl.arange(0, BK)
     o_t = tl.arange(0, BT_)
@@ -301,11 +312,16 @@ def chunk_metala_bwd_kernel_dkg(
         m_tv = m_t[:, None] & (offs_v[None, :] < V)
         h, dS = load_states(h_local, cdec, S_in, Gseg, dS_local, Dout, i_c, i_h, s, gam, offs_k, offs_v, H, K, V)
         vv = tl.load(v + (tok[:, None] * H + i_h) * V + offs_v[None, :], mask=m_tv, other=0.0).to(DT)
-        dd = tl.load(do + (tok[:, None] * H + i_h) * V + offs_v[None, :], mask=m_tv, other=0.0).to(DT)
-        dA += tl.dot(dd, tl.trans(vv), input_precision=DOT_PREC)
+        if not LOAD_DA:
+            dd = tl.load(do + (tok[:, None] * H + i_h) * V + offs_v[None, :], mask=m_tv, other=0.0).to(DT)
+            dA += tl.dot(dd, tl.trans(vv), input_precision=DOT_PREC)
         dk_state += tl.dot(vv, tl.trans(dS.to(DT)), input_precision=DOT_PREC)
         h_dS += tl.sum(h * dS, axis=1)
-    dA = tl.where(o_t[:, None] >= o_t[None, :], dA * scale, 0.0)
+    if LOAD_DA:
+        # read transposed: dAT[r, t] = dA[t, r], the layout the dk products want
+        dAT = tl.load(dA_in + ((i_c * H + i_h) * BT_ + o_t[None, :]) * BT_ + o_t[:, None])
+    else:
+        dAT = tl.trans(tl.where(o_t[:, None] >= o_t[None, :], dA * scale, 0.0))
     Gam = tl.cumsum(g, axis=0)
     sub = o_t // BC_
     m_tk = m_t[:, None]
@@ -322,7 +338,7 @@ def chunk_metala_bwd_kernel_dkg(
         R = tl.where((sub == i)[:, None], R_i[None, :], R)
         qf = tl.where((sub >= i)[:, None], qq * tl.exp(tl.minimum(Gam - R_i[None, :], 80.0)), 0.0)
         dk_intra += tl.where((sub == i)[:, None],
-                             tl.dot(tl.trans(dA).to(INTRA_DT), qf.to(INTRA_DT), input_precision=INTRA_PREC), 0.0)
+                             tl.dot(dAT.to(INTRA_DT), qf.to(INTRA_DT), input_precision=INTRA_PREC), 0.0)
     dkk = dk_intra * tl.exp(R - Gam) + dk_state
     d_gam = qq * tl.load(dq + p_k, mask=m_tk, other=0.0).to(tl.float32) - k * dkk
     # revcumsum within the chunk + the chunk-wide state terms - alpha * dk (the key tied to the decay)
