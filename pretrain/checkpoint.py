@@ -91,6 +91,43 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def universal_checkpoint_info(vocab_size: int, param_names: list[str]) -> dict:
+    """What DeepSpeed's universal-checkpoint converter needs to merge tensor-parallel slices of MetaLA
+    (distributed.md section 2.5): column-parallel weights concatenate on dim 0 (the default), W_o and W_down on
+    dim 1, the conv weight and affine norm weights are replicated, the vocabulary is padded. Only patterns that
+    match a parameter of this model are listed (the converter's strict mode rejects unused ones)."""
+    import re as _re
+
+    def used(patterns: list[str]) -> list[str]:
+        return [p for p in patterns if any(_re.match(p, n) for n in param_names)]
+
+    return {
+        "universal_checkpoint_version": 0.4,
+        "parameter_with_row_parallelism_patterns": used([r".*o_proj\.weight$", r".*down_proj\.weight$"]),
+        "tp_replicated_parameter_patterns": used([r".*conv\.weight$", r".*norm\.weight$", r".*norm\.bias$"]),
+        "vocabulary_parameter_patterns": used([r"^embed\.weight$", r"^lm_head\.weight$"]),
+        "original_vocab_size": vocab_size,
+    }
+
+
+def convert_to_universal(folder: Path) -> Path:
+    """DeepSpeed universal checkpoint of `folder` (rank 0 only), in folder/universal; done once, reused after."""
+    out = folder / "universal"
+    if (out / "zero").is_dir() and (out / "mp_rank_00_model_states.pt").is_file():
+        return out
+    import argparse
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    tmp = folder / "universal.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = argparse.Namespace(input_folder=str(folder), output_folder=str(tmp), num_extract_workers=2,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    ds_to_universal.main(args)
+    os.replace(tmp, out)
+    return out
+
+
 def save_checkpoint(
     engine: Any,
     ckpt_dir: Path,
@@ -101,6 +138,8 @@ def save_checkpoint(
     keep_last: int,
 ) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint folder."""
+    from pretrain.faults import kill_point
+
     rank = dist.get_rank() if dist.is_initialized() else 0
     tag = tag_for(step)
     staging = ckpt_dir / f".staging-{tag}"
@@ -110,6 +149,7 @@ def save_checkpoint(
     _barrier()
     engine.save_checkpoint(str(staging), tag=tag, client_state=client_state, save_latest=False)
     torch.save(rng_state(), staging / tag / f"rng_rank{rank:05d}.pt")
+    kill_point("kill_in_save", step, rank)
     _barrier()
     final = ckpt_dir / tag
     if rank == 0:

@@ -119,6 +119,8 @@ class TrainSection:
     stop_at_step: int = 0
     # per-GPU dense peak FLOP/s for MFU; 0 picks it from the device name (H100/H200: 989e12)
     peak_flops: float = 0.0
+    # a non-finite loss or gradient skips the update; this many in a row saves and stops the run
+    max_bad_steps: int = 5
 
     def __post_init__(self) -> None:
         for name in ("steps", "global_batch", "micro_batch", "log_every"):
@@ -130,6 +132,8 @@ class TrainSection:
             raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.keep_last < 1:
             raise ConfigError(f"train.keep_last must be >= 1, got {self.keep_last}")
+        if self.max_bad_steps < 1:
+            raise ConfigError(f"train.max_bad_steps must be >= 1, got {self.max_bad_steps}")
         if self.global_batch % self.micro_batch:
             raise ConfigError(
                 f"train.global_batch ({self.global_batch}) must be a multiple of train.micro_batch ({self.micro_batch})"

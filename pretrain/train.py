@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    from pretrain.trainer import Trainer
+    from pretrain.trainer import Trainer, TrainingDiverged
 
     trainer = None
     try:
@@ -95,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:
+        print(f"training stopped: {e}", file=sys.stderr)
+        return 3
     finally:
         if trainer is not None:
             trainer.close()

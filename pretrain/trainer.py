@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import resource
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -20,7 +21,8 @@ from metala import MetaLAConfig, MetaLAForCausalLM
 from pretrain import checkpoint as ckpt
 from pretrain.config import ConfigError, TrainConfig
 from pretrain.data import DataError, PackedDataset, PackedLoader, iter_eval_batches, load_manifest
-from pretrain.distributed import all_ranks_ok, init_distributed, reduce_mean, reduce_sum
+from pretrain.distributed import all_ranks_ok, comm_device, init_distributed, reduce_mean, reduce_sum
+from pretrain.faults import kill_point, poison_loss
 from pretrain.metrics import MultiSink, NullSink, build_sinks
 from pretrain.optim import build_optimizer, build_scheduler, lr_multiplier
 from pretrain.parallel.layout import ParallelLayout
@@ -76,6 +78,10 @@ def deepspeed_config(cfg: TrainConfig, dp: int, precision: str) -> dict:
     }
 
 
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite steps; the last good state was saved."""
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
@@ -122,7 +128,12 @@ class Trainer:
         scheduler = build_scheduler(optimizer, warmup, t.steps, cfg.optim.min_lr_ratio)
         import deepspeed
 
+        self._guard_optimizer(optimizer)
         ds_cfg = deepspeed_config(cfg, self.layout.dp, self.precision)
+        self.resume_from = self._plan_resume()
+        if self.resume_from is not None and self.resume_from["universal"]:
+            # a new layout: DeepSpeed's universal checkpoint re-partitions the fp32 masters and Adam moments
+            ds_cfg["checkpoint"] = {"load_universal": True}
         mpu = self.layout if (cfg.parallel.tp > 1 or cfg.parallel.sp > 1) else None
         self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  lr_scheduler=scheduler, config=ds_cfg, mpu=mpu)
@@ -130,7 +141,10 @@ class Trainer:
                                    self.layout.dp, doc_reset=self.model_config.doc_reset,
                                    mask_eos_label=cfg.data.mask_eos_label)
         self.step = 0
+        self.skipped_steps = 0
+        self.bad_in_a_row = 0
         self.tokens_per_step = t.global_batch * cfg.data.seq_len
+        self._stop_signal: int | None = None
         self.sinks: MultiSink | NullSink = NullSink()
         self.peak_flops = t.peak_flops or self._device_peak_flops()
         self.git_sha = git_sha()
@@ -147,14 +161,21 @@ class Trainer:
 
     # --- checkpoints -----------------------------------------------------------------------------------------
 
+    def _trainer_state(self) -> dict:
+        return {"step": self.step, "skipped_steps": self.skipped_steps, "data": self.loader.state_dict(),
+                "world_size": self.world, "layout": {"dp": self.layout.dp, "sp": self.layout.sp, "tp": self.layout.tp}}
+
     def _client_state(self) -> dict:
-        return {"step": self.step, "data": self.loader.state_dict(), "config": self.cfg.to_dict(),
-                "model_config": self.model_config.to_dict(), "git_sha": self.git_sha}
+        return {**self._trainer_state(), "config": self.cfg.to_dict(), "model_config": self.model_config.to_dict(),
+                "git_sha": self.git_sha,
+                "universal_checkpoint_info": ckpt.universal_checkpoint_info(
+                    self.model_config.vocab_size, [n for n, _ in self.model.named_parameters()])}
 
     def save(self) -> Path:
         tok_file = Path(self.manifest["tokenizer"]["file"])
         extra = {"model_config.json": json.dumps(self.model_config.to_dict(), indent=2).encode(),
-                 "train_config.yaml": yaml.safe_dump(self.cfg.to_dict(), sort_keys=False).encode()}
+                 "train_config.yaml": yaml.safe_dump(self.cfg.to_dict(), sort_keys=False).encode(),
+                 "trainer_state.json": json.dumps(self._trainer_state(), indent=2).encode()}
         if tok_file.is_file():
             extra["tokenizer.model"] = tok_file.read_bytes()
         manifest_extra = {"world_size": self.world, "layout": {"dp": self.layout.dp, "sp": self.layout.sp,
@@ -191,36 +212,134 @@ class Trainer:
             return None
         return src, tag
 
-    def maybe_resume(self) -> None:
-        found = None
-        if self.is_main:
+    def _plan_resume(self) -> dict | None:
+        """Rank 0 picks the checkpoint (and converts it when the layout changed); every rank gets the plan."""
+        def decide() -> dict | None:
             found = self._resume_source()
-        box = [found]
+            if found is None:
+                return None
+            src, tag = found
+            manifest = ckpt.read_manifest(src / tag) or {}
+            saved_model = manifest.get("config", {}).get("model")
+            mine = self.cfg.to_dict()["model"]
+            if saved_model is not None and saved_model != mine:
+                diff = {k: (saved_model.get(k), mine.get(k)) for k in set(saved_model) | set(mine)
+                        if saved_model.get(k) != mine.get(k)}
+                raise ConfigError(f"the checkpoint {src / tag} has a different model: {diff} (saved, now)")
+            layout = {"dp": self.layout.dp, "sp": self.layout.sp, "tp": self.layout.tp}
+            universal = manifest.get("world_size") != self.world or manifest.get("layout") != layout
+            if universal and manifest.get("zero_stage") == 3 and self.layout.tp > 1:
+                raise ConfigError("a ZeRO-3 checkpoint cannot be resharded onto tensor parallelism")
+            load_dir, load_tag = src, tag
+            if universal:
+                self.print0(f"layout changed ({manifest.get('layout')} -> {layout}): converting {src / tag} to a "
+                            "DeepSpeed universal checkpoint")
+                ckpt.convert_to_universal(src / tag)
+                load_dir, load_tag = src / tag, "universal"
+            return {"src": str(src), "tag": tag, "load_dir": str(load_dir), "load_tag": load_tag,
+                    "universal": universal}
+
+        box = [None]
+        err = None
+        if self.is_main:
+            try:
+                box[0] = decide()
+            except Exception as e:  # noqa: BLE001 - every rank must leave the broadcast
+                err = e
+                box[0] = {"error": f"{type(e).__name__}: {e}"}
         if self.world > 1:
             dist.broadcast_object_list(box, src=0)
-        if box[0] is None:
+        if err is not None:
+            raise err
+        if box[0] is not None and "error" in box[0]:
+            raise RuntimeError(f"resume planning failed on rank 0: {box[0]['error']}")
+        return box[0]
+
+    def maybe_resume(self) -> None:
+        plan = self.resume_from
+        if plan is None:
             return
-        src, tag = box[0]
-        manifest = ckpt.read_manifest(src / tag)
-        saved_model = manifest["config"]["model"] if manifest else None
-        mine = self.cfg.to_dict()["model"]
-        if saved_model is not None and saved_model != mine:
-            diff = {k: (saved_model.get(k), mine.get(k)) for k in set(saved_model) | set(mine)
-                    if saved_model.get(k) != mine.get(k)}
-            raise ConfigError(f"the checkpoint {src / tag} has a different model: {diff} (saved, now)")
-        _, client = self.engine.load_checkpoint(str(src), tag=tag)
+        src, tag = Path(plan["src"]), plan["tag"]
+        _, client = self.engine.load_checkpoint(plan["load_dir"], tag=plan["load_tag"])
         if client is None:
             raise RuntimeError(f"DeepSpeed could not load {src / tag}")
-        self.step = int(client["step"])
-        self.loader.load_state_dict(client["data"])
+        state = json.loads((src / tag / "trainer_state.json").read_text())
+        self.step = int(state["step"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.loader.load_state_dict(state["data"])
         rng_file = src / tag / f"rng_rank{self.rank:05d}.pt"
-        if rng_file.is_file() and manifest and manifest.get("world_size") == self.world:
+        if not plan["universal"] and rng_file.is_file():
             ckpt.set_rng_state(torch.load(rng_file, weights_only=False))
         else:
             # a new layout cannot reuse per-rank streams: re-seed from (seed, step, rank)
             ckpt.seed_everything((self.cfg.train.seed * 1_000_003 + self.step) * 1009 + self.rank)
+        self._check_optimizer_step()
+        how = " (universal checkpoint, new layout)" if plan["universal"] else ""
         self.print0(f"resumed from {src / tag} at step {self.step} "
-                    f"({self.loader.consumed_samples} samples consumed)")
+                    f"({self.loader.consumed_samples} samples consumed){how}")
+
+    def _check_optimizer_step(self) -> None:
+        """The restored Adam step must equal the updates actually taken (lost or reset step counters break the
+        bias correction: DeepSpeed PR #5289, #7786)."""
+        expected = self.step - self.skipped_steps
+        if self.engine.global_steps != self.step:
+            raise RuntimeError(f"DeepSpeed restored global step {self.engine.global_steps}, the checkpoint is at "
+                               f"step {self.step}")
+        for state in self.base_optimizer.state.values():
+            if "step" in state and int(state["step"]) != expected:
+                raise RuntimeError(f"Adam step counter restored as {int(state['step'])}, expected {expected} "
+                                   f"({self.step} steps, {self.skipped_steps} skipped)")
+            break
+
+    # --- robustness ---------------------------------------------------------------------------------------
+
+    def _guard_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Skip the update (parameters and Adam state untouched) when any rank saw a non-finite loss or gradient."""
+        self.base_optimizer = optimizer
+        self._loss_finite = torch.ones((), dtype=torch.bool, device=self.device)
+        self._guard_skipped = False
+        self._last_step_skipped = False
+        inner_step = optimizer.step
+
+        def guarded_step(*args, **kwargs):
+            ok = self._loss_finite.clone()
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        ok &= torch.isfinite(p.grad).all()
+            flag = (~ok).to(torch.int32).reshape(1).to(comm_device())
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if bool(flag.item()):
+                self._guard_skipped = True
+                return None
+            return inner_step(*args, **kwargs)
+
+        optimizer.step = guarded_step
+
+    def _step_was_skipped(self) -> bool:
+        """Same answer on every rank: a non-finite loss anywhere, or a non-finite global gradient norm (on which
+        DeepSpeed's ZeRO optimizers skip the update themselves), or our guard skipped it."""
+        flag = torch.tensor([0 if bool(self._loss_finite) else 1], device=comm_device())
+        if self.world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        norm = self.engine.get_global_grad_norm()
+        bad_norm = norm is not None and not math.isfinite(float(norm))
+        return bool(flag.item()) or bad_norm or self._guard_skipped
+
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, frame):
+            self._stop_signal = signum
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, handler)
+
+    def _stop_requested(self) -> bool:
+        """True on every rank when any rank received SIGTERM / SIGUSR1 (checked at step boundaries)."""
+        flag = torch.tensor([1 if self._stop_signal is not None else 0], device=comm_device())
+        if self.world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     # --- loop ------------------------------------------------------------------------------------------------
 
@@ -229,13 +348,20 @@ class Trainer:
 
     def train_step(self) -> torch.Tensor:
         losses = []
-        for mb in self.loader.next_step():
+        step = self.step + 1
+        self._loss_finite.fill_(True)
+        self._guard_skipped = False
+        for micro, mb in enumerate(self.loader.next_step()):
+            kill_point("kill", step, self.rank, micro)
             mb = self._to_device(mb)
             out = self.engine(mb["input_ids"], labels=mb["labels"], cu_seqlens=mb["cu_seqlens"])
-            self.engine.backward(out.loss)
+            loss = out.loss * float("nan") if poison_loss(step, self.rank) else out.loss
+            self._loss_finite &= torch.isfinite(loss.detach())
+            self.engine.backward(loss)
             self.engine.step()
-            losses.append(out.loss.detach())
-        self.step += 1
+            losses.append(loss.detach())
+        self.step = step
+        self._last_step_skipped = self._step_was_skipped()
         return torch.stack(losses).float().mean()
 
     @torch.no_grad()
@@ -271,6 +397,7 @@ class Trainer:
     def run(self) -> dict[str, float]:
         cfg, t = self.cfg, self.cfg.train
         self.maybe_resume()
+        self._install_signal_handlers()
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -288,15 +415,31 @@ class Trainer:
         stop_at = t.stop_at_step if 0 < t.stop_at_step < t.steps else t.steps
         saved_at = -1
         while self.step < stop_at:
-            acc_loss += self.train_step()
-            acc_n += 1
+            step_loss = self.train_step()
             step = self.step
+            if self._last_step_skipped:
+                self.skipped_steps += 1
+                self.bad_in_a_row += 1
+                self.print0(f"step {step}: non-finite loss or gradient on some rank; update skipped "
+                            f"({self.bad_in_a_row} in a row)")
+                self.sinks.log({"train/skipped_steps": float(self.skipped_steps)}, step)
+                if self.bad_in_a_row >= t.max_bad_steps:
+                    self.save()
+                    raise TrainingDiverged(
+                        f"{self.bad_in_a_row} consecutive non-finite steps ending at step {step} (first bad step "
+                        f"{step - self.bad_in_a_row + 1}); parameters are those of step {step - self.bad_in_a_row}, "
+                        f"saved in {self.ckpt_dir}. Lower the learning rate or check the data, then resume."
+                    )
+            else:
+                self.bad_in_a_row = 0
+                acc_loss += step_loss
+                acc_n += 1
             if step % t.log_every == 0 or step == stop_at:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 dt = time.perf_counter() - t_log
                 n_steps = step - step_log
-                (loss,) = reduce_mean([float(acc_loss) / max(acc_n, 1)], self.layout.dp_group)
+                (loss,) = reduce_mean([float(acc_loss) / acc_n if acc_n else float("nan")], self.layout.dp_group)
                 tok_s = self.tokens_per_step * n_steps / max(dt, 1e-9)
                 metrics = {
                     "train/loss": loss,
@@ -328,6 +471,9 @@ class Trainer:
             if t.save_every and step % t.save_every == 0:
                 self.save()
                 saved_at = step
+            if self._stop_requested():
+                self.print0(f"stop signal received: saving at step {step} and exiting")
+                break
         if self.step >= t.steps:
             val = self.evaluate()
             if val:
@@ -365,4 +511,4 @@ class Trainer:
         self.sinks.close()
 
 
-__all__ = ["Trainer", "DataError", "deepspeed_config", "pad_vocab"]
+__all__ = ["Trainer", "TrainingDiverged", "DataError", "deepspeed_config", "pad_vocab"]

@@ -43,14 +43,21 @@ def test_training_logs_evaluates_and_checkpoints(straight_run):
     assert (out / "checkpoints" / "latest").read_text() == "step_00000008"
 
 
+# ZeRO-1: SIGKILL in the middle of a gradient-accumulation cycle (micro-batch 1 of 2) of step 6;
+# ZeRO-2: SIGKILL at the start of step 5; ZeRO-3: SIGKILL while checkpoint 8 is being written.
+KILLS = {1: "kill@step=6,micro=1,rank=0", 2: "kill@step=5,micro=0,rank=1", 3: "kill_in_save@step=8,rank=0"}
+
+
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_zero_stage_stop_and_resume_reproduces_the_run(stage, straight_run, demo_data, tmp_path):
-    # the same seed again, stopped at step 4 and resumed from that checkpoint: the loss curve of the straight run
-    # (bit for bit under ZeRO-1, the reference's stage; to fp32 reduction-order noise under ZeRO-2/3)
+def test_killed_run_resumes_exactly(stage, straight_run, demo_data, tmp_path):
+    # the same seed again, killed (SIGKILL) and resumed from the last complete checkpoint: the loss curve of the
+    # straight run, bit for bit under ZeRO-1 (the reference's stage), to fp32 reduction-order noise under 2 and 3
     reference = step_losses(straight_run[0])
-    out = tmp_path / "resumed"
-    check_ok(launch(demo_data, out, f"train.zero_stage={stage}", "train.stop_at_step=4"))
-    assert max(step_losses(out)) == 4
+    out = tmp_path / "killed"
+    r = launch(demo_data, out, f"train.zero_stage={stage}", env={"METALA_FAULT": KILLS[stage]})
+    assert r.returncode != 0
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000004"
+    assert not (out / "checkpoints" / "step_00000008").exists()
     r = launch(demo_data, out, f"train.zero_stage={stage}")
     check_ok(r)
     assert "resumed from" in r.stdout and "at step 4" in r.stdout
