@@ -41,14 +41,22 @@ def _state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
 
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def _dot_prec(dtype: torch.dtype) -> str:
-    return "ieee" if _dot_dtype(dtype) == tl.float32 else "tf32"
+    """fp32 operands: exact on the interpreter, 3xTF32 on GPUs (fp32-level accuracy; "ieee" products compile to
+    kernels that spill tens of KB per thread); tf32 for the fp32 accumulators of half-precision inputs."""
+    if _interpreted():
+        return "ieee"
+    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 def _dot_dtype(dtype: torch.dtype):
     """Operand dtype of the tensor-core products: the inputs' half type, fp32 for fp32 inputs and under the CPU
     interpreter (whose tl.dot mishandles bf16 operands in Triton 3.6)."""
-    if dtype == torch.float32 or os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if dtype == torch.float32 or _interpreted():
         return tl.float32
     return tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
 
@@ -158,7 +166,7 @@ def chunk_metala_bwd(q, gate, v, do, dht, scale, inv_tau, saved, plan: ChunkPlan
     BK_dqk = min(CONFIG["bwd_dqk"]["BK"], K)
     common = dict(
         H=H, K=K, V=V, BT_=BT, BC_=BC, BK=BK_dqk, BV=_bv("bwd_dqk", V), GATE_LOGITS=gate_logits, DT=DT, DOT_PREC=prec,
-        INTRA_PREC="ieee" if DT == tl.float32 else "tf32",
+        INTRA_PREC="ieee" if _interpreted() else "tf32x3" if q.dtype == torch.float32 else "tf32",
         INTRA_DT=tl.bfloat16 if DT != tl.float32 and CONFIG["bwd_dqk"].get("intra_bf16") else tl.float32,
         **_launch("bwd_dqk"),
     )
