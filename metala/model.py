@@ -75,6 +75,9 @@ class MetaLAForCausalLM(nn.Module):
         self.tie_weights()
         # value checks on token ids and cu_seqlens cost one host sync; a trainer with validated data may turn it off
         self.validate_inputs = True
+        # (hidden [N, D], head weight [V, D], labels [N]) -> (loss sum, scored count); None is the plain loss.
+        # Tensor parallelism installs a vocabulary-parallel cross-entropy here.
+        self.loss_fn = None
         if not self.embed.weight.is_meta:
             self.init_weights(seed)
 
@@ -134,13 +137,15 @@ class MetaLAForCausalLM(nn.Module):
         h = self.norm(h).view(B, T, -1)
         if cache is not None:
             cache.seen_tokens += T
-        chunked_loss = labels is not None and self.config.loss_chunk_size > 0
+        chunked_loss = labels is not None and (self.config.loss_chunk_size > 0 or self.loss_fn is not None)
         if return_logits is None:
             return_logits = not chunked_loss
         logits = self.lm_head(h) if return_logits else None
         if labels is None:
             return MetaLAOutput(logits=logits)
-        if chunked_loss:
+        if self.loss_fn is not None:
+            loss_sum, n = self.loss_fn(h.reshape(B * T, -1), self.lm_head.weight, labels.reshape(-1))
+        elif chunked_loss:
             loss_sum, n = lm_cross_entropy(
                 h.reshape(B * T, -1), self.lm_head.weight, labels.reshape(-1), self.config.loss_chunk_size
             )

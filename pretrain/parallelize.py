@@ -13,6 +13,8 @@ from torch.utils.checkpoint import checkpoint
 
 from pretrain.config import ConfigError, TrainConfig
 from pretrain.parallel.layout import ParallelLayout
+from pretrain.parallel.sequence import SequenceParallel, apply_sequence_parallel
+from pretrain.parallel.tensor import apply_tensor_parallel
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
@@ -27,9 +29,13 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         block.forward = forward
 
 
-def parallelize(model: nn.Module, cfg: TrainConfig, layout: ParallelLayout) -> nn.Module:
-    if layout.tp > 1 or layout.sp > 1:
-        raise ConfigError("parallel.tp > 1 and parallel.sp > 1 are not available in this build")
+def parallelize(model: nn.Module, cfg: TrainConfig, layout: ParallelLayout) -> tuple[nn.Module, SequenceParallel | None]:
+    """TP -> SP -> activation checkpointing, on a model that holds its full initial weights."""
+    try:
+        model = apply_tensor_parallel(model, layout)
+        sp = apply_sequence_parallel(model, layout)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model)
-    return model
+    return model, sp

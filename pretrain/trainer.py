@@ -88,7 +88,10 @@ class Trainer:
         self.device, self.rank, self.world = init_distributed()
         self.is_main = self.rank == 0
         t = cfg.train
-        self.layout = ParallelLayout(self.world, self.rank, tp=cfg.parallel.tp, sp=cfg.parallel.sp)
+        try:
+            self.layout = ParallelLayout(self.world, self.rank, tp=cfg.parallel.tp, sp=cfg.parallel.sp)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
         self.precision = resolve_precision(t.precision, self.device)
         self.out_dir = Path(t.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
@@ -113,13 +116,16 @@ class Trainer:
         if self.model_config.vocab_size < self.train_data.info.vocab_size:
             raise ConfigError(f"model.vocab_size={self.model_config.vocab_size} is smaller than the tokenizer's "
                               f"{self.train_data.info.vocab_size}")
+        init_device = self.device if cfg.parallel.tp == 1 else torch.device("cpu")
         with torch.device("meta"):
             model = MetaLAForCausalLM(self.model_config)
-        model.to_empty(device=self.device)
+        # tensor-parallel shards are slices of the full initial matrices: build those first (on the host)
+        model.to_empty(device=init_device)
         model.init_weights(seed=t.seed)
         # token ids were range-checked against the vocabulary when the data was made (manifest), not per step
         model.validate_inputs = False
-        model = parallelize(model, cfg, self.layout)
+        model, self.sp = parallelize(model, cfg, self.layout)
+        model.to(self.device)
         self.model = model
         warmup = cfg.warmup_steps()
         self.warmup = warmup
@@ -346,6 +352,19 @@ class Trainer:
     def _to_device(self, mb: dict) -> dict:
         return {k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in mb.items()}
 
+    def _forward_loss(self, mb: dict) -> torch.Tensor:
+        """This rank's loss of a micro-batch. Under sequence parallelism: its slice's token-loss sum over the whole
+        micro-batch's token count, so that DeepSpeed's sum over SP ranks is the micro-batch mean."""
+        total = None
+        if self.sp is not None:
+            mb, total = self.sp.slice_batch(mb)
+            self.sp.to(self.device)
+        mb = self._to_device(mb)
+        out = self.engine(mb["input_ids"], labels=mb["labels"], cu_seqlens=mb["cu_seqlens"], return_logits=False)
+        if total is None:
+            return out.loss
+        return out.loss * out.n_tokens / max(total, 1)
+
     def train_step(self) -> torch.Tensor:
         losses = []
         step = self.step + 1
@@ -353,9 +372,8 @@ class Trainer:
         self._guard_skipped = False
         for micro, mb in enumerate(self.loader.next_step()):
             kill_point("kill", step, self.rank, micro)
-            mb = self._to_device(mb)
-            out = self.engine(mb["input_ids"], labels=mb["labels"], cu_seqlens=mb["cu_seqlens"])
-            loss = out.loss * float("nan") if poison_loss(step, self.rank) else out.loss
+            loss = self._forward_loss(mb)
+            loss = loss * float("nan") if poison_loss(step, self.rank) else loss
             self._loss_finite &= torch.isfinite(loss.detach())
             self.engine.backward(loss)
             self.engine.step()
@@ -377,12 +395,17 @@ class Trainer:
         loss_sum, count = 0.0, 0.0
         batches = list(iter_eval_batches(self.val_data, mb, per_rank * dp, self.model_config.doc_reset))
         for batch in batches[r::dp][:per_rank]:
+            if self.sp is not None:
+                batch, _ = self.sp.slice_batch(batch)
+                self.sp.to(self.device)
             batch = self._to_device(batch)
-            out = self.engine(batch["input_ids"], labels=batch["labels"], cu_seqlens=batch["cu_seqlens"])
+            out = self.engine(batch["input_ids"], labels=batch["labels"], cu_seqlens=batch["cu_seqlens"],
+                              return_logits=False)
             loss_sum += float(out.loss) * float(out.n_tokens)
             count += float(out.n_tokens)
         self.engine.train()
-        loss_sum, count = reduce_sum([loss_sum, count], self.layout.dp_group)
+        group = self.layout.sp_dp_group if self.sp is not None else self.layout.dp_group
+        loss_sum, count = reduce_sum([loss_sum, count], group)
         if count == 0:
             return {}
         val = loss_sum / count
@@ -439,7 +462,10 @@ class Trainer:
                     torch.cuda.synchronize(self.device)
                 dt = time.perf_counter() - t_log
                 n_steps = step - step_log
-                (loss,) = reduce_mean([float(acc_loss) / acc_n if acc_n else float("nan")], self.layout.dp_group)
+                local = float(acc_loss) / acc_n if acc_n else float("nan")
+                if self.sp is not None:
+                    (local,) = reduce_sum([local], self.layout.sp_group)
+                (loss,) = reduce_mean([local], self.layout.dp_group)
                 tok_s = self.tokens_per_step * n_steps / max(dt, 1e-9)
                 metrics = {
                     "train/loss": loss,

@@ -52,7 +52,8 @@ class SelfAugmentation(nn.Module):
         self, o: torch.Tensor, q: torch.Tensor, z: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor
     ) -> torch.Tensor:
         k32 = -torch.expm1(F.logsigmoid(z.float()) / self.decay_normalizer) if k is None else k.float()
-        w = self.w_aug.float().view(self.n_heads, self.head_qk_dim)
+        # heads taken from the parameter, which tensor parallelism may shard
+        w = self.w_aug.float().view(-1, self.head_qk_dim)
         a = (q.float() * w * k32).sum(-1, keepdim=True)  # [B, T, H, 1]
         return o.float() + torch.sigmoid(a * v.float())
 
@@ -98,6 +99,8 @@ class MetaLAAttention(nn.Module):
         self.g_proj = nn.Linear(d, d, bias=True)
         self.o_proj = nn.Linear(d, d, bias=False)
         self.self_aug = SelfAugmentation(H, self.head_qk_dim, config.decay_normalizer) if config.self_aug else NoSelfAugmentation()
+        # the operator; sequence parallelism swaps in a state-passing version (pretrain/parallel/sequence.py)
+        self.attn_fn = metala_attn_from_logits
 
     def forward(
         self,
@@ -106,20 +109,21 @@ class MetaLAAttention(nn.Module):
         cache: LayerCache | None = None,
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        B, T, D = x.shape
-        H, K, V = self.n_heads, self.head_qk_dim, self.head_v_dim
+        B, T, _ = x.shape
+        # head counts follow the projections' widths, so the same code runs on tensor-parallel shards
+        K, V = self.head_qk_dim, self.head_v_dim
         if attention_mask is not None:
             x = x * attention_mask[..., None].to(x.dtype)
         u, conv_state = self.conv(x, cu_seqlens, None if cache is None else cache.conv_state)
         u = F.silu(u)
-        q = self.q_proj(u).view(B, T, H, K)
-        z = self.a_proj(u).view(B, T, H, K)
+        q = self.q_proj(u).view(B, T, -1, K)
+        z = self.a_proj(u).view(B, T, -1, K)
         k = self.key(u, z)
-        v = self.v_proj(u).view(B, T, H, V)
+        v = self.v_proj(u).view(B, T, -1, V)
         gt = self.g_proj(u)
         # the gate math (g = logsigmoid(z) / 16, k = 1 - exp(g), cumulative sums) runs in fp32 inside the
         # operator: in bf16, 1 - exp(g) is 0 for logits above ~3.5 (metala.md section 11.1)
-        o, final_state = metala_attn_from_logits(
+        o, final_state = self.attn_fn(
             q,
             z,
             v,
@@ -134,4 +138,4 @@ class MetaLAAttention(nn.Module):
         if cache is not None:
             cache.state, cache.conv_state = final_state, conv_state
         o = head_layer_norm(self.self_aug(o, q, z, k, v), self.head_norm_eps)
-        return self.o_proj(F.silu(gt) * o.reshape(B, T, D).to(gt.dtype))
+        return self.o_proj(F.silu(gt) * o.reshape(B, T, -1).to(gt.dtype))
