@@ -30,6 +30,9 @@ def _suggest(key: str, choices: list[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else f" (valid keys: {', '.join(sorted(choices))})"
 
 
+TRAIN_LOSS_CHUNK = 8192
+
+
 @dataclass(kw_only=True, slots=True)
 class ModelSection:
     preset: str = "tiny"
@@ -38,6 +41,8 @@ class ModelSection:
 
     def build(self, vocab_size: int | None = None) -> MetaLAConfig:
         fields = dict(self.fields)
+        # training uses the fused chunked cross-entropy unless a recipe says otherwise (metala/modules/loss.py)
+        fields.setdefault("loss_chunk_size", TRAIN_LOSS_CHUNK)
         if fields.get("vocab_size", "auto") == "auto":
             fields.pop("vocab_size", None)
             if vocab_size is not None:

@@ -29,6 +29,17 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         block.forward = forward
 
 
+def apply_compile(model: nn.Module) -> None:
+    """torch.compile each block in place (parameter names unchanged) so Inductor fuses the norms, the conv taps,
+    SwiGLU and the head-norm/gate epilogue; the Triton recurrence stays a graph break (our kernels, own autograd)."""
+    import torch
+
+    for block in model.layers:
+        mixer = block.mixer
+        mixer.attn_fn = torch.compiler.disable(mixer.attn_fn)
+        block.compile()
+
+
 def parallelize(model: nn.Module, cfg: TrainConfig, layout: ParallelLayout) -> tuple[nn.Module, SequenceParallel | None]:
     """TP -> SP -> activation checkpointing, on a model that holds its full initial weights."""
     try:
@@ -38,4 +49,6 @@ def parallelize(model: nn.Module, cfg: TrainConfig, layout: ParallelLayout) -> t
         raise ConfigError(str(e)) from e
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model)
+    if cfg.train.compile:
+        apply_compile(model)
     return model, sp

@@ -78,6 +78,23 @@ def deepspeed_config(cfg: TrainConfig, dp: int, precision: str) -> dict:
     }
 
 
+def build_training_model(cfg: TrainConfig, model_config: MetaLAConfig, layout: ParallelLayout,
+                         device: torch.device) -> tuple[torch.nn.Module, Any]:
+    """The model exactly as the trainer runs it: built on meta, initialised, then TP -> SP -> checkpointing ->
+    compile (pretrain/parallelize.py). `bench/train_throughput.py` times this same path."""
+    init_device = device if cfg.parallel.tp == 1 else torch.device("cpu")
+    with torch.device("meta"):
+        model = MetaLAForCausalLM(model_config)
+    # tensor-parallel shards are slices of the full initial matrices: build those first (on the host)
+    model.to_empty(device=init_device)
+    model.init_weights(seed=cfg.train.seed)
+    # token ids were range-checked against the vocabulary when the data was made (manifest), not per step
+    model.validate_inputs = False
+    model, sp = parallelize(model, cfg, layout)
+    model.to(device)
+    return model, sp
+
+
 class TrainingDiverged(RuntimeError):
     """Too many consecutive non-finite steps; the last good state was saved."""
 
@@ -116,16 +133,7 @@ class Trainer:
         if self.model_config.vocab_size < self.train_data.info.vocab_size:
             raise ConfigError(f"model.vocab_size={self.model_config.vocab_size} is smaller than the tokenizer's "
                               f"{self.train_data.info.vocab_size}")
-        init_device = self.device if cfg.parallel.tp == 1 else torch.device("cpu")
-        with torch.device("meta"):
-            model = MetaLAForCausalLM(self.model_config)
-        # tensor-parallel shards are slices of the full initial matrices: build those first (on the host)
-        model.to_empty(device=init_device)
-        model.init_weights(seed=t.seed)
-        # token ids were range-checked against the vocabulary when the data was made (manifest), not per step
-        model.validate_inputs = False
-        model, self.sp = parallelize(model, cfg, self.layout)
-        model.to(self.device)
+        model, self.sp = build_training_model(cfg, self.model_config, self.layout, self.device)
         self.model = model
         warmup = cfg.warmup_steps()
         self.warmup = warmup

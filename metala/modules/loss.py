@@ -1,32 +1,79 @@
-"""Next-token cross-entropy over the LM head, optionally in position chunks so full fp32 logits never exist."""
+"""Next-token cross-entropy over the LM head.
+
+Two implementations of the same sum of token losses:
+- `plain_lm_cross_entropy` (the naive twin): full logits, fp32 softmax.
+- `fused_lm_cross_entropy`: position chunks; each chunk's logits live only inside the forward, where its gradient
+  (softmax - one-hot) is turned at once into d hidden and accumulated into d weight. Neither the full logits nor
+  their fp32 copy nor their gradient ever exist, and no logits are recomputed in the backward
+  (shared/spec/performance.md 5.1: at 32k tokens x 32k vocab the unfused logits are GBs).
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+
+from metala.ops.cross_entropy import ce_loss_and_grad
 
 IGNORE_INDEX = -100
 
 
-def _chunk_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def plain_lm_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor):
     logits = F.linear(hidden, weight.to(hidden.dtype))
-    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, (labels != IGNORE_INDEX).sum()
 
 
-def lm_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of token losses and the number of scored tokens; hidden [N, D], weight [V, D], labels [N].
+def _chunk_loss_and_grad(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, need_grad: bool):
+    """Loss sum of one chunk and, if asked, d logits (softmax - one-hot, zero on ignored rows) in h's dtype; on GPU
+    the Triton kernel turns the chunk's logits into their gradient in place (metala/ops/cross_entropy)."""
+    loss, grad = ce_loss_and_grad(F.linear(h, w), y, need_grad)
+    return loss.sum(), grad
 
-    With chunk_size > 0 each chunk's logits are recomputed in the backward instead of stored, so peak memory holds
-    one chunk of logits rather than all of them.
-    """
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int):
+        w = weight.to(hidden.dtype)
+        need = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        total = hidden.new_zeros((), dtype=torch.float32)
+        d_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        for s in range(0, hidden.shape[0], chunk_size):
+            h, y = hidden[s : s + chunk_size], labels[s : s + chunk_size]
+            loss, g = _chunk_loss_and_grad(h, w, y, need)
+            total += loss
+            if d_hidden is not None:
+                torch.mm(g, w, out=d_hidden[s : s + chunk_size])
+            if d_weight is not None:
+                d_weight += torch.mm(g.t(), h).float()
+        ctx.save_for_backward(d_hidden, d_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        d_hidden, d_weight = ctx.saved_tensors
+        dh = d_hidden * grad_out.to(d_hidden.dtype) if d_hidden is not None else None
+        dw = (d_weight * grad_out).to(ctx.weight_dtype) if d_weight is not None else None
+        return dh, dw, None, None
+
+
+def fused_lm_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int):
+    """Sum of token losses and the number of scored tokens; hidden [N, D], weight [V, D], labels [N]."""
     count = (labels != IGNORE_INDEX).sum()
+    if not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad):
+        # evaluation: chunked loss only, no gradients computed
+        w = weight.to(hidden.dtype)
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for s in range(0, hidden.shape[0], chunk_size):
+            total = total + _chunk_loss_and_grad(hidden[s : s + chunk_size], w, labels[s : s + chunk_size], False)[0]
+        return total, count
+    return _FusedLinearCrossEntropy.apply(hidden, weight, labels, chunk_size), count
+
+
+def lm_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int = 0):
+    """chunk_size > 0: the fused chunked loss (gradient formed in the forward); 0: the plain loss."""
     if chunk_size <= 0 or hidden.shape[0] <= chunk_size:
-        return _chunk_loss_sum(hidden, weight, labels), count
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], chunk_size):
-        sl = slice(start, start + chunk_size)
-        total = total + checkpoint(_chunk_loss_sum, hidden[sl], weight, labels[sl], use_reentrant=False)
-    return total, count
+        return plain_lm_cross_entropy(hidden, weight, labels)
+    return fused_lm_cross_entropy(hidden, weight, labels, chunk_size)

@@ -144,7 +144,7 @@ def test_chunked_loss_equals_plain_loss():
     g_chunked = torch.autograd.grad(chunked.loss, list(model.parameters()))
     assert_close("loss", plain.loss, chunked.loss, 1e-6)
     for (name, _), a, b in zip(model.named_parameters(), g_plain, g_chunked):
-        assert_close(name, a, b, 1e-5)
+        assert_close(name, a, b, 5e-5)  # fp32: the fused loss sums the chunks in another order
 
 
 def test_meta_device_init_is_identical():

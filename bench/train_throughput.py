@@ -1,0 +1,372 @@
+"""End-to-end training throughput on one GPU (shared/spec/performance.md sections 1 and 2.3): our model through the
+trainer's own code path against fla GLA and HF Llama (SDPA) of the same size, same batch tokens and optimizer.
+
+    python -m bench.train_throughput [--presets 360m,1.3b] [--seqlens 2048,8192,16384] [--peers gla,llama]
+                                     [--harness trainer,plain] [--compile] [--profile]
+
+Harnesses (both are run when asked; each row says which):
+  trainer  ours: `pretrain.trainer.build_training_model` + the DeepSpeed engine from `deepspeed_config` (bf16
+           weights with fp32 masters, ZeRO-1, fused torch AdamW, grad clipping), micro-batch = whole step. Peers go
+           through the same DeepSpeed config and optimizer.
+  plain    the spec's anchor harness for every model: `model.to(bfloat16)`, `AdamW(fused=True)`, no grad clipping.
+Every run: 32,768 tokens per step (B = 32768 / T), random tokens, 3 warm-up steps, then 8 timed steps between
+`cuda.synchronize()` calls; peak memory is `max_memory_allocated` over the timed steps.
+
+Correctness gate (a model that fails it gets no time; the script exits non-zero): ours at the bench preset, one
+batch of T = 1024 with two packed documents: loss and every parameter gradient of the Triton path against the
+pure-PyTorch chunked reference (fp32 weights, fp32 inputs) within 2 % relative error; and every timed step's loss is
+finite and near ln(V) for random tokens.
+
+MFU = 6 * N_nonemb * tokens/s / 989 TFLOP/s; N_nonemb counts every matmul weight (all parameters except the input
+embedding lookup, LM head counted once) and leaves out the recurrence / attention-score FLOPs, as the anchors do.
+`--profile` adds a per-op CUDA-time breakdown of one step of ours (torch.profiler) to the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENS = 32768
+H100_PEAK = 989e12
+WARMUP, TIMED = 3, 8
+PEER_SIZES = {  # the anchors' peers (performance.md 2.3 / 2.4)
+    "360m": dict(d=1024, layers=24, llama_heads=16, llama_ffn=2816, gla_heads=4),
+    "1.3b": dict(d=2048, layers=24, llama_heads=16, llama_ffn=5632, gla_heads=4),
+}
+
+
+def train_config(preset: str, T: int, B: int, compile_: bool, activation_checkpointing: bool):
+    from pretrain.config import config_from_dict
+
+    return config_from_dict({
+        "name": f"bench-{preset}",
+        "model": {"preset": preset, "vocab_size": 32000},
+        "data": {"dir": "unused", "seq_len": T},
+        "optim": {"lr": 3e-4},
+        "train": {"steps": 1000, "global_batch": B, "micro_batch": B, "out_dir": "unused", "precision": "bf16",
+                  "zero_stage": 1, "compile": compile_, "activation_checkpointing": activation_checkpointing},
+    })
+
+
+def n_nonemb(model: torch.nn.Module, embed: torch.nn.Embedding, head_tied: bool) -> int:
+    total = sum(p.numel() for p in model.parameters())
+    return total - embed.weight.numel() + (embed.weight.numel() if head_tied else 0)
+
+
+# --- models ---------------------------------------------------------------------------------------------------
+
+
+def build_ours(preset: str, T: int, B: int, harness: str, compile_: bool, ac: bool):
+    from metala import MetaLAForCausalLM
+    from pretrain.parallel.layout import ParallelLayout
+    from pretrain.trainer import build_training_model
+
+    cfg = train_config(preset, T, B, compile_, ac)
+    mcfg = cfg.model.build(vocab_size=32000)
+    model, _ = build_training_model(cfg, mcfg, ParallelLayout(1, 0), torch.device("cuda"))
+    n = n_nonemb(model, model.embed, True if mcfg.tie_embeddings else False)
+
+    def loss_fn(m, ids, labels, cu):
+        return m(ids, labels=labels, cu_seqlens=cu, return_logits=False).loss
+
+    return model, n, loss_fn, cfg
+
+
+def build_gla(preset: str):
+    from fla.models import GLAConfig, GLAForCausalLM
+
+    s = PEER_SIZES[preset]
+    cfg = GLAConfig(hidden_size=s["d"], num_hidden_layers=s["layers"], num_heads=s["gla_heads"], expand_k=0.5,
+                    expand_v=1, vocab_size=32000, fuse_cross_entropy=True, tie_word_embeddings=False)
+    model = GLAForCausalLM(cfg).cuda()
+    return model, n_nonemb(model, model.get_input_embeddings(), False), _hf_loss
+
+
+def build_llama(preset: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    s = PEER_SIZES[preset]
+    cfg = LlamaConfig(hidden_size=s["d"], num_hidden_layers=s["layers"], num_attention_heads=s["llama_heads"],
+                      intermediate_size=s["llama_ffn"], vocab_size=32000, max_position_embeddings=16384,
+                      tie_word_embeddings=False)
+    cfg._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(cfg).cuda()
+    return model, n_nonemb(model, model.get_input_embeddings(), False), _hf_loss
+
+
+def _hf_loss(m, ids, labels, cu):
+    # HF models shift labels themselves: hand them the inputs as labels
+    return m(input_ids=ids, labels=ids).loss
+
+
+# --- harnesses ------------------------------------------------------------------------------------------------
+
+
+def make_engine(model, harness: str, cfg=None):
+    """(step_fn(loss_fn, batch) -> loss, model) for a harness."""
+    from pretrain.optim import build_optimizer
+
+    dev = torch.device("cuda")
+    if harness == "plain":
+        model = model.to(torch.bfloat16)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
+
+        def step(loss_fn, ids, labels, cu):
+            loss = loss_fn(model, ids, labels, cu)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.detach()
+
+        return step
+    import deepspeed
+
+    from pretrain.trainer import deepspeed_config
+
+    opt = build_optimizer(model, 3e-4, (0.9, 0.95), 1e-8, 0.1, dev)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(cfg, 1, "bf16"))
+
+    def step(loss_fn, ids, labels, cu):
+        loss = loss_fn(engine, ids, labels, cu)
+        engine.backward(loss)
+        engine.step()
+        return loss.detach()
+
+    return step
+
+
+def random_batch(B: int, T: int, vocab: int, seed: int):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    ids = torch.randint(0, vocab, (B, T + 1), device="cuda", generator=g)
+    return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+
+
+def time_model(name: str, build, harness: str, B: int, T: int, cfg=None) -> dict:
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    t_build = time.time()
+    model, n, loss_fn, *_ = build()
+    step = make_engine(model, harness, cfg)
+    ids, labels = random_batch(B, T, 32000, seed=T)
+    losses = []
+    for _ in range(WARMUP):
+        losses.append(step(loss_fn, ids, labels, None))
+    torch.cuda.synchronize()
+    warm_s = time.time() - t_build
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(TIMED):
+        losses.append(step(loss_fn, ids, labels, None))
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / TIMED
+    losses = [float(x) for x in losses]
+    ok = all(math.isfinite(x) for x in losses) and abs(losses[0] - math.log(32000)) < 1.5
+    tps = B * T / dt
+    row = {"model": name, "harness": harness, "T": T, "B": B, "tokens_per_step": B * T, "step_s": dt,
+           "tokens_per_s": tps, "mfu": 6 * n * tps / H100_PEAK, "n_nonemb": n,
+           "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9, "loss_first": losses[0],
+           "loss_last": losses[-1], "loss_ok": ok, "build_and_warmup_s": warm_s}
+    print(f"{name:14s} {harness:7s} T={T:6d} B={B:3d}  {dt * 1e3:8.1f} ms  {tps / 1e3:7.1f}k tok/s  "
+          f"MFU {100 * row['mfu']:5.1f}%  mem {row['peak_memory_gb']:5.1f} GB  loss {losses[0]:.3f}->{losses[-1]:.3f}"
+          f"{'' if ok else '  LOSS CHECK FAILED'}", flush=True)
+    del model, step
+    torch.cuda.empty_cache()
+    return row
+
+
+# --- correctness gate -----------------------------------------------------------------------------------------
+
+
+def gate(preset: str) -> dict:
+    """Triton path vs the PyTorch chunked reference, fp32, loss + every gradient, packed documents."""
+    from metala import MetaLAConfig, MetaLAForCausalLM
+
+    T = 1024
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ids, labels = random_batch(1, T, 32000, seed=1)
+    cu = torch.tensor([0, 300, T], device="cuda", dtype=torch.int32)
+    res = {}
+    for backend in ("chunk", "triton"):
+        cfg = MetaLAConfig.from_preset(preset, vocab_size=32000, n_layers=2, attn_backend=backend)
+        m = MetaLAForCausalLM(cfg, seed=0).cuda()
+        with torch.no_grad():  # non-zero w_aug so the self-augmentation path is exercised
+            gen = torch.Generator().manual_seed(0)
+            for layer in m.layers:
+                w = layer.mixer.self_aug.w_aug
+                w.copy_(torch.randn(w.shape, generator=gen) * 0.5)
+        loss = m(ids, labels=labels, cu_seqlens=cu).loss
+        loss.backward()
+        res[backend] = (loss.detach(), {k: p.grad.detach().clone() for k, p in m.named_parameters()})
+    (l0, g0), (l1, g1) = res["chunk"], res["triton"]
+    errs = {k: float((g1[k] - g0[k]).norm() / g0[k].norm().clamp(min=1e-12)) for k in g0}
+    worst = max(errs, key=errs.get)
+    out = {"loss_ref": float(l0), "loss_triton": float(l1), "loss_rel_err": float(abs(l1 - l0) / abs(l0)),
+           "worst_grad": worst, "worst_grad_rel_err": errs[worst]}
+    torch.backends.cuda.matmul.allow_tf32 = True
+    out["correct"] = out["loss_rel_err"] < 0.02 and errs[worst] < 0.02
+    print("gate:", json.dumps(out), flush=True)
+    return out
+
+
+# --- profile --------------------------------------------------------------------------------------------------
+
+
+def profile_ours(preset: str, T: int, B: int, compile_: bool) -> list[dict]:
+    """CUDA time per op name over one step of the plain harness (top 40)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model, _, loss_fn, cfg = build_ours(preset, T, B, "plain", compile_, False)
+    step = make_engine(model, "plain")
+    ids, labels = random_batch(B, T, 32000, seed=T)
+    for _ in range(2):
+        step(loss_fn, ids, labels, None)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step(loss_fn, ids, labels, None)
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t > 0:
+            rows.append({"op": e.key[:120], "cuda_ms": t / 1e3, "calls": e.count})
+    rows.sort(key=lambda r: -r["cuda_ms"])
+    total = sum(r["cuda_ms"] for r in rows)
+    print(f"profile ({preset}, T={T}): {total:.1f} ms of kernels in one step; top ops:")
+    for r in rows[:25]:
+        print(f"  {r['cuda_ms']:8.2f} ms {r['calls']:5d}x  {r['op']}")
+    del model, step
+    torch.cuda.empty_cache()
+    return rows[:40]
+
+
+ROW_TIMEOUT_S = 240
+
+
+def run_row_isolated(spec: dict) -> dict:
+    """One timed row in a fresh process: DeepSpeed engines and compiled graphs keep GPU memory alive otherwise."""
+    import subprocess
+    import sys
+
+    try:
+        proc = subprocess.run([sys.executable, "-m", "bench.train_throughput", "--row", json.dumps(spec)],
+                              capture_output=True, text=True, cwd=ROOT, timeout=ROW_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        print(f"{spec['name']} {spec['harness']} T={spec['T']}: over {ROW_TIMEOUT_S} s (build, autotune or run); "
+              "skipped", flush=True)
+        return {"model": spec["name"], "harness": spec["harness"], "T": spec["T"], "timeout": True}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stdout + proc.stderr)[-1500:]
+        oom = "OutOfMemoryError" in tail
+        print(f"{spec['name']} {spec['harness']} T={spec['T']}: {'out of memory' if oom else 'failed'}\n"
+              + ("" if oom else tail), flush=True)
+        return {"model": spec["name"], "harness": spec["harness"], "T": spec["T"], "oom": oom, "failed": True}
+    if spec.get("profile"):
+        print("\n".join(ln for ln in proc.stdout.splitlines() if ln.startswith(("profile", "  "))), flush=True)
+    else:
+        print(lines[-2][4:], flush=True)
+    return json.loads(lines[-1][4:])
+
+
+def row_main(spec: dict) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = True
+    preset, T, B, h = spec["preset"], spec["T"], spec["B"], spec["harness"]
+    cfg = train_config(preset, T, B, spec.get("compile", False), spec.get("ac", False))
+    if spec["kind"] == "ours":
+        build = lambda: build_ours(preset, T, B, h, spec.get("compile", False), spec.get("ac", False))  # noqa: E731
+    else:
+        build = lambda: {"gla": build_gla, "llama": build_llama}[spec["kind"]](preset)  # noqa: E731
+    if spec.get("profile"):
+        print("ROW " + json.dumps(profile_ours(preset, T, B, spec.get("compile", False))))
+        return
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        row = time_model(spec["name"], build, h, B, T, cfg)
+    print("ROW " + buf.getvalue().strip().splitlines()[-1])
+    print("ROW " + json.dumps(row))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--presets", default="360m,1.3b")
+    ap.add_argument("--seqlens", default="2048,8192,16384")
+    ap.add_argument("--peers", default="gla,llama", help="comma list of gla, llama (skipped if not importable)")
+    ap.add_argument("--peer-presets", default="360m", help="peers run at these sizes only")
+    ap.add_argument("--harness", default="trainer,plain")
+    ap.add_argument("--peer-harness", default="plain,trainer", help="harnesses the peers run under")
+    ap.add_argument("--compile", action="store_true", help="also time ours with train.compile=true")
+    ap.add_argument("--no-eager", action="store_true", help="time ours only in the --compile / --ac variants")
+    ap.add_argument("--ac", action="store_true", help="also time ours with activation checkpointing")
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--only-profile", action="store_true", help="profiles (and the gate) without the timed rows")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench/results")
+    ap.add_argument("--row", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.row:
+        row_main(json.loads(args.row))
+        return 0
+    torch.backends.cuda.matmul.allow_tf32 = True
+    gpu = torch.cuda.get_device_name()
+    result = {"bench": "train_throughput", "gpu": gpu, "torch": torch.__version__,
+              "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "tokens_per_step": TOKENS,
+              "peak_flops": H100_PEAK, "gates": {}, "rows": [], "profiles": {}}
+    all_ok = True
+    args.out.mkdir(parents=True, exist_ok=True)
+    tag = "h100" if "H100" in gpu else "h200" if "H200" in gpu else "gpu"
+    path = args.out / f"{time.strftime('%Y%m%d')}_{tag}_train_throughput.json"
+
+    def save():  # after every row, so a cut-off run keeps what it measured
+        path.write_text(json.dumps(result, indent=2))
+
+    peers = [p for p in args.peers.split(",") if p]
+    harnesses = args.harness.split(",")
+    for preset in args.presets.split(","):
+        g = gate(preset)
+        result["gates"][preset] = g
+        all_ok &= g["correct"]
+        for T in map(int, args.seqlens.split(",")):
+            B = TOKENS // T
+            variants = ([] if args.no_eager else [(False, False)]) + ([(True, False)] if args.compile else []) + ([(False, True)] if args.ac else [])
+            for h in ([] if args.only_profile else harnesses):
+                for comp, ac in variants:
+                    if not g["correct"]:
+                        continue
+                    name = f"metala-{preset}" + ("+compile" if comp else "") + ("+ac" if ac else "")
+                    row = run_row_isolated({"kind": "ours", "name": name, "preset": preset, "T": T, "B": B,
+                                            "harness": h, "compile": comp, "ac": ac})
+                    result["rows"].append(row)
+                    save()
+                    all_ok &= row.get("loss_ok", True)
+                if preset not in args.peer_presets.split(",") or h not in args.peer_harness.split(","):
+                    continue
+                for peer in peers:
+                    if importlib.util.find_spec({"gla": "fla", "llama": "transformers"}[peer]) is None:
+                        print(f"{peer}: not importable; skipped", flush=True)
+                        continue
+                    result["rows"].append(run_row_isolated({"kind": peer, "name": f"{peer}-{preset}",
+                                                            "preset": preset, "T": T, "B": B, "harness": h}))
+                    save()
+            if (args.profile or args.only_profile) and T == int(args.seqlens.split(",")[0]):
+                for comp in [False] + ([True] if args.compile else []):
+                    result["profiles"][f"{preset}-T{T}" + ("-compile" if comp else "")] = run_row_isolated(
+                        {"kind": "ours", "name": "profile", "preset": preset, "T": T, "B": B, "harness": "plain",
+                         "compile": comp, "profile": True})
+                    save()
+    save()
+    print(f"wrote {path}; all correct: {all_ok}")
+    return 0 if all_ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
