@@ -208,25 +208,33 @@ def run(setting: str, vocab: int | None, n_train: int | None, n_test: int | None
     """None takes the setting's value, else Zoology's (vocab 8192, 100k train, 3k test, 64 epochs).
     `only`: "seq:pairs[,seq:pairs]" runs just those of the setting."""
     rows = []
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{time.strftime('%Y%m%d')}_{'cpu' if device.type == 'cpu' else 'gpu'}_mqar_{setting}.json"
+
+    def save(done: list[dict]) -> dict:  # after every width, so a cut-off run keeps what it measured
+        result = {"bench": "mqar", "setting": setting, "device": str(device) if device.type == "cpu" else
+                  torch.cuda.get_device_name(), "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                  "paper": {"seq512_pairs80": {"d64": 0.285, "d128": 0.904}}, "rows": done}
+        path.write_text(json.dumps(result, indent=2))
+        plot(done, path.with_suffix(".png"))
+        return result
+
     for spec in SETTINGS[setting]:
         if only and f"{spec['seq_len']}:{spec['pairs']}" not in only.split(","):
             continue
         data = MQARData(vocab=vocab or spec.get("vocab", 8192), seq_len=spec["seq_len"], pairs=spec["pairs"],
                         n_train=n_train or spec.get("n_train", 100_000), n_test=n_test or spec.get("n_test", 3_000))
-        rows += run_setting(data, spec, epochs or spec.get("epochs", 64), device, baseline, max_lrs)
-    result = {"bench": "mqar", "setting": setting, "device": str(device) if device.type == "cpu" else
-              torch.cuda.get_device_name(), "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "paper": {"seq512_pairs80": {"d64": 0.285, "d128": 0.904}}, "rows": rows}
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{time.strftime('%Y%m%d')}_{'cpu' if device.type == 'cpu' else 'gpu'}_mqar_{setting}.json"
-    path.write_text(json.dumps(result, indent=2))
-    plot(rows, path.with_suffix(".png"))
+        rows += run_setting(data, spec, epochs or spec.get("epochs", 64), device, baseline, max_lrs,
+                            on_row=lambda new: save(rows + new))
+    result = save(rows)
     print(f"wrote {path}")
     return result
 
 
-def run_setting(data: MQARData, spec: dict, epochs: int, device, baseline: bool, max_lrs: int | None) -> list[dict]:
-    """Every width of one (seq, pairs) setting: MetaLA over the lr sweep, attention over its two largest lrs."""
+def run_setting(data: MQARData, spec: dict, epochs: int, device, baseline: bool, max_lrs: int | None,
+                on_row=None) -> list[dict]:
+    """Every width of one (seq, pairs) setting: MetaLA over the lr sweep, attention over its two largest lrs (the
+    second largest only, when the sweep is cut with max_lrs)."""
     rng = np.random.default_rng(data.seed)
     train = make_mqar(data.vocab, data.seq_len, data.pairs, data.n_train, data.power_a, rng)
     test = make_mqar(data.vocab, data.seq_len, data.pairs, data.n_test, data.power_a, rng)
@@ -237,13 +245,15 @@ def run_setting(data: MQARData, spec: dict, epochs: int, device, baseline: bool,
     for d in spec["widths"]:
         for kind in ["metala"] + (["attention"] if baseline else []):
             trials = [train_one(kind, d, lr, data, train, test, epochs, spec["batch"], device)
-                      for lr in (lrs if kind == "metala" else lrs[-2:])]
+                      for lr in (lrs if kind == "metala" else lrs[-2:-1] if max_lrs else lrs[-2:])]
             best = max(trials, key=lambda r: r["accuracy"])
             rows.append({**asdict(data), "model": kind, "d_model": d, "best_lr": best["lr"],
                          "accuracy": best["accuracy"], "chance": 2 / data.vocab, "trials": trials, "epochs": epochs})
             print(f"seq {data.seq_len} pairs {data.pairs} d {d} {kind}: best acc {100 * best['accuracy']:.1f}% "
                   f"(lr {best['lr']:.1e}; " + ", ".join(f"{t['lr']:.0e}:{100 * t['accuracy']:.1f}" for t in trials)
                   + ")", flush=True)
+            if on_row:
+                on_row(rows)
     return rows
 
 
