@@ -288,11 +288,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--test-examples", type=int, default=None, help="default: the setting's (Zoology: 3k)")
     ap.add_argument("--epochs", type=int, default=None, help="default: the setting's (Zoology: 64)")
     ap.add_argument("--settings", default=None, help="comma list of seq:pairs to run, e.g. 512:80 (default: all)")
+    ap.add_argument("--widths", default=None, help="comma list overriding the setting's widths, e.g. 128")
+    ap.add_argument("--lrs", default=None, help="comma list overriding the setting's lr sweep")
     ap.add_argument("--max-lrs", type=int, default=None, help="keep only the N largest learning rates of the sweep")
     ap.add_argument("--no-baseline", action="store_true", help="skip the softmax-attention reference")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.widths or args.lrs:  # a copy of the setting with the overrides (SETTINGS itself stays as published)
+        SETTINGS[args.setting] = [{**spec, **({"widths": [int(w) for w in args.widths.split(",")]} if args.widths else {}),
+                                   **({"lrs": [float(x) for x in args.lrs.split(",")]} if args.lrs else {})}
+                                  for spec in SETTINGS[args.setting]]
     return run(args.setting, args.vocab, args.train_examples, args.test_examples, args.epochs, device, args.out,
                not args.no_baseline, args.max_lrs, args.settings)
 
