@@ -55,11 +55,11 @@ def run_job(name: str, gpus: int, overrides: list[str], work: Path, timeout: int
     row.update({
         "tokens_per_s": statistics.median(r["perf/tokens_per_s"] for r in timed),
         "mfu": statistics.median(r["perf/mfu"] for r in timed) if "perf/mfu" in timed[0] else None,
-        "peak_memory_gb": max(r.get("mem/peak_allocated_gb", 0.0) for r in timed),
+        "peak_memory_gib": max(r.get("mem/peak_alloc_gib", 0.0) for r in timed),
         "loss_first": perf[0]["train/loss"], "loss_last": perf[-1]["train/loss"], "steps_timed": len(timed),
     })
     row["loss_ok"] = all(math.isfinite(r["train/loss"]) for r in perf) and row["loss_last"] < row["loss_first"]
-    print(f"{name:9s} {row['tokens_per_s'] / 1e3:8.1f}k tok/s  mem {row['peak_memory_gb']:.1f} GB  "
+    print(f"{name:9s} {row['tokens_per_s'] / 1e3:8.1f}k tok/s  mem {row['peak_memory_gib']:.1f} GiB  "
           f"loss {row['loss_first']:.3f} -> {row['loss_last']:.3f}", flush=True)
     return row
 
