@@ -103,7 +103,7 @@ class AttentionLM(nn.Module):
         self.head = nn.Linear(d, vocab, bias=False)
         self.heads = heads
 
-    def forward(self, ids: torch.Tensor, labels: torch.Tensor):
+    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
         B, T = ids.shape
         x = self.embed(ids) + self.pos(torch.arange(T, device=ids.device))
         for b in self.blocks:
@@ -111,7 +111,11 @@ class AttentionLM(nn.Module):
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, -1)
             x = x + b["out"](a)
             x = x + b["down"](F.gelu(b["up"](b["n2"](x))))
-        loss_sum, n = query_only_loss(self.norm(x).reshape(B * T, -1), self.head.weight, labels.reshape(-1))
+        return self.norm(x)
+
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor):
+        h = self.hidden(ids)
+        loss_sum, n = query_only_loss(h.reshape(-1, h.shape[-1]), self.head.weight, labels.reshape(-1))
         return loss_sum / n.clamp(min=1)
 
 
@@ -126,7 +130,7 @@ def accuracy(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, batch
             hidden = model.norm(_trunk(model, ids))
             head = model.lm_head.weight
         else:
-            hidden, head = _attn_hidden(model, ids), model.head.weight
+            hidden, head = model.hidden(ids), model.head.weight
         keep = lab != IGNORE
         pred = F.linear(hidden[keep], head.to(hidden.dtype)).argmax(-1)
         hits += int((pred == lab[keep]).sum())
@@ -140,17 +144,6 @@ def _trunk(model: MetaLAForCausalLM, ids: torch.Tensor) -> torch.Tensor:
     for layer in model.layers:
         h = layer(h)
     return h
-
-
-def _attn_hidden(model: AttentionLM, ids: torch.Tensor) -> torch.Tensor:
-    B, T = ids.shape
-    x = model.embed(ids) + model.pos(torch.arange(T, device=ids.device))
-    for b in model.blocks:
-        q, k, v = b["qkv"](b["n1"](x)).view(B, T, 3, model.heads, -1).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, -1)
-        x = x + b["out"](a)
-        x = x + b["down"](F.gelu(b["up"](b["n2"](x))))
-    return model.norm(x)
 
 
 def train_one(kind: str, d: int, lr: float, data: MQARData, train, test, epochs: int, batch: int, device,

@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from metala.ops.cross_entropy import ce_loss_and_grad
+from metala.ops.cross_entropy.naive import IGNORE_INDEX
 
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "fused_lm_cross_entropy", "lm_cross_entropy", "plain_lm_cross_entropy"]
 
 
 def plain_lm_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor):
