@@ -250,16 +250,16 @@ def profile_ours(preset: str, T: int, B: int, compile_: bool) -> list[dict]:
 ROW_TIMEOUT_S = 240
 
 
-def run_row_isolated(spec: dict) -> dict:
+def run_row_isolated(spec: dict, timeout_s: float = ROW_TIMEOUT_S) -> dict:
     """One timed row in a fresh process: DeepSpeed engines and compiled graphs keep GPU memory alive otherwise."""
     import subprocess
     import sys
 
     try:
         proc = subprocess.run([sys.executable, "-m", "bench.train_throughput", "--row", json.dumps(spec)],
-                              capture_output=True, text=True, cwd=ROOT, timeout=ROW_TIMEOUT_S)
+                              capture_output=True, text=True, cwd=ROOT, timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        print(f"{spec['name']} {spec['harness']} T={spec['T']}: over {ROW_TIMEOUT_S} s (build, autotune or run); "
+        print(f"{spec['name']} {spec['harness']} T={spec['T']}: over {timeout_s:.0f} s (build, autotune or run); "
               "skipped", flush=True)
         return {"model": spec["name"], "harness": spec["harness"], "T": spec["T"], "timeout": True}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
@@ -310,6 +310,8 @@ def main() -> int:
     ap.add_argument("--ac", action="store_true", help="also time ours with activation checkpointing")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--only-profile", action="store_true", help="profiles (and the gate) without the timed rows")
+    ap.add_argument("--row-timeout", type=float, default=ROW_TIMEOUT_S,
+                    help="seconds one row may take, including compile and autotuning (default %(default)s)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results")
     ap.add_argument("--row", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -344,7 +346,7 @@ def main() -> int:
                         continue
                     name = f"metala-{preset}" + ("+compile" if comp else "") + ("+ac" if ac else "")
                     row = run_row_isolated({"kind": "ours", "name": name, "preset": preset, "T": T, "B": B,
-                                            "harness": h, "compile": comp, "ac": ac})
+                                            "harness": h, "compile": comp, "ac": ac}, args.row_timeout)
                     result["rows"].append(row)
                     save()
                     all_ok &= row.get("loss_ok", True)
@@ -355,13 +357,14 @@ def main() -> int:
                         print(f"{peer}: not importable; skipped", flush=True)
                         continue
                     result["rows"].append(run_row_isolated({"kind": peer, "name": f"{peer}-{preset}",
-                                                            "preset": preset, "T": T, "B": B, "harness": h}))
+                                                            "preset": preset, "T": T, "B": B, "harness": h},
+                                                           args.row_timeout))
                     save()
             if (args.profile or args.only_profile) and T == int(args.seqlens.split(",")[0]):
                 for comp in [False] + ([True] if args.compile else []):
                     result["profiles"][f"{preset}-T{T}" + ("-compile" if comp else "")] = run_row_isolated(
                         {"kind": "ours", "name": "profile", "preset": preset, "T": T, "B": B, "harness": "plain",
-                         "compile": comp, "profile": True})
+                         "compile": comp, "profile": True}, args.row_timeout)
                     save()
     save()
     print(f"wrote {path}; all correct: {all_ok}")
