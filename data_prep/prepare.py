@@ -228,10 +228,16 @@ def make_tasks(inputs: list[str], task_bytes: int, start: int, errors: ReadError
             index += 1
 
 
-def _bounded(it: Iterator[Task], sem: threading.Semaphore) -> Iterator[Task]:
-    # back-pressure: the reader waits until the writer has consumed a result before cutting another task
+def _bounded(it: Iterator[Task], sem: threading.Semaphore, stop: threading.Event) -> Iterator[Task]:
+    # back-pressure: the reader waits until the writer has consumed a result before cutting another task.
+    # `stop` ends the feed at teardown: Pool.terminate() joins this (task-handler) thread, so it must never be
+    # left blocked on the semaphore, or an early exit (stop-after, Ctrl-C, a bad shard) hangs forever.
     for item in it:
-        sem.acquire()
+        while not sem.acquire(timeout=0.1):
+            if stop.is_set():
+                return
+        if stop.is_set():
+            return
         yield item
 
 
@@ -392,6 +398,7 @@ class Preparer:
 
         bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenize", file=sys.stderr, smoothing=0.1)
         pool = None
+        feed_stop = threading.Event()
         try:
             if cfg.workers == 0:
                 _init_worker(str(self.tok.path), self.tok.sha256, worker_cfg)
@@ -402,7 +409,7 @@ class Preparer:
                 pool = ctx.Pool(cfg.workers, initializer=_init_worker,
                                 initargs=(str(self.tok.path), self.tok.sha256, worker_cfg))
                 sem = threading.Semaphore(2 * cfg.workers + 2)
-                results = pool.imap(tokenize_task, _bounded(tasks, sem), chunksize=1)
+                results = pool.imap(tokenize_task, _bounded(tasks, sem, feed_stop), chunksize=1)
             for res in results:
                 if sem is not None:
                     sem.release()
@@ -421,6 +428,7 @@ class Preparer:
             raise SystemExit("interrupted: rerun the same command to resume from the last written shard")
         finally:
             bar.close()
+            feed_stop.set()
             if pool is not None:
                 pool.terminate()
                 pool.join()
