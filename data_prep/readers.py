@@ -211,15 +211,23 @@ class Parsed(NamedTuple):
 def parse_record(
     payload: bytes | dict, include: frozenset[str] = frozenset(), exclude: frozenset[str] = frozenset()
 ) -> Parsed:
-    """Classify one record as a document (text set) or a skip with its reason."""
+    """Classify one record as a document (text set) or a skip with its reason.
+
+    This runs once per document in the workers, so the common case makes no copy of the text: orjson validates
+    UTF-8 and refuses lone surrogates itself; only records it rejects, and those parsed by the stdlib fallback, pay
+    for the explicit checks.
+    """
+    # text from orjson is valid Unicode; the stdlib parser may return lone surrogates from "\ud800" escapes
+    checked = False
     if isinstance(payload, (bytes, bytearray)):
         try:
-            payload.decode("utf-8")
-        except UnicodeDecodeError:
-            return Parsed(None, "invalid_utf8", "", "")
-        try:
             rec: Any = _json_loads(payload)
+            checked = _json_loads is not json.loads
         except ValueError:
+            try:
+                payload.decode("utf-8")
+            except UnicodeDecodeError:
+                return Parsed(None, "invalid_utf8", "", "")
             # orjson also rejects escaped lone surrogates; the stdlib parser tells those apart from broken JSON
             try:
                 rec = json.loads(payload)
@@ -241,11 +249,12 @@ def parse_record(
     lic = str(meta.get("license", "")) if isinstance(meta, dict) else ""
     if (include and subset not in include) or (exclude and subset in exclude):
         return Parsed(None, "filtered_subset", subset, lic)
-    if not text.strip():
+    if not text or text.isspace():
         return Parsed(None, "empty_text", subset, lic)
-    try:
-        # lone surrogates from JSON escapes (e.g. "\ud800") are not encodable text
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return Parsed(None, "invalid_utf8", subset, lic)
+    if not checked:
+        try:
+            # lone surrogates from JSON escapes (e.g. "\ud800") are not encodable text
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return Parsed(None, "invalid_utf8", subset, lic)
     return Parsed(text, "", subset, lic)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 import pytest
 import zstandard
@@ -69,14 +70,20 @@ def test_shards_roundtrip_to_the_input(small_corpus, tokenizer_model, tmp_path):
     assert not list(out.glob("*.tmp")) and not (out / "progress.json").exists()
 
 
-def test_deterministic_across_worker_counts(small_corpus, tokenizer_model, tmp_path):
+def test_deterministic_across_worker_counts_and_start_methods(small_corpus, tokenizer_model, tmp_path, monkeypatch):
     inputs, _ = small_corpus
+    # blocks and token ids travel between the processes through a private spill folder: it must be gone afterwards
+    spill_root = tmp_path / "tmp"
+    spill_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spill_root))
     shas = []
-    for workers in ("0", "1", "2"):
-        m = run_prepare(inputs, tokenizer_model, tmp_path / workers, "--workers", workers, "--val-fraction", "0.05",
-                        "--shard-tokens", "50000", "--task-bytes", "20000")
+    for workers, method in (("0", "fork"), ("1", "fork"), ("2", "fork"), ("2", "spawn")):
+        m = run_prepare(inputs, tokenizer_model, tmp_path / f"{workers}-{method}", "--workers", workers,
+                        "--start-method", method, "--val-fraction", "0.05", "--shard-tokens", "50000",
+                        "--task-bytes", "20000")
         shas.append([s["sha256"] for split in ("train", "val") for s in m["splits"][split]["shards"]])
-    assert shas[0] == shas[1] == shas[2]
+        assert list(spill_root.iterdir()) == []
+    assert len(shas[0]) > 2 and all(s == shas[0] for s in shas)
 
 
 def test_resume_after_interruption(small_corpus, tokenizer_model, tmp_path, monkeypatch):

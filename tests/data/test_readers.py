@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
+from data_prep import readers
 from data_prep.readers import (
     ReadErrors,
     input_kind,
@@ -74,7 +75,13 @@ def test_multi_frame_zstd(tmp_path):
     assert errors.errors == []
 
 
-def test_bad_records_are_classified():
+@pytest.mark.parametrize("parser", ["orjson", "stdlib"])
+def test_bad_records_are_classified(parser, monkeypatch):
+    # the fast path trusts orjson's own UTF-8 and surrogate checks; the stdlib fallback must classify the same way
+    if parser == "stdlib":
+        monkeypatch.setattr(readers, "_json_loads", json.loads)
+    else:
+        pytest.importorskip("orjson")
     cases = {
         b'{"text": "fine", "meta": {"pile_set_name": "A"}}': "",
         b'{"text": "cut off': "invalid_json",
@@ -85,6 +92,7 @@ def test_bad_records_are_classified():
         b'{"text": "\\ud800 lone surrogate"}': "invalid_utf8",
         b'{"text": ""}': "empty_text",
         b'{"text": "  \\n\\t "}': "empty_text",
+        b'{"text": "\\u00e9t\\u00e9 \\ud83d\\ude00"}': "",
     }
     for payload, reason in cases.items():
         assert parse_record(payload).reason == reason, payload
