@@ -41,10 +41,10 @@ def ptxas_report(ptx: str, sm: int) -> str:
     return f"regs {regs.group(1) if regs else '?':>3} spills {spill.group(1) + '/' + spill.group(2) if spill else '?'}"
 
 
-def compile_one(kernel, types, consts, warps, target) -> str:
+def compile_one(kernel, types, consts, warps, target, stages: int = 3) -> str:
     src = ASTSource(fn=kernel, signature=sig(kernel, types, consts), constexprs=consts)
-    k = triton.compile(src, target=target, options={"num_warps": warps})
-    return f"warps {warps} shared {k.metadata.shared:>6} B  {ptxas_report(k.asm['ptx'], target.arch)}"
+    k = triton.compile(src, target=target, options={"num_warps": warps, "num_stages": stages})
+    return f"warps {warps} stages {stages} shared {k.metadata.shared:>6} B  {ptxas_report(k.asm['ptx'], target.arch)}"
 
 
 def main() -> None:

@@ -215,6 +215,22 @@ def main() -> None:
     print("gate 1 (small shapes vs fp32 recurrence):", json.dumps(small), flush=True)
     fla_ok = fla_available()
     rows, all_ok = [], all(v["correct"] for v in small.values())
+    from metala.ops.metala.chunk import CONFIG
+
+    sha, dirty = git_info()
+    try:
+        import fla
+
+        fla_version = fla.__version__
+    except Exception:  # noqa: BLE001
+        fla_version = None
+    result = {"bench": "ops", "git_sha": sha, "git_dirty": dirty,
+              "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "gpu": gpu, "torch": torch.__version__,
+              "triton": triton.__version__, "fla": fla_version, "cuda": torch.version.cuda, "deepspeed": None,
+              "matmul_tflops": tflops, "copy_TBps": tbps, "kernel_config": CONFIG, "gate_small": small, "rows": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    tag = "h100" if "H100" in gpu else "h200" if "H200" in gpu else gpu.replace(" ", "_").lower()
+    path = args.out / f"{time.strftime('%Y%m%d')}_{tag}_ops.json"
     for shape in args.shapes.split(","):
         H, K, V = SHAPES[shape]
         for T in map(int, args.seqlens.split(",")):
@@ -248,20 +264,8 @@ def main() -> None:
                 flush=True)
             del q, z, v, do
             torch.cuda.empty_cache()
-    sha, dirty = git_info()
-    try:
-        import fla
-
-        fla_version = fla.__version__
-    except Exception:  # noqa: BLE001
-        fla_version = None
-    result = {"bench": "ops", "git_sha": sha, "git_dirty": dirty,
-              "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "gpu": gpu, "torch": torch.__version__,
-              "triton": triton.__version__, "fla": fla_version, "cuda": torch.version.cuda, "deepspeed": None,
-              "matmul_tflops": tflops, "copy_TBps": tbps, "gate_small": small, "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    tag = "h100" if "H100" in gpu else "h200" if "H200" in gpu else gpu.replace(" ", "_").lower()
-    path = args.out / f"{time.strftime('%Y%m%d')}_{tag}_ops.json"
+            # saved after every shape: a time limit keeps what was measured
+            path.write_text(json.dumps(result, indent=2))
     path.write_text(json.dumps(result, indent=2))
     print(f"\n{'shape':<12} {'T':>6} {'impl':<14} {'fwd ms':>8} {'fwd+bwd':>8} {'x roof':>7} {'vs fla':>7}")
     for r in rows:

@@ -11,7 +11,7 @@ A step is forward + loss + backward (no optimizer: that is the same per GPU with
 overhead = sp2 step time / plain step time - 1 (issue target <= 10 %). With --profile, each rank also writes a
 table of the CUDA kernels of two steps of each kind (rank 1 is the one that receives a state).
 
---simulate (one GPU): the check runs as 2 gloo ranks sharing the device; the timing runs in this process as the
+--simulate (one GPU): the check runs as 2 gloo ranks on the CPU (keep --check-seq small); the timing runs in this process as the
 last SP rank (the one that receives a state and corrects its outputs), with the collectives replaced by local
 stacks of its own tensors. That measures the compute SP adds, not the transfers (a few MB per step: one fp32 state
 and k-1 conv rows per layer and row); use it where no 2-GPU machine is at hand.
@@ -120,11 +120,13 @@ def _profile(step, device: torch.device, path: Path) -> None:
 
 def worker(rank: int, world: int, args: argparse.Namespace, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", 0 if args.simulate else rank) if cuda else torch.device("cpu")
+    # --simulate: two ranks cannot share one GPU under NCCL, and gloo has no all_gather for CUDA tensors, so the
+    # check then runs on the CPU (the chunk backend; the SP algebra is what it checks)
+    cuda = torch.cuda.is_available() and not args.simulate
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    nccl = cuda and not args.simulate
+    nccl = cuda
     dist.init_process_group("nccl" if nccl else "gloo", rank=rank, world_size=world,
                             **({"device_id": device} if nccl else {}))
     try:

@@ -159,3 +159,35 @@ def test_model_on_triton_matches_model_on_chunk():
     assert_close("logits", outs[0][0].logits, outs[1][0].logits, FP32_RATIO)
     for (name, _), a, b in zip(chunk.named_parameters(), outs[0][1], outs[1][1]):
         assert_close(name, a, b, 1e-4)
+
+
+@pytest.mark.parametrize("form", [
+    pytest.param({"split": False, "dA_from_dv": False}, id="joint-dqk"),
+    pytest.param({"split": True, "dA_from_dv": True}, id="dv-stores-dA"),
+    pytest.param({"split": True, "dA_from_dv": False}, id="split-recompute-dA"),
+])
+def test_every_backward_form_matches_naive(form, monkeypatch):
+    """The backward can run as one joint dq/dk kernel or as dq + dk kernels (with dA from the dv kernel or
+    recomputed); the default is whichever measured fastest, and the others must stay correct to be tunable."""
+    from metala.ops.metala import chunk as C
+
+    monkeypatch.setitem(C.CONFIG, "bwd_dqk", {**C.CONFIG["bwd_dqk"], **form})
+    q, z, v, h0 = inputs(1, 130, 2, 64, 128)
+    do, dht = torch.randn(1, 130, 2, 128, device=DEVICE), torch.randn(1, 2, 64, 128, device=DEVICE)
+    ref = fwd_bwd(lambda q, z, v, h0: reference(q, z, v, h0), q, z, v, h0, do, dht)
+    fn = lambda q, z, v, h0: C.chunk_metala_from_logits(q, z, v, 16.0, initial_state=h0, output_final_state=True,
+                                                        seg_chunks=1)
+    compare(ref, fwd_bwd(fn, q, z, v, h0, do, dht), FP32_RATIO)
+
+
+def test_config_overrides_from_the_environment(monkeypatch):
+    from metala.ops.metala import chunk as C
+
+    monkeypatch.setattr(C, "CONFIG", {k: dict(v) for k, v in C.CONFIG.items()})
+    monkeypatch.setenv("METALA_TRITON_CONFIG", '{"bwd_dqk": {"BK": 16, "num_warps": 8}}')
+    C._apply_env_overrides()
+    assert C.CONFIG["bwd_dqk"]["BK"] == 16 and C.CONFIG["bwd_dqk"]["num_warps"] == 8
+    for bad, match in (('{"bwd_dqkk": {}}', "unknown kernel"), ('{"bwd_dqk": {"BKK": 1}}', "has no")):
+        monkeypatch.setenv("METALA_TRITON_CONFIG", bad)
+        with pytest.raises(ValueError, match=match):
+            C._apply_env_overrides()

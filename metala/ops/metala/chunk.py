@@ -67,19 +67,41 @@ def _tiles(K: int, V: int) -> tuple[int, int]:
 
 # launch configuration per kernel: warps, software-pipelining stages, tiles (bench/kernel_tune.py sweeps these)
 CONFIG = {
-    "fwd_h": {"num_warps": 8, "num_stages": 2, "BV": 128},
+    # fwd_h: 4 warps measured 0.353 vs 0.402 ms forward with 8 (H200, 360M shape; H100: 0.360 vs 0.410)
+    "fwd_h": {"num_warps": 4, "num_stages": 2, "BV": 128},
     "fwd_o": {"num_warps": 4, "num_stages": 2, "BV": 128},
     "bwd_dh": {"num_warps": 4, "num_stages": 2, "BV": 64},
     "bwd_dv": {"num_warps": 4, "num_stages": 2, "BV": 128},
-    # intra_bf16: bf16 operands for the dA products (faster, ~2^-9 relative error) instead of tf32
-    # split: dq and (dk, dg) in two kernels (bwd_dq, bwd_dkg), each with half the live registers of the fused
-    # one; dA_from_dv: the dv kernel (one program per chunk) stores dA = dO v^T for them
-    "bwd_dqk": {"num_warps": 4, "num_stages": 2, "BK": 32, "BV": 64, "intra_bf16": False, "split": True,
-                "dA_from_dv": True},
+    # split: dq and (dk, dg) in two kernels (bwd_dq, bwd_dkg) instead of the joint dqk one; dA_from_dv: the dv
+    # kernel (one program per chunk) stores dA = dO v^T for them. The joint kernel, recomputing dA per K-tile, is
+    # the fastest measured form (H200, 360M shape, T=2k: backward 1.389 ms against 1.454 for split + dA_from_dv,
+    # bench/results/20261201_h200_kernel_tune.json). One kernel per (chunk, head) for dv, dq and dg together was
+    # tried and measured 2.06 ms: it spills 0.7-1.1 KB per thread.
+    "bwd_dqk": {"num_warps": 4, "num_stages": 2, "BK": 32, "BV": 64, "split": False, "dA_from_dv": False},
     "bwd_dq": {"num_warps": 4, "num_stages": 2, "BK": 32},
     "bwd_dkg": {"num_warps": 8, "num_stages": 2, "BK": 64},
     "seg": {"num_warps": 4, "num_stages": 2},
 }
+
+
+def _apply_env_overrides() -> None:
+    """METALA_TRITON_CONFIG='{"bwd_dqk": {"BK": 64, "num_warps": 8}}' updates CONFIG entries (tuning without code
+    edits); an unknown kernel or key is an error, so a typo cannot silently run the defaults."""
+    raw = os.environ.get("METALA_TRITON_CONFIG", "").strip()
+    if not raw:
+        return
+    import json
+
+    for name, change in json.loads(raw).items():
+        if name not in CONFIG:
+            raise ValueError(f"METALA_TRITON_CONFIG: unknown kernel {name!r}; known: {sorted(CONFIG)}")
+        unknown = set(change) - set(CONFIG[name]) - {"num_warps", "num_stages"}
+        if unknown:
+            raise ValueError(f"METALA_TRITON_CONFIG: {name} has no {sorted(unknown)}; keys: {sorted(CONFIG[name])}")
+        CONFIG[name].update(change)
+
+
+_apply_env_overrides()
 
 
 def _bv(name: str, V: int) -> int:
@@ -153,6 +175,10 @@ def chunk_metala_bwd(q, gate, v, do, dht, scale, inv_tau, saved, plan: ChunkPlan
     dv = torch.empty_like(v)
     dgate = torch.empty_like(gate)
     DT = _dot_dtype(q.dtype)
+    # the intra-chunk dA products stay fp32 (tf32 on tensor cores): bf16 operands there were 20 % faster but wrong
+    # in the joint dqk kernel on an H200 (relative difference 1.8, bench/results/20261201_h200_kernel_tune_dqk.json)
+    intra = dict(INTRA_PREC="ieee" if _interpreted() else "tf32x3" if q.dtype == torch.float32 else "tf32",
+                 INTRA_DT=tl.float32)
     BVv = _bv("bwd_dv", V)
     split = CONFIG["bwd_dqk"].get("split", False)
     # the dv kernel hands dA to the split dq / dk kernels when one program covers all of V
@@ -166,9 +192,7 @@ def chunk_metala_bwd(q, gate, v, do, dht, scale, inv_tau, saved, plan: ChunkPlan
     BK_dqk = min(CONFIG["bwd_dqk"]["BK"], K)
     common = dict(
         H=H, K=K, V=V, BT_=BT, BC_=BC, BK=BK_dqk, BV=_bv("bwd_dqk", V), GATE_LOGITS=gate_logits, DT=DT, DOT_PREC=prec,
-        INTRA_PREC="ieee" if _interpreted() else "tf32x3" if q.dtype == torch.float32 else "tf32",
-        INTRA_DT=tl.bfloat16 if DT != tl.float32 and CONFIG["bwd_dqk"].get("intra_bf16") else tl.float32,
-        **_launch("bwd_dqk"),
+        **intra, **_launch("bwd_dqk"),
     )
     grid = (plan.n_chunks, H, K // BK_dqk)
     tables = (plan.chunk_start, plan.chunk_len, plan.chunk_seg, scale, inv_tau)
