@@ -17,6 +17,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from metala.ops.incoming_state import kernel as incoming
 from metala.ops.metala import chunk_bwd, chunk_fwd, fused_recurrent_kernel
 
 
@@ -88,6 +89,21 @@ def main() -> None:
                  "LOAD_DA": True}, 4),
                 ("decode", fused_recurrent_kernel.fused_recurrent_metala_kernel, {**common, "BV": BV,
                  "GATE_LOGITS": True, "HAS_H0": True}, 4),
+            ]
+            # the sequence-parallel correction (metala/ops/incoming_state), with the launchers' widths
+            inc = {"H": 8, "K": K, "TILE": 64}
+            types.update({n: "*fp32" for n in ("S", "G_off", "out_first", "out_last", "d_first", "d_last", "dG_off",
+                                                "dS_part")})
+            types.update({"out": f"*{dt_name}", "dout": f"*{dt_name}", "dz": f"*{dt_name}", "dq": f"*{dt_name}",
+                          "first_len": "*i32", "last_start": "*i32", "L": "i32", "NT": "i32",
+                          "NG": "i32", "TPG": "i32", "z": f"*{dt_name}"})
+            mm = {**inc, "V": V, "DT": dt, "DOT_PREC": prec}
+            jobs += [
+                ("inc_tile_fwd", incoming.gate_tile_sums_fwd_kernel, inc, 4),
+                ("inc_tile_bwd", incoming.gate_tile_sums_bwd_kernel, inc, 8),
+                ("inc_fwd", incoming.incoming_state_fwd_kernel, {**mm, "BV": min(128, V)}, 8),
+                ("inc_bwd_dqz", incoming.incoming_state_bwd_dqz_kernel, {**mm, "BV": min(64, V)}, 8),
+                ("inc_bwd_ds", incoming.incoming_state_bwd_ds_kernel, {**mm, "BV": min(64, V)}, 8),
             ]
             for name, kern, consts, warps in jobs:
                 try:

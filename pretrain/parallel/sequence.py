@@ -12,10 +12,12 @@ Per layer:
     earlier, so its incoming state flows through it). The recurrence is linear in the state, so the true output of
     a token t of the row's first piece is the local one plus the incoming state's share (the correction GEMM):
         o_t += scale * (q_t * exp(sum_{s<=t} g_s)) S_in
-    in fp32, recomputed in the backward (checkpointed) so it holds no fp32 activations. Autograd through the
-    correction and the all-gathers (backward = sum of the slot's gradients) gives exact gradients of q, z, v and the
-    states; the operator's backward receives the final-state gradient. The first version re-ran the operator
-    from S_in instead (a second forward and backward of the whole slice); on 2 x H200 that cost 30 % per step.
+    (`metala.ops.incoming_state`: Triton kernels that keep g, its cumulative sums and exp in registers, per 64-token
+    tile; G comes from the same op). Autograd through the correction and the all-gathers (backward = sum of the
+    slot's gradients) gives exact gradients of q, z, v and the states; the operator's backward receives the
+    final-state gradient. Earlier forms: re-running the operator from S_in (a second forward and backward of the
+    slice: 29.6 % per step on 2 x H200), then the correction in PyTorch fp32 (38 % on one H200 simulating SP=2 at
+    98k tokens: a dozen fp32 passes over [L, H, K] per layer and their backward).
 Labels are shifted on the full sequence before slicing (the loader's labels already are), every SP rank of a replica
 reads the same sample, and each rank's loss is its token-loss sum over the micro-batch's total token count (DeepSpeed
 sums gradients over SP and averages over DP).
@@ -27,11 +29,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from metala.ops.utils.varlen import seq_ids
+from metala.ops.incoming_state import incoming_state_output, piece_log_decays
 from pretrain.parallel.comm import all_gather_stack
 from pretrain.parallel.layout import ParallelLayout
 
@@ -52,10 +52,12 @@ class SPContext:
     # per row: index of its first and last document piece in the local cu_seqlens
     first_piece: torch.Tensor
     last_piece: torch.Tensor
-    # per row: tokens of its first piece (the ones the incoming state reaches), and their maximum (host int: the
-    # correction touches only that many leading tokens of each row, without a device sync)
+    # per row: tokens of its first piece that an incoming state reaches (0 when the slice starts a document), their
+    # maximum (a host int: no device sync to know whether any row needs the correction), and where the row's last
+    # piece (the one whose state leaves the slice) starts
     first_len: torch.Tensor
     first_len_max: int
+    last_start: torch.Tensor
 
 
 class SequenceParallel:
@@ -92,7 +94,8 @@ class SequenceParallel:
         offsets = np.concatenate([[0], np.cumsum(pieces)])
         # the first piece ends at the row's second local document start, else at the row's end
         later = local_starts[:, 1:]
-        first_len = np.where(later.any(1), later.argmax(1) + 1, L)
+        first_len = np.where(later.any(1), later.argmax(1) + 1, L) * cont
+        last_start_local = (L - 1) - local_starts[:, ::-1].argmax(1)
         cu_local = np.flatnonzero(local_starts.reshape(-1))
         cu_local = torch.from_numpy(np.append(cu_local, B * L).astype(np.int32))
         self.ctx = SPContext(
@@ -100,7 +103,8 @@ class SequenceParallel:
             cont=torch.from_numpy(cont), single=torch.from_numpy(cont & (pieces == 1)),
             first_pos=torch.from_numpy(pos[:, lo]), first_piece=torch.from_numpy(offsets[:-1]),
             last_piece=torch.from_numpy(offsets[1:] - 1),
-            first_len=torch.from_numpy(first_len), first_len_max=int(first_len[cont].max()) if cont.any() else 0,
+            first_len=torch.from_numpy(first_len.astype(np.int32)), first_len_max=int(first_len.max()),
+            last_start=torch.from_numpy(last_start_local.astype(np.int32)),
         )
         local = {"input_ids": ids[:, lo:hi].contiguous(), "labels": labels[:, lo:hi].contiguous(),
                  "cu_seqlens": cu_local}
@@ -108,7 +112,7 @@ class SequenceParallel:
 
     def to(self, device: torch.device) -> None:
         c = self.ctx
-        for f in ("cont", "single", "first_pos", "first_piece", "last_piece", "first_len"):
+        for f in ("cont", "single", "first_pos", "first_piece", "last_piece", "first_len", "last_start"):
             setattr(c, f, getattr(c, f).to(device))
 
     # --- conv halo ---------------------------------------------------------------------------------------------
@@ -156,12 +160,12 @@ class SequenceParallel:
             c = self.ctx
             common = dict(decay_normalizer=decay_normalizer, k=k, scale=scale, cu_seqlens=cu_seqlens, backend=backend)
             o, finals = base(q, z, v, output_final_state=True, **common)
-            n_pieces = cu_seqlens.numel() - 1
-            N = q.shape[1]
-            g = F.logsigmoid(z[0].float()) / decay_normalizer
-            G_piece = torch.zeros(n_pieces, *g.shape[1:], device=g.device).index_add(0, seq_ids(cu_seqlens, N), g)
+            B, L = c.batch, c.local_len
+            rows = lambda x: x.reshape(B, L, *x.shape[2:])  # noqa: E731  (packed [1, B*L, ...] -> [B, L, ...])
+            # the Triton kernels where the operator runs on Triton, their PyTorch twins where it runs on PyTorch
+            fix = "naive" if backend in ("chunk", "naive") else backend
+            G_off, G = piece_log_decays(rows(z), c.first_len, c.last_start, decay_normalizer, backend=fix)
             E = finals[c.last_piece]  # [B, H, K, V]
-            G = G_piece[c.last_piece]  # [B, H, K]
             E_all = all_gather_stack(E, self.group)
             G_all = all_gather_stack(G, self.group)
             flags = all_gather_stack(torch.stack([c.cont, c.single]).to(torch.float32), self.group)
@@ -173,38 +177,15 @@ class SequenceParallel:
                 S = cont_next[:, None, None, None] * (
                     single_j[:, None, None, None] * G_all[j].exp()[..., None] * S + E_all[j]
                 )
-            n = c.first_len_max
-            if self.rank == 0 or n == 0:
+            if self.rank == 0 or c.first_len_max == 0:
                 # no incoming state anywhere: keep S (zero) in the graph so the gathers' backward runs here too
                 return o + (S.sum() * 0).to(o.dtype), None
-            B, L = c.batch, c.local_len
-            scale = q.shape[-1] ** -0.5 if scale is None else scale
-            rows = o.reshape(B, L, *o.shape[2:])
-            corr = checkpoint(_incoming_state_output, q.reshape(B, L, *q.shape[2:])[:, :n],
-                              z.reshape(B, L, *z.shape[2:])[:, :n], S, c.first_len, decay_normalizer, scale,
-                              use_reentrant=False)
-            head = (rows[:, :n].float() + corr).to(o.dtype)
-            out = head if n == L else torch.cat([head, rows[:, n:]], dim=1)
+            out = incoming_state_output(rows(o), rows(q), rows(z), S, G_off, c.first_len, decay_normalizer, scale,
+                                        backend=fix)
             return out.reshape(o.shape), None
 
         return attn
 
-
-def _incoming_state_output(q: torch.Tensor, z: torch.Tensor, S: torch.Tensor, first_len: torch.Tensor,
-                           decay_normalizer: float, scale: float) -> torch.Tensor:
-    """scale * (q_t * exp(cumulative log-decay up to t)) S for the leading tokens of each row, zero past the row's
-    first piece. q, z: [B, n, H, K]; S: fp32 [B, H, K, V]; returns fp32 [B, n, H, V].
-
-    Works head-major ([B, H, n, K]): the scan then runs along the innermost dimension (a cumsum along the token
-    dimension of [B, n, H, K] took 18 ms per layer at n = 48k on an H200, 40x this) and the product is one batched
-    GEMM per (row, head)."""
-    B, n = q.shape[:2]
-    g = (F.logsigmoid(z.float()) / decay_normalizer).permute(0, 2, 3, 1).contiguous()  # [B, H, K, n]
-    # g <= 0, so the cumulative decay only shrinks: exp never overflows
-    decay = g.cumsum(-1).exp().transpose(-1, -2)  # [B, H, n, K]
-    inside = (torch.arange(n, device=q.device)[None, :] < first_len[:, None]).to(decay.dtype)  # [B, n]
-    qd = q.float().transpose(1, 2) * decay * inside[:, None, :, None]
-    return (scale * torch.matmul(qd, S)).transpose(1, 2)
 
 
 def apply_sequence_parallel(model: nn.Module, layout: ParallelLayout) -> SequenceParallel | None:

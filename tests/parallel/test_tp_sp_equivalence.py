@@ -44,7 +44,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
-def worker(rank: int, world: int, tp: int, sp: int, port: int, with_docs: bool) -> None:
+def worker(rank: int, world: int, tp: int, sp: int, port: int, with_docs: bool, backend: str = "chunk") -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -53,7 +53,7 @@ def worker(rank: int, world: int, tp: int, sp: int, port: int, with_docs: bool) 
         from pretrain.parallel.sequence import apply_sequence_parallel
         from pretrain.parallel.tensor import apply_tensor_parallel
 
-        cfg = MetaLAConfig.from_preset("tiny", attn_backend="chunk")
+        cfg = MetaLAConfig.from_preset("tiny", attn_backend=backend)
         ref = MetaLAForCausalLM(cfg, seed=3)
         with torch.no_grad():
             for layer in ref.layers:
@@ -111,3 +111,14 @@ def worker(rank: int, world: int, tp: int, sp: int, port: int, with_docs: bool) 
 def test_parallel_model_matches_single_process(tp, sp, with_docs):
     world = tp * sp
     mp.spawn(worker, args=(world, tp, sp, free_port(), with_docs), nprocs=world, join=True)
+
+
+@pytest.mark.parametrize("sp", [2, 4], ids=["SP2", "SP4"])
+def test_sequence_parallel_on_the_triton_kernels(sp):
+    """The same check with the model on the Triton operator (CPU interpreter here, compiled on a GPU): the SP
+    correction then runs on its Triton kernels too (`metala.ops.incoming_state`)."""
+    from metala.ops.metala.api import triton_usable
+
+    if not triton_usable(torch.device("cuda" if torch.cuda.is_available() else "cpu")):
+        pytest.skip("needs a CUDA GPU or the Triton CPU interpreter")
+    mp.spawn(worker, args=(sp, 1, sp, free_port(), True, "triton"), nprocs=sp, join=True)
