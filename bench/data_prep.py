@@ -3,7 +3,8 @@
 For a 32k BPE and a 32k unigram tokenizer trained on the bundled corpus, in one run on the same text:
   - raw encode: `sp.encode(texts)` on one thread (list output, the default) and with numpy output, on texts
     already in memory (no reading, parsing or writing);
-  - our pipeline with 1 and 2 workers (read .jsonl.zst, parse, split, tokenize, write shards + manifest): tokens/s,
+  - our pipeline with 1 and 2 workers (read .jsonl.zst, parse, split, tokenize, write shards + manifest; the
+    default `--encoder auto`: distinct spans encoded once for BPE, whole texts for unigram): tokens/s,
     tokens/s per worker, and tokens per CPU-second (all processes counted, the reader included);
   - the plain `datasets` baseline: load_dataset("json") + map(batched, num_proc) + save_to_disk;
   - the packed loader on one core (seq 2048, batch 16).
@@ -103,7 +104,8 @@ def pipeline(model: str, inputs: list[str], out: Path, workers: int) -> dict:
               "--shard-tokens", "2000000"])
     wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     tokens = m["splits"]["train"]["tokens"]
-    return {"workers": workers, "tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
+    return {"workers": workers, "encoder": m["encoder"]["used"], "tokens": tokens, "seconds": wall,
+            "tokens_per_s": tokens / wall,
             "tokens_per_s_per_worker": tokens / wall / workers, "cpu_seconds": cpu,
             "tokens_per_cpu_second": tokens / cpu, "manifest": m}
 

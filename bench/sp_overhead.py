@@ -65,6 +65,20 @@ def _plain_loss(model, batch) -> torch.Tensor:
     return model(batch["input_ids"], labels=batch["labels"], cu_seqlens=batch["cu_seqlens"], return_logits=False).loss
 
 
+def _steps(ref, sp_model, spar, half: dict, full: dict):
+    """One step of each kind: the plain model on `half`, the SP model on (this rank's slice of) `full`."""
+
+    def plain_step():
+        ref.zero_grad(set_to_none=True)
+        _plain_loss(ref, half).backward()
+
+    def sp_step():
+        sp_model.zero_grad(set_to_none=True)
+        _sp_loss(sp_model, spar, full).backward()
+
+    return plain_step, sp_step
+
+
 def _check(ref, sp_model, spar, seq: int, vocab: int, device: torch.device, group) -> dict:
     """fp32: SP loss and gradients (summed over SP) against the plain model on the whole sequence."""
     batch = _batch(seq, vocab, device, seed=1)
@@ -148,17 +162,8 @@ def worker(rank: int, world: int, args: argparse.Namespace, port: int, out: str)
         dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
         ref.to(dtype)
         sp_model.to(dtype)
-        half = _batch(args.seq // 2, cfg.vocab_size, device, seed=2 + rank)
-        full = _batch(args.seq, cfg.vocab_size, device, seed=2)
-
-        def plain_step():
-            ref.zero_grad(set_to_none=True)
-            _plain_loss(ref, half).backward()
-
-        def sp_step():
-            sp_model.zero_grad(set_to_none=True)
-            _sp_loss(sp_model, spar, full).backward()
-
+        plain_step, sp_step = _steps(ref, sp_model, spar, _batch(args.seq // 2, cfg.vocab_size, device, seed=2 + rank),
+                                     _batch(args.seq, cfg.vocab_size, device, seed=2))
         result["plain"] = _time(plain_step, args.steps, args.warmup, device)
         dist.barrier()
         result["sp2"] = _time(sp_step, args.steps, args.warmup, device)
@@ -187,18 +192,8 @@ def simulate_timing(args: argparse.Namespace, out: Path) -> dict:
     ref.validate_inputs = False
     sp_model = copy.deepcopy(ref)
     spar = sequence.apply_sequence_parallel(sp_model, layout)
-    local = args.seq // world
-    half = _batch(local, cfg.vocab_size, device, seed=2)
-    full = _batch(args.seq, cfg.vocab_size, device, seed=2)
-
-    def plain_step():
-        ref.zero_grad(set_to_none=True)
-        _plain_loss(ref, half).backward()
-
-    def sp_step():
-        sp_model.zero_grad(set_to_none=True)
-        _sp_loss(sp_model, spar, full).backward()
-
+    plain_step, sp_step = _steps(ref, sp_model, spar, _batch(args.seq // world, cfg.vocab_size, device, seed=2),
+                                 _batch(args.seq, cfg.vocab_size, device, seed=2))
     rows = {"plain": _time(plain_step, args.steps, args.warmup, device)}
     rows["sp2"] = _time(sp_step, args.steps, args.warmup, device)
     # once more, interleaved, so a drift of the machine cannot favour one side

@@ -70,6 +70,17 @@ def tokenizer_model(tokenizer_dir) -> str:
 
 
 @pytest.fixture(scope="session")
+def bpe_tokenizer_model(tmp_path_factory) -> str:
+    """A 1024-piece BPE tokenizer with our options (the model type span encoding is exact for)."""
+    from data_prep.train_tokenizer import main
+
+    out = tmp_path_factory.mktemp("tok_bpe")
+    main(["--input", *DEMO_INPUTS, "--vocab-size", "1024", "--max-chars", "2000000", "--model-type", "bpe",
+          "--output", str(out), "--num-threads", "2"])
+    return str(out / "tokenizer.model")
+
+
+@pytest.fixture(scope="session")
 def demo_data(tmp_path_factory, tokenizer_model) -> Path:
     """The second demo shard tokenized with a 5% validation split."""
     from data_prep.prepare import main

@@ -162,3 +162,18 @@ def test_bad_arguments(tokenizer_model, tmp_path):
         run_prepare([str(tmp_path / "missing.jsonl")], tokenizer_model, tmp_path / "o")
     with pytest.raises(SystemExit):
         run_prepare([str(tmp_path)], tokenizer_model, tmp_path / "o", "--val-fraction", "1.5")
+
+
+def test_span_encoder_writes_the_same_shards(small_corpus, bpe_tokenizer_model, tokenizer_model, tmp_path):
+    inputs, _ = small_corpus
+    shas, used = [], []
+    for encoder in ("whole", "spans", "auto"):
+        m = run_prepare(inputs, bpe_tokenizer_model, tmp_path / encoder, "--workers", "1", "--encoder", encoder,
+                        "--shard-tokens", "50000", "--val-fraction", "0.05")
+        shas.append([s["sha256"] for split in ("train", "val") for s in m["splits"][split]["shards"]])
+        used.append(m["encoder"]["used"])
+    assert used == ["whole", "spans", "spans"] and len(shas[0]) > 2 and shas[0] == shas[1] == shas[2]
+    # a unigram model cannot be encoded by spans exactly: asking for it is a clear error before any work
+    with pytest.raises(SystemExit, match="would not be exact: not a BPE model"):
+        run_prepare(inputs, tokenizer_model, tmp_path / "uni", "--encoder", "spans")
+    assert not (tmp_path / "uni" / "manifest.json").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import sentencepiece as spm
 
@@ -80,3 +81,50 @@ def test_too_small_vocab_is_refused(tmp_path):
 def test_missing_model_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer model not found"):
         Tokenizer(tmp_path / "nope.model")
+
+
+# texts whose span boundaries are easy to get wrong: space runs at either end, newlines next to spaces, characters
+# outside the vocabulary (byte fallback), digits, a long word, the span separator itself
+TRICKY = ["a", " a", "a ", "a  b", "   lead", "trail   ", " ", "\n", "a\nb", " \n ", "\n\n  x\n", "tab\tsep\t",
+          "😀 ok 😀", "中文 字 符", "12345 678.9", "x" * 5000, "foo.bar,baz; qux!", "\u200bzero width", "crlf\r\n x",
+          "ünï cödé  ß"]
+
+
+def _demo_texts(n: int) -> list[str]:
+    from data_prep.readers import ReadErrors, iter_records, parse_record
+
+    texts = []
+    for rec in iter_records([DEMO_INPUTS[0]], ReadErrors()):
+        parsed = parse_record(rec.payload)
+        if parsed.text:
+            texts.append(parsed.text)
+        if len(texts) == n:
+            break
+    return texts
+
+
+def test_span_encoding_equals_whole_encoding_for_bpe(bpe_tokenizer_model):
+    tok = Tokenizer(bpe_tokenizer_model)
+    assert tok.span_problem is None and tok.resolve_encoder("auto") == "spans"
+    assert tok.span_rule[0] == "spaces+newlines"
+    for texts in (_demo_texts(300) + TRICKY, TRICKY + ["holds the separator \x00 inside"]):
+        whole, lw = tok.encode_documents(texts, np.uint32, "whole")
+        spans, ls = tok.encode_documents(texts, np.uint32, "spans")
+        assert np.array_equal(lw, ls) and np.array_equal(whole, spans)
+        # and both are sentencepiece's own ids, EOS after each document
+        ref = [i for t in texts for i in tok.sp.encode(t) + [tok.eos_id]]
+        assert whole.tolist() == ref
+
+
+def test_span_encoding_is_refused_where_it_would_not_be_exact(tokenizer_model, tmp_path):
+    uni = Tokenizer(tokenizer_model)
+    assert uni.span_problem == "not a BPE model" and uni.resolve_encoder("auto") == "whole"
+    with pytest.raises(ValueError, match="would not be exact: not a BPE model"):
+        uni.resolve_encoder("spans")
+    # a BPE model with sentencepiece's default normalisation (nmt_nfkc, dummy prefix) is refused too
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(["the quick brown fox jumps over the lazy dog"] * 200),
+        model_prefix=str(tmp_path / "ext"), vocab_size=40, model_type="bpe", minloglevel=2,
+    )
+    ext = Tokenizer(tmp_path / "ext.model")
+    assert "normalization 'nmt_nfkc'" in ext.span_problem and ext.resolve_encoder("auto") == "whole"
