@@ -175,10 +175,9 @@ def chunk_metala_bwd(q, gate, v, do, dht, scale, inv_tau, saved, plan: ChunkPlan
     dv = torch.empty_like(v)
     dgate = torch.empty_like(gate)
     DT = _dot_dtype(q.dtype)
-    # the intra-chunk dA products stay fp32 (tf32 on tensor cores): bf16 operands there were 20 % faster but wrong
-    # in the joint dqk kernel on an H200 (relative difference 1.8, bench/results/20261201_h200_kernel_tune_dqk.json)
-    intra = dict(INTRA_PREC="ieee" if _interpreted() else "tf32x3" if q.dtype == torch.float32 else "tf32",
-                 INTRA_DT=tl.float32)
+    # the intra-chunk dA products take fp32 operands (tf32 on tensor cores): bf16 operands there were 20 % faster
+    # but wrong in the joint dqk kernel on an H200 (relative difference 1.8, 20261201_h200_kernel_tune_dqk.json)
+    intra = dict(INTRA_PREC="ieee" if _interpreted() else "tf32x3" if q.dtype == torch.float32 else "tf32")
     BVv = _bv("bwd_dv", V)
     split = CONFIG["bwd_dqk"].get("split", False)
     # the dv kernel hands dA to the split dq / dk kernels when one program covers all of V

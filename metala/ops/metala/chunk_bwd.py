@@ -154,7 +154,6 @@ def chunk_metala_bwd_kernel_dqk(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT_: tl.constexpr, BC_: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     GATE_LOGITS: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, INTRA_PREC: tl.constexpr,
-    INTRA_DT: tl.constexpr,
 ):
     """dq and the decay gradient dg (or dz) per (chunk, head, K-tile); key channels are independent except
     through dA = dO v^T, which each K-tile recomputes (cheap) so that no program holds all K channels."""
@@ -193,7 +192,7 @@ def chunk_metala_bwd_kernel_dqk(
     for i in tl.static_range(BT_ // BC_):
         R_i = tl.sum(tl.where((o_t == i * BC_ + BC_ // 2)[:, None], Gam, 0.0), axis=0)
         kf = tl.where((sub <= i)[:, None], k * tl.exp(tl.minimum(R_i[None, :] - Gam, 80.0)), 0.0)
-        dq_intra += tl.where((sub == i)[:, None], tl.dot(dA.to(INTRA_DT), kf.to(INTRA_DT), input_precision=INTRA_PREC),
+        dq_intra += tl.where((sub == i)[:, None], tl.dot(dA, kf, input_precision=INTRA_PREC),
                              0.0)
     R = sub_reference(Gam, o_t, BT_, BC_)
     dqq = dq_intra * tl.exp(Gam - R) + scale * tl.exp(Gam) * dq_inter
@@ -206,7 +205,7 @@ def chunk_metala_bwd_kernel_dqk(
         R_i = tl.sum(tl.where((o_t == i * BC_ + BC_ // 2)[:, None], Gam, 0.0), axis=0)
         qf = tl.where((sub >= i)[:, None], qq * tl.exp(tl.minimum(Gam - R_i[None, :], 80.0)), 0.0)
         dk_intra += tl.where((sub == i)[:, None],
-                             tl.dot(tl.trans(dA).to(INTRA_DT), qf.to(INTRA_DT), input_precision=INTRA_PREC), 0.0)
+                             tl.dot(tl.trans(dA), qf, input_precision=INTRA_PREC), 0.0)
     dk_state = dk_state * tl.exp(gam[None, :] - Gam)
     dkk = dk_intra * tl.exp(R - Gam) + dk_state
     d_gam -= k * dkk
@@ -234,7 +233,7 @@ def chunk_metala_bwd_kernel_dq(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT_: tl.constexpr, BC_: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     GATE_LOGITS: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, INTRA_PREC: tl.constexpr,
-    INTRA_DT: tl.constexpr, LOAD_DA: tl.constexpr,
+    LOAD_DA: tl.constexpr,
 ):
     """dq per (chunk, head, K-tile): the split form of `chunk_metala_bwd_kernel_dqk` (fewer live registers).
     With LOAD_DA, dA comes from `dA_in` (written by the dv kernel) instead of a dO v^T pass here."""
@@ -277,7 +276,7 @@ def chunk_metala_bwd_kernel_dq(
         R = tl.where((sub == i)[:, None], R_i[None, :], R)
         kf = tl.where((sub <= i)[:, None], k * tl.exp(tl.minimum(R_i[None, :] - Gam, 80.0)), 0.0)
         dq_intra += tl.where((sub == i)[:, None],
-                             tl.dot(dA.to(INTRA_DT), kf.to(INTRA_DT), input_precision=INTRA_PREC), 0.0)
+                             tl.dot(dA, kf, input_precision=INTRA_PREC), 0.0)
     dqq = dq_intra * tl.exp(Gam - R) + scale * tl.exp(Gam) * dq_inter
     tl.store(dq + (tok[:, None] * H + i_h) * K + offs_k[None, :], dqq.to(dq.dtype.element_ty), mask=m_t[:, None])
 
@@ -290,7 +289,7 @@ def chunk_metala_bwd_kernel_dkg(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT_: tl.constexpr, BC_: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     GATE_LOGITS: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, INTRA_PREC: tl.constexpr,
-    INTRA_DT: tl.constexpr, LOAD_DA: tl.constexpr,
+    LOAD_DA: tl.constexpr,
 ):
     """dk and the decay gradient per (chunk, head, K-tile), reading the dq that `chunk_metala_bwd_kernel_dq`
     wrote (q * dq enters dg), and dA from `dA_in` with LOAD_DA."""
@@ -338,7 +337,7 @@ def chunk_metala_bwd_kernel_dkg(
         R = tl.where((sub == i)[:, None], R_i[None, :], R)
         qf = tl.where((sub >= i)[:, None], qq * tl.exp(tl.minimum(Gam - R_i[None, :], 80.0)), 0.0)
         dk_intra += tl.where((sub == i)[:, None],
-                             tl.dot(dAT.to(INTRA_DT), qf.to(INTRA_DT), input_precision=INTRA_PREC), 0.0)
+                             tl.dot(dAT, qf, input_precision=INTRA_PREC), 0.0)
     dkk = dk_intra * tl.exp(R - Gam) + dk_state
     d_gam = qq * tl.load(dq + p_k, mask=m_tk, other=0.0).to(tl.float32) - k * dkk
     # revcumsum within the chunk + the chunk-wide state terms - alpha * dk (the key tied to the decay)
