@@ -105,6 +105,11 @@ def main() -> None:
                 ("inc_bwd_dqz", incoming.incoming_state_bwd_dqz_kernel, {**mm, "BV": min(64, V)}, 8),
                 ("inc_bwd_ds", incoming.incoming_state_bwd_ds_kernel, {**mm, "BV": min(64, V)}, 8),
             ]
+            # the intra-chunk kernels exist in one compiled form per path (chunk_fwd.py INTRA_PATH)
+            jobs = [(f"{name}/{tag}" if "INTRA_PATH" in kern.arg_names else name, kern,
+                     {**consts, "INTRA_PATH": path} if "INTRA_PATH" in kern.arg_names else consts, warps)
+                    for name, kern, consts, warps in jobs
+                    for tag, path in ((("one", 1), ("sub", 2)) if "INTRA_PATH" in kern.arg_names else (("", 0),))]
             for name, kern, consts, warps in jobs:
                 try:
                     info = compile_one(kern, types, consts, warps, target)

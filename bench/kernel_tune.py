@@ -62,6 +62,32 @@ def breakdown(q, z, v, do, B, T, seg) -> dict[str, float]:
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
+def kernel_resources() -> dict[str, list[dict]]:
+    """Registers, spills and shared memory of every compiled variant of the operator's kernels (from the driver,
+    after the runs above): a spilling kernel is the first thing to look at."""
+    from metala.ops.metala import chunk_bwd, chunk_fwd
+
+    out = {}
+    for mod in (chunk_fwd, chunk_bwd):
+        for name in dir(mod):
+            fn = getattr(mod, name)
+            if not name.startswith("chunk_metala_") or not hasattr(fn, "device_caches"):
+                continue
+            rows = []
+            for caches in fn.device_caches.values():
+                for compiled in caches[0].values():
+                    try:
+                        compiled._init_handles()
+                        rows.append({"regs": compiled.n_regs, "spills": compiled.n_spills,
+                                     "shared": compiled.metadata.shared, "warps": compiled.metadata.num_warps,
+                                     "stages": compiled.metadata.num_stages})
+                    except Exception as e:  # noqa: BLE001 - the layout of Triton's cache is not an API
+                        rows.append({"error": f"{type(e).__name__}: {e}"[:200]})
+            if rows:
+                out[name] = rows
+    return out
+
+
 def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -74,7 +100,10 @@ def main() -> None:
     shapes = [(16, 2048, 8), (1, 32768, 16)]
     three = {"split": True, "dA_from_dv": True}
     default = copy.deepcopy(C.CONFIG)
-    report = {"gpu": torch.cuda.get_device_name(), "default": default, "shapes": []}
+    from metala.ops.metala.chunk_fwd import SPAN
+
+    report = {"gpu": torch.cuda.get_device_name(), "default": default, "one_reference_span": SPAN.value,
+              "shapes": []}
     # each variant: {kernel: changes} on top of the defaults
     variants = [
         {"bwd_dqk": {"BK": 64, "num_warps": 8}}, {"bwd_dqk": {"BK": 16}}, {"bwd_dqk": {"num_stages": 1}},
@@ -83,6 +112,9 @@ def main() -> None:
         {"bwd_dqk": three}, {"bwd_dqk": three, "bwd_dkg": {"BK": 32}},
         {"bwd_dh": {"BV": 128, "num_warps": 8}}, {"bwd_dv": {"num_warps": 8}},
         {"fwd_o": {"num_warps": 8}}, {"fwd_h": {"num_warps": 8}},
+        # one kernel per intra-chunk form choosing at run time, instead of a launch per form
+        {"intra": {"two_launches": False}}, {"bwd_dqk": three, "bwd_dkg": {"num_warps": 4}},
+        {"bwd_dh": {"BV": 128, "num_warps": 8}, "bwd_dqk": {"BK": 16}},
     ]
     for B, T, H in shapes[:1] if args.quick else shapes:
         q, z, v, do = setup(B, T, H)
@@ -127,6 +159,10 @@ def main() -> None:
         entry["best_change"] = best["change"] if best and best["fwd_ms"] + best["bwd_ms"] < f + b else {}
         print(f"   best: {entry['best_change'] or 'the defaults'}", flush=True)
         report["shapes"].append(entry)
+    report["kernel_resources"] = kernel_resources()
+    for name, rows in report["kernel_resources"].items():
+        print(f"   {name}: " + ", ".join(f"{r.get('regs')} regs {r.get('spills')} spills {r.get('warps')} warps"
+                                         for r in rows), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{time.strftime('%Y%m%d')}_kernel_tune.json"
     path.write_text(json.dumps(report, indent=2))

@@ -84,6 +84,48 @@ def test_triton_extreme_gates(logit):
     compare(ref, fwd_bwd(fn, q, z, v, h0, do, dht), 1e-4)
 
 
+def chunk_spans(z: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """Per (batch, chunk, head): the largest log-decay span over channels (nats), the kernels' path switch."""
+    g = (F.logsigmoid(z.detach().float()) / 16).clamp_min(-10.0)
+    B, T, H, K = g.shape
+    g = F.pad(g, (0, 0, 0, 0, 0, -T % chunk)).view(B, -1, chunk, H, K)
+    return (-g.sum(2)).amax(-1)
+
+
+def mixed_gate_inputs(T=192, H=2, K=64, V=128):
+    """Gate logits that send some chunks (and single channels) past the one-reference span and keep others
+    within it, so that both intra-chunk paths of every kernel run in one call."""
+    from metala.ops.metala.chunk_fwd import SPAN
+
+    q, z, v, h0 = inputs(1, T, H, K, V)
+    with torch.no_grad():
+        z[:, :64] -= 60.0  # first chunk: every channel strongly closed (span ~240: one reference would overflow)
+        z[:, 64:128, :, :3] -= 80.0  # second chunk: three channels closed, the tile's minimum decides
+    spans = chunk_spans(z)
+    assert (spans > SPAN.value).any() and (spans <= SPAN.value).any()
+    return q, z, v, h0
+
+
+@pytest.mark.parametrize("two_launches", [True, False], ids=["two-launches", "runtime-branch"])
+@pytest.mark.parametrize("gate", ["g", "logits"])
+def test_triton_mixed_span_chunks(gate, two_launches, monkeypatch):
+    """Chunks past the one-reference span take the sub-chunk path, the rest one matmul; both exact, whether each
+    path is its own launch or one kernel branches per chunk."""
+    from metala.ops.metala import chunk as C
+    from metala.ops.metala.chunk import chunk_metala, chunk_metala_from_logits
+
+    monkeypatch.setitem(C.CONFIG, "intra", {"two_launches": two_launches})
+
+    q, z, v, h0 = mixed_gate_inputs()
+    do, dht = torch.randn(1, 192, 2, 128, device=DEVICE), torch.randn(1, 2, 64, 128, device=DEVICE)
+    ref = fwd_bwd(lambda q, z, v, h0: reference(q, z, v, h0), q, z, v, h0, do, dht)
+    if gate == "g":
+        fn = lambda q, z, v, h0: chunk_metala(q, F.logsigmoid(z) / 16, v, initial_state=h0, output_final_state=True)
+    else:
+        fn = lambda q, z, v, h0: chunk_metala_from_logits(q, z, v, 16.0, initial_state=h0, output_final_state=True)
+    compare(ref, fwd_bwd(fn, q, z, v, h0, do, dht), 1e-4)
+
+
 @pytest.mark.parametrize("seg", [1, 8])
 def test_triton_varlen_matches_naive(seg):
     lengths = [1, 63, 1, 2, 70, 130]
@@ -172,12 +214,12 @@ def test_every_backward_form_matches_naive(form, monkeypatch):
     from metala.ops.metala import chunk as C
 
     monkeypatch.setitem(C.CONFIG, "bwd_dqk", {**C.CONFIG["bwd_dqk"], **form})
-    q, z, v, h0 = inputs(1, 130, 2, 64, 128)
-    do, dht = torch.randn(1, 130, 2, 128, device=DEVICE), torch.randn(1, 2, 64, 128, device=DEVICE)
+    q, z, v, h0 = mixed_gate_inputs()
+    do, dht = torch.randn(1, 192, 2, 128, device=DEVICE), torch.randn(1, 2, 64, 128, device=DEVICE)
     ref = fwd_bwd(lambda q, z, v, h0: reference(q, z, v, h0), q, z, v, h0, do, dht)
     fn = lambda q, z, v, h0: C.chunk_metala_from_logits(q, z, v, 16.0, initial_state=h0, output_final_state=True,
                                                         seg_chunks=1)
-    compare(ref, fwd_bwd(fn, q, z, v, h0, do, dht), FP32_RATIO)
+    compare(ref, fwd_bwd(fn, q, z, v, h0, do, dht), 1e-4)
 
 
 def test_config_overrides_from_the_environment(monkeypatch):

@@ -24,8 +24,11 @@ from metala.ops.metala.chunk_bwd import (
     chunk_metala_bwd_kernel_seg,
 )
 from metala.ops.metala.chunk_fwd import (
+    ANY_PATH,
     BC,
     BT,
+    ONE_REF,
+    SUB_CHUNKS,
     chunk_metala_fwd_kernel_h,
     chunk_metala_fwd_kernel_o,
     chunk_metala_fwd_kernel_seg,
@@ -81,6 +84,10 @@ CONFIG = {
     "bwd_dq": {"num_warps": 4, "num_stages": 2, "BK": 32},
     "bwd_dkg": {"num_warps": 8, "num_stages": 2, "BK": 64},
     "seg": {"num_warps": 4, "num_stages": 2},
+    # intra-chunk products (fwd_o, bwd_dv, bwd_dq/dk): with two_launches, each kernel is compiled once for chunks
+    # within the one-reference span and once for the rest (chunk_fwd.py INTRA_PATH), and both are launched; else
+    # one kernel chooses per chunk at run time and holds the registers of both forms
+    "intra": {"two_launches": True},
 }
 
 
@@ -102,6 +109,11 @@ def _apply_env_overrides() -> None:
 
 
 _apply_env_overrides()
+
+
+def _intra_paths() -> tuple[int, ...]:
+    """INTRA_PATH values to launch each intra-chunk kernel with (see CONFIG["intra"])."""
+    return (ONE_REF.value, SUB_CHUNKS.value) if CONFIG["intra"]["two_launches"] else (ANY_PATH.value,)
 
 
 def _bv(name: str, V: int) -> int:
@@ -139,11 +151,12 @@ def chunk_metala_fwd(q, gate, v, scale, inv_tau, initial_state, output_final_sta
     )
     o = torch.empty_like(v)
     BVo = _bv("fwd_o", V)
-    chunk_metala_fwd_kernel_o[(plan.n_chunks, H, triton.cdiv(V, BVo))](
-        q, gate, v, h_local, cdec, S_in, o, plan.chunk_start, plan.chunk_len, plan.chunk_seg, scale, inv_tau,
-        H=H, K=K, V=V, BT_=BT, BC_=BC, BV=BVo, GATE_LOGITS=gate_logits, DT=_dot_dtype(q.dtype), DOT_PREC=prec,
-        **_launch("fwd_o"),
-    )
+    for path in _intra_paths():
+        chunk_metala_fwd_kernel_o[(plan.n_chunks, H, triton.cdiv(V, BVo))](
+            q, gate, v, h_local, cdec, S_in, o, plan.chunk_start, plan.chunk_len, plan.chunk_seg, scale, inv_tau,
+            H=H, K=K, V=V, BT_=BT, BC_=BC, BV=BVo, GATE_LOGITS=gate_logits, DT=_dot_dtype(q.dtype), DOT_PREC=prec,
+            INTRA_PATH=path, **_launch("fwd_o"),
+        )
     return o, ht, (h_local, cdec, S_in, G)
 
 
@@ -183,11 +196,12 @@ def chunk_metala_bwd(q, gate, v, do, dht, scale, inv_tau, saved, plan: ChunkPlan
     # the dv kernel hands dA to the split dq / dk kernels when one program covers all of V
     store_dA = split and BVv >= V and CONFIG["bwd_dqk"].get("dA_from_dv", False)
     dA = torch.empty(plan.n_chunks, H, BT, BT, device=dev, dtype=torch.float32) if store_dA else dS_local
-    chunk_metala_bwd_kernel_dv[(plan.n_chunks, H, triton.cdiv(V, BVv))](
-        q, gate, v, do, h_local, cdec, S_in, G, dS_local, Dout, dv, dA, plan.chunk_start, plan.chunk_len,
-        plan.chunk_seg, scale, inv_tau, H=H, K=K, V=V, BT_=BT, BC_=BC, BV=BVv, GATE_LOGITS=gate_logits, DT=DT,
-        DOT_PREC=prec, STORE_DA=store_dA, **_launch("bwd_dv"),
-    )
+    for path in _intra_paths():
+        chunk_metala_bwd_kernel_dv[(plan.n_chunks, H, triton.cdiv(V, BVv))](
+            q, gate, v, do, h_local, cdec, S_in, G, dS_local, Dout, dv, dA, plan.chunk_start, plan.chunk_len,
+            plan.chunk_seg, scale, inv_tau, H=H, K=K, V=V, BT_=BT, BC_=BC, BV=BVv, GATE_LOGITS=gate_logits, DT=DT,
+            DOT_PREC=prec, STORE_DA=store_dA, INTRA_PATH=path, **_launch("bwd_dv"),
+        )
     BK_dqk = min(CONFIG["bwd_dqk"]["BK"], K)
     common = dict(
         H=H, K=K, V=V, BT_=BT, BC_=BC, BK=BK_dqk, BV=_bv("bwd_dqk", V), GATE_LOGITS=gate_logits, DT=DT, DOT_PREC=prec,
@@ -200,11 +214,13 @@ def chunk_metala_bwd(q, gate, v, do, dht, scale, inv_tau, saved, plan: ChunkPlan
                                    ("bwd_dkg", chunk_metala_bwd_kernel_dkg, (dq, dgate, dA))):
             bk = min(CONFIG[name]["BK"], K)
             kw = {**common, "BK": bk, **_launch(name)}
-            kernel[(plan.n_chunks, H, K // bk)](q, gate, v, do, h_local, cdec, S_in, G, dS_local, Dout, *outs,
-                                                *tables, LOAD_DA=store_dA, **kw)
+            for path in _intra_paths():
+                kernel[(plan.n_chunks, H, K // bk)](q, gate, v, do, h_local, cdec, S_in, G, dS_local, Dout, *outs,
+                                                    *tables, LOAD_DA=store_dA, INTRA_PATH=path, **kw)
     else:
-        chunk_metala_bwd_kernel_dqk[grid](q, gate, v, do, h_local, cdec, S_in, G, dS_local, Dout, dq, dgate, *tables,
-                                          **common)
+        for path in _intra_paths():
+            chunk_metala_bwd_kernel_dqk[grid](q, gate, v, do, h_local, cdec, S_in, G, dS_local, Dout, dq, dgate,
+                                              *tables, INTRA_PATH=path, **common)
     return dq, dgate, dv, dh0
 
 

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 import metala.ops.utils.triton_compat  # noqa: F401  (interpreter shim)
-from metala.ops.metala.chunk_fwd import intra_scores, load_gate, sub_reference
+from metala.ops.metala.chunk_fwd import intra_grad_k, intra_grad_q, intra_scores, load_gate, other_path
 from metala.ops.utils.triton_math import logsigmoid, neg_expm1, sigmoid_neg
 
 
@@ -114,6 +114,7 @@ def chunk_metala_bwd_kernel_dv(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT_: tl.constexpr, BC_: tl.constexpr, BV: tl.constexpr,
     GATE_LOGITS: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, STORE_DA: tl.constexpr,
+    INTRA_PATH: tl.constexpr,
 ):
     """dv = scale * A^T dO + (k * exp(gam - Gam)) dS, per (chunk, head, V-tile). With STORE_DA (one V-tile
     covering V) it also stores the masked dA = scale * dO v^T (fp32), so the dq/dk kernels need no dO v pass."""
@@ -129,9 +130,11 @@ def chunk_metala_bwd_kernel_dv(
     g = load_gate(gate, tok, m_t, i_h, offs_k, H, K, GATE_LOGITS, inv_tau)
     Gam = tl.cumsum(g, axis=0)
     gam = tl.sum(g, axis=0)
+    if other_path(gam, INTRA_PATH):
+        return
     k = neg_expm1(g)
     qq = tl.load(q + (tok[:, None] * H + i_h) * K + offs_k[None, :], mask=m_t[:, None], other=0.0).to(tl.float32)
-    A = intra_scores(qq * tl.exp(Gam - sub_reference(Gam, o_t, BT_, BC_)), k, Gam, o_t, BT_, BC_, DT, DOT_PREC)
+    A = intra_scores(qq, k, Gam, gam, o_t, BT_, BC_, DT, DOT_PREC, INTRA_PATH)
     _, dS = load_states(h_local, cdec, S_in, Gseg, dS_local, Dout, i_c, i_h, s, gam, offs_k, offs_v, H, K, V)
     m_tv = m_t[:, None] & (offs_v[None, :] < V)
     dd = tl.load(do + (tok[:, None] * H + i_h) * V + offs_v[None, :], mask=m_tv, other=0.0).to(DT)
@@ -154,6 +157,7 @@ def chunk_metala_bwd_kernel_dqk(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT_: tl.constexpr, BC_: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     GATE_LOGITS: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, INTRA_PREC: tl.constexpr,
+    INTRA_PATH: tl.constexpr,
 ):
     """dq and the decay gradient dg (or dz) per (chunk, head, K-tile); key channels are independent except
     through dA = dO v^T, which each K-tile recomputes (cheap) so that no program holds all K channels."""
@@ -167,6 +171,8 @@ def chunk_metala_bwd_kernel_dqk(
     tok = start + o_t
     g = load_gate(gate, tok, m_t, i_h, offs_k, H, K, GATE_LOGITS, inv_tau)
     gam = tl.sum(g, axis=0)
+    if other_path(gam, INTRA_PATH):
+        return
     dA = tl.zeros([BT_, BT_], dtype=tl.float32)
     dq_inter = tl.zeros([BT_, BK], dtype=tl.float32)
     dk_state = tl.zeros([BT_, BK], dtype=tl.float32)
@@ -184,30 +190,14 @@ def chunk_metala_bwd_kernel_dqk(
     dA = tl.where(o_t[:, None] >= o_t[None, :], dA * scale, 0.0)
     Gam = tl.cumsum(g, axis=0)
     k = neg_expm1(g)
-    sub = o_t // BC_
     m_tk = m_t[:, None]
     p_k = (tok[:, None] * H + i_h) * K + offs_k[None, :]
-    # dq: query rows of sub-chunk i against keys up to it, keys scaled by exp(R_i - Gam)
-    dq_intra = tl.zeros([BT_, BK], dtype=tl.float32)
-    for i in tl.static_range(BT_ // BC_):
-        R_i = tl.sum(tl.where((o_t == i * BC_ + BC_ // 2)[:, None], Gam, 0.0), axis=0)
-        kf = tl.where((sub <= i)[:, None], k * tl.exp(tl.minimum(R_i[None, :] - Gam, 80.0)), 0.0)
-        dq_intra += tl.where((sub == i)[:, None], tl.dot(dA, kf, input_precision=INTRA_PREC),
-                             0.0)
-    R = sub_reference(Gam, o_t, BT_, BC_)
-    dqq = dq_intra * tl.exp(Gam - R) + scale * tl.exp(Gam) * dq_inter
+    dqq = intra_grad_q(dA, k, Gam, gam, o_t, BT_, BC_, INTRA_PREC, INTRA_PATH) + scale * tl.exp(Gam) * dq_inter
     tl.store(dq + p_k, dqq.to(dq.dtype.element_ty), mask=m_tk)
     qq = tl.load(q + p_k, mask=m_tk, other=0.0).to(tl.float32)
     d_gam = qq * dqq
-    # dk: key rows of sub-chunk i against queries from it on, queries scaled by exp(Gam - R_i)
-    dk_intra = tl.zeros([BT_, BK], dtype=tl.float32)
-    for i in tl.static_range(BT_ // BC_):
-        R_i = tl.sum(tl.where((o_t == i * BC_ + BC_ // 2)[:, None], Gam, 0.0), axis=0)
-        qf = tl.where((sub >= i)[:, None], qq * tl.exp(tl.minimum(Gam - R_i[None, :], 80.0)), 0.0)
-        dk_intra += tl.where((sub == i)[:, None],
-                             tl.dot(tl.trans(dA), qf, input_precision=INTRA_PREC), 0.0)
     dk_state = dk_state * tl.exp(gam[None, :] - Gam)
-    dkk = dk_intra * tl.exp(R - Gam) + dk_state
+    dkk = intra_grad_k(tl.trans(dA), qq, Gam, gam, o_t, BT_, BC_, INTRA_PREC, INTRA_PATH) + dk_state
     d_gam -= k * dkk
     # reverse cumulative sum within the chunk, plus the terms that reach every row through the chunk's total decay
     dg = tl.sum(d_gam, axis=0)[None, :] - tl.cumsum(d_gam, axis=0) + d_gam
@@ -233,6 +223,7 @@ def chunk_metala_bwd_kernel_dq(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT_: tl.constexpr, BC_: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     GATE_LOGITS: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, INTRA_PREC: tl.constexpr,
+    INTRA_PATH: tl.constexpr,
     LOAD_DA: tl.constexpr,
 ):
     """dq per (chunk, head, K-tile): the split form of `chunk_metala_bwd_kernel_dqk` (fewer live registers).
@@ -247,6 +238,8 @@ def chunk_metala_bwd_kernel_dq(
     tok = start + o_t
     g = load_gate(gate, tok, m_t, i_h, offs_k, H, K, GATE_LOGITS, inv_tau)
     gam = tl.sum(g, axis=0)
+    if other_path(gam, INTRA_PATH):
+        return
     dA = tl.zeros([BT_, BT_], dtype=tl.float32)
     dq_inter = tl.zeros([BT_, BK], dtype=tl.float32)
     for i_v in tl.static_range((V + BV - 1) // BV):
@@ -267,17 +260,8 @@ def chunk_metala_bwd_kernel_dq(
     else:
         dA = tl.where(o_t[:, None] >= o_t[None, :], dA * scale, 0.0)
     Gam = tl.cumsum(g, axis=0)
-    k = neg_expm1(g)
-    sub = o_t // BC_
-    dq_intra = tl.zeros([BT_, BK], dtype=tl.float32)
-    R = tl.zeros_like(Gam)
-    for i in tl.static_range(BT_ // BC_):
-        R_i = tl.sum(tl.where((o_t == i * BC_ + BC_ // 2)[:, None], Gam, 0.0), axis=0)
-        R = tl.where((sub == i)[:, None], R_i[None, :], R)
-        kf = tl.where((sub <= i)[:, None], k * tl.exp(tl.minimum(R_i[None, :] - Gam, 80.0)), 0.0)
-        dq_intra += tl.where((sub == i)[:, None],
-                             tl.dot(dA, kf, input_precision=INTRA_PREC), 0.0)
-    dqq = dq_intra * tl.exp(Gam - R) + scale * tl.exp(Gam) * dq_inter
+    dqq = intra_grad_q(dA, neg_expm1(g), Gam, gam, o_t, BT_, BC_, INTRA_PREC, INTRA_PATH)
+    dqq += scale * tl.exp(Gam) * dq_inter
     tl.store(dq + (tok[:, None] * H + i_h) * K + offs_k[None, :], dqq.to(dq.dtype.element_ty), mask=m_t[:, None])
 
 
@@ -289,6 +273,7 @@ def chunk_metala_bwd_kernel_dkg(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT_: tl.constexpr, BC_: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     GATE_LOGITS: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, INTRA_PREC: tl.constexpr,
+    INTRA_PATH: tl.constexpr,
     LOAD_DA: tl.constexpr,
 ):
     """dk and the decay gradient per (chunk, head, K-tile), reading the dq that `chunk_metala_bwd_kernel_dq`
@@ -303,6 +288,8 @@ def chunk_metala_bwd_kernel_dkg(
     tok = start + o_t
     g = load_gate(gate, tok, m_t, i_h, offs_k, H, K, GATE_LOGITS, inv_tau)
     gam = tl.sum(g, axis=0)
+    if other_path(gam, INTRA_PATH):
+        return
     dA = tl.zeros([BT_, BT_], dtype=tl.float32)
     dk_state = tl.zeros([BT_, BK], dtype=tl.float32)
     h_dS = tl.zeros([BK], dtype=tl.float32)
@@ -322,7 +309,6 @@ def chunk_metala_bwd_kernel_dkg(
     else:
         dAT = tl.trans(tl.where(o_t[:, None] >= o_t[None, :], dA * scale, 0.0))
     Gam = tl.cumsum(g, axis=0)
-    sub = o_t // BC_
     m_tk = m_t[:, None]
     p_k = (tok[:, None] * H + i_h) * K + offs_k[None, :]
     # the state terms first, so dk_state and h_dS die early (register pressure)
@@ -330,15 +316,7 @@ def chunk_metala_bwd_kernel_dkg(
     dk_state = dk_state * tl.exp(gam[None, :] - Gam)
     c = tl.sum(k * dk_state, axis=0) + tl.exp(gam) * h_dS
     qq = tl.load(q + p_k, mask=m_tk, other=0.0).to(tl.float32)
-    dk_intra = tl.zeros([BT_, BK], dtype=tl.float32)
-    R = tl.zeros_like(Gam)
-    for i in tl.static_range(BT_ // BC_):
-        R_i = tl.sum(tl.where((o_t == i * BC_ + BC_ // 2)[:, None], Gam, 0.0), axis=0)
-        R = tl.where((sub == i)[:, None], R_i[None, :], R)
-        qf = tl.where((sub >= i)[:, None], qq * tl.exp(tl.minimum(Gam - R_i[None, :], 80.0)), 0.0)
-        dk_intra += tl.where((sub == i)[:, None],
-                             tl.dot(dAT, qf, input_precision=INTRA_PREC), 0.0)
-    dkk = dk_intra * tl.exp(R - Gam) + dk_state
+    dkk = intra_grad_k(dAT, qq, Gam, gam, o_t, BT_, BC_, INTRA_PREC, INTRA_PATH) + dk_state
     d_gam = qq * tl.load(dq + p_k, mask=m_tk, other=0.0).to(tl.float32) - k * dkk
     # revcumsum within the chunk + the chunk-wide state terms - alpha * dk (the key tied to the decay)
     dg = tl.sum(d_gam, axis=0)[None, :] - tl.cumsum(d_gam, axis=0) + d_gam + c[None, :] - tl.exp(g) * dkk

@@ -9,9 +9,10 @@ Packed layout: q, gate [T, H, K] and v [T, H, V] with documents back to back (de
 2. `chunk_metala_fwd_kernel_seg`: per (tile, document, head), composes the segments in order,
    S_in(s + 1) = exp(G_s) * S_in(s) + E_s, from the document's initial state; stores S_in and the final state.
 3. `chunk_metala_fwd_kernel_o`: per (chunk, head, V-tile), h = h_local + exp(cdec) * S_in, then
-   o = scale * [(q * e^Gam) h + A v], with the intra-chunk scores A from four 16-row sub-chunks, each with its own
-   reference row (the sub-chunk's middle) so that every exponent is bounded: no fp32 overflow, and the whole
-   block is tensor-core matmuls.
+   o = scale * [(q * e^Gam) h + A v], with the intra-chunk scores A as tensor-core matmuls: one, against one
+   reference (half the chunk's log-decay), when the chunk's decay spans at most SPAN nats; else one per 16-row
+   sub-chunk, each with its own reference row (the sub-chunk's middle). Either way every exponent is bounded: no
+   fp32 overflow.
 
 The gate is either the fp32 log-decay g, or the gate logits z with g = logsigmoid(z) / tau computed in-kernel
 (GATE_LOGITS). g is floored at G_FLOOR (alpha >= 4.5e-5) so the sub-chunk factors stay within fp32 range; the
@@ -19,6 +20,8 @@ floor is reached only for z < -160 at tau = 16, where the difference to the exac
 """
 
 from __future__ import annotations
+
+import os
 
 import triton
 import triton.language as tl
@@ -29,6 +32,11 @@ from metala.ops.utils.triton_math import logsigmoid, neg_expm1
 G_FLOOR = -10.0
 BT = 64
 BC = 16
+# chunks whose log-decay spans at most SPAN nats (all but strongly closed gates: the model's g = logsigmoid(z) / 16
+# is -0.043 per token at z = 0, 2.8 nats a chunk) compute their intra-chunk products with one reference. 60 keeps
+# even the discarded non-causal products below exp(60) (fp32 ends at exp(88)). METALA_ONE_REFERENCE_SPAN=-1 sends
+# every chunk down the sub-chunk path (for benchmarks; read once, when this module is imported).
+SPAN: tl.constexpr = tl.constexpr(float(os.environ.get("METALA_ONE_REFERENCE_SPAN", "60")))
 
 
 @triton.jit
@@ -42,24 +50,32 @@ def load_gate(gate, tok, m_t, i_h, offs_k, H: tl.constexpr, K: tl.constexpr, GAT
     return tl.where(m, x, 0.0)
 
 
-@triton.jit
-def intra_scores(qr, k, Gam, o_t, BT_: tl.constexpr, BC_: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                 DOT_PREC: tl.constexpr):
-    """A[t, r] = sum_c q_tc k_rc exp(Gam_tc - Gam_rc) for r <= t (0 elsewhere), as tensor-core products.
+# INTRA_PATH, a constexpr of the kernels with intra-chunk products: which of the two forms a compiled kernel holds.
+# ANY_PATH picks per chunk at run time (one kernel holds both, and pays registers for both); ONE_REF / SUB_CHUNKS
+# hold one form and return at once from chunks that take the other, so a launch of each covers every chunk.
+ANY_PATH: tl.constexpr = tl.constexpr(0)
+ONE_REF: tl.constexpr = tl.constexpr(1)
+SUB_CHUNKS: tl.constexpr = tl.constexpr(2)
 
-    `qr` is q * exp(Gam - R) with R the reference (middle row) of each query row's sub-chunk; for sub-chunk i the
-    keys are scaled by exp(R_i - Gam), which is <= 1 for earlier keys and bounded for the keys inside sub-chunk i;
-    later keys are zeroed before they could overflow.
-    """
-    sub = o_t // BC_
-    A = tl.zeros([BT_, BT_], dtype=tl.float32)
-    for i in tl.static_range(BT_ // BC_):
-        R_i = tl.sum(tl.where((o_t == i * BC_ + BC_ // 2)[:, None], Gam, 0.0), axis=0)
-        # keys after sub-chunk i are non-causal for its rows; clamp their exponent so nothing overflows
-        kf = tl.where((sub <= i)[:, None], k * tl.exp(tl.minimum(R_i[None, :] - Gam, 80.0)), 0.0)
-        qi = tl.where((sub == i)[:, None], qr, 0.0)
-        A += tl.dot(qi.to(DOT_DTYPE), tl.trans(kf.to(DOT_DTYPE)), input_precision=DOT_PREC)
-    return tl.where(o_t[:, None] >= o_t[None, :], A, 0.0)
+
+@triton.jit
+def one_reference(gam):
+    """True when the chunk's log-decay spans at most SPAN nats in every channel of the tile: then one reference,
+    half the chunk's total log-decay, keeps every factor exp(+-(Gam - gam / 2)) within exp(SPAN / 2), and the
+    intra-chunk products are one matmul each instead of one per 16-row sub-chunk. `gam` [BK] is the chunk's total
+    log-decay (<= 0), and Gam, its running sum, lies in [gam, 0]."""
+    return tl.min(gam, axis=0) > -SPAN
+
+
+@triton.jit
+def other_path(gam, PATH: tl.constexpr):
+    """True when this program's chunk belongs to the other launch (a kernel compiled for one path only)."""
+    if PATH == ONE_REF:
+        return tl.min(gam, axis=0) <= -SPAN
+    elif PATH == SUB_CHUNKS:
+        return tl.min(gam, axis=0) > -SPAN
+    else:
+        return tl.min(gam, axis=0) != tl.min(gam, axis=0)  # never: NaN-free gam
 
 
 @triton.jit
@@ -71,6 +87,124 @@ def sub_reference(Gam, o_t, BT_: tl.constexpr, BC_: tl.constexpr):
         R_i = tl.sum(tl.where((o_t == i * BC_ + BC_ // 2)[:, None], Gam, 0.0), axis=0)
         R = tl.where((sub == i)[:, None], R_i[None, :], R)
     return R
+
+
+@triton.jit
+def _sub_chunk_ref(Gam, o_t, i: tl.constexpr, BC_: tl.constexpr):
+    """Gam at the middle row of sub-chunk i: [BK]."""
+    return tl.sum(tl.where((o_t == i * BC_ + BC_ // 2)[:, None], Gam, 0.0), axis=0)
+
+
+@triton.jit
+def _scores_one(qq, k, Gam, gam, DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr):
+    R = gam[None, :] * 0.5
+    return tl.dot((qq * tl.exp(Gam - R)).to(DOT_DTYPE), tl.trans((k * tl.exp(R - Gam)).to(DOT_DTYPE)),
+                  input_precision=DOT_PREC)
+
+
+@triton.jit
+def _scores_sub(qq, k, Gam, o_t, BT_: tl.constexpr, BC_: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                DOT_PREC: tl.constexpr):
+    sub = o_t // BC_
+    qr = qq * tl.exp(Gam - sub_reference(Gam, o_t, BT_, BC_))
+    A = tl.zeros([BT_, BT_], dtype=tl.float32)
+    for i in tl.static_range(BT_ // BC_):
+        R_i = _sub_chunk_ref(Gam, o_t, i, BC_)
+        # keys after sub-chunk i are non-causal for its rows; clamp their exponent so nothing overflows
+        kf = tl.where((sub <= i)[:, None], k * tl.exp(tl.minimum(R_i[None, :] - Gam, 80.0)), 0.0)
+        qi = tl.where((sub == i)[:, None], qr, 0.0)
+        A += tl.dot(qi.to(DOT_DTYPE), tl.trans(kf.to(DOT_DTYPE)), input_precision=DOT_PREC)
+    return A
+
+
+@triton.jit
+def intra_scores(qq, k, Gam, gam, o_t, BT_: tl.constexpr, BC_: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                 DOT_PREC: tl.constexpr, PATH: tl.constexpr):
+    """A[t, r] = sum_c q_tc k_rc exp(Gam_tc - Gam_rc) for r <= t (0 elsewhere), as tensor-core products.
+
+    Chunks whose decay spans more than SPAN nats (strongly closed gates) take four 16-row sub-chunks, each with
+    its own reference R_i (the sub-chunk's middle): queries scaled by exp(Gam - R_i), keys by exp(R_i - Gam), which
+    is <= 1 for earlier keys and bounded for the keys inside sub-chunk i; later keys are zeroed before they could
+    overflow.
+    """
+    if PATH == ONE_REF:
+        A = _scores_one(qq, k, Gam, gam, DOT_DTYPE, DOT_PREC)
+    elif PATH == SUB_CHUNKS:
+        A = _scores_sub(qq, k, Gam, o_t, BT_, BC_, DOT_DTYPE, DOT_PREC)
+    else:
+        if one_reference(gam):
+            A = _scores_one(qq, k, Gam, gam, DOT_DTYPE, DOT_PREC)
+        else:
+            A = _scores_sub(qq, k, Gam, o_t, BT_, BC_, DOT_DTYPE, DOT_PREC)
+    return tl.where(o_t[:, None] >= o_t[None, :], A, 0.0)
+
+
+@triton.jit
+def _grad_q_one(dA, k, Gam, gam, PREC: tl.constexpr):
+    R = gam[None, :] * 0.5
+    return tl.dot(dA, k * tl.exp(R - Gam), input_precision=PREC) * tl.exp(Gam - R)
+
+
+@triton.jit
+def _grad_q_sub(dA, k, Gam, o_t, BT_: tl.constexpr, BC_: tl.constexpr, PREC: tl.constexpr):
+    # per sub-chunk i of query rows: keys up to it, scaled by exp(R_i - Gam)
+    sub = o_t // BC_
+    acc = tl.zeros_like(Gam)
+    for i in tl.static_range(BT_ // BC_):
+        R_i = _sub_chunk_ref(Gam, o_t, i, BC_)
+        kf = tl.where((sub <= i)[:, None], k * tl.exp(tl.minimum(R_i[None, :] - Gam, 80.0)), 0.0)
+        acc += tl.where((sub == i)[:, None], tl.dot(dA, kf, input_precision=PREC), 0.0)
+    return acc * tl.exp(Gam - sub_reference(Gam, o_t, BT_, BC_))
+
+
+@triton.jit
+def intra_grad_q(dA, k, Gam, gam, o_t, BT_: tl.constexpr, BC_: tl.constexpr, PREC: tl.constexpr,
+                 PATH: tl.constexpr):
+    """dq_intra[t] = sum_{r <= t} dA[t, r] k[r] exp(Gam[t] - Gam[r]) for a causally masked fp32 dA [BT, BT]."""
+    if PATH == ONE_REF:
+        out = _grad_q_one(dA, k, Gam, gam, PREC)
+    elif PATH == SUB_CHUNKS:
+        out = _grad_q_sub(dA, k, Gam, o_t, BT_, BC_, PREC)
+    else:
+        if one_reference(gam):
+            out = _grad_q_one(dA, k, Gam, gam, PREC)
+        else:
+            out = _grad_q_sub(dA, k, Gam, o_t, BT_, BC_, PREC)
+    return out
+
+
+@triton.jit
+def _grad_k_one(dAT, qq, Gam, gam, PREC: tl.constexpr):
+    R = gam[None, :] * 0.5
+    return tl.dot(dAT, qq * tl.exp(Gam - R), input_precision=PREC) * tl.exp(R - Gam)
+
+
+@triton.jit
+def _grad_k_sub(dAT, qq, Gam, o_t, BT_: tl.constexpr, BC_: tl.constexpr, PREC: tl.constexpr):
+    # per sub-chunk i of key rows: queries from it on, scaled by exp(Gam - R_i)
+    sub = o_t // BC_
+    acc = tl.zeros_like(Gam)
+    for i in tl.static_range(BT_ // BC_):
+        R_i = _sub_chunk_ref(Gam, o_t, i, BC_)
+        qf = tl.where((sub >= i)[:, None], qq * tl.exp(tl.minimum(Gam - R_i[None, :], 80.0)), 0.0)
+        acc += tl.where((sub == i)[:, None], tl.dot(dAT, qf, input_precision=PREC), 0.0)
+    return acc * tl.exp(sub_reference(Gam, o_t, BT_, BC_) - Gam)
+
+
+@triton.jit
+def intra_grad_k(dAT, qq, Gam, gam, o_t, BT_: tl.constexpr, BC_: tl.constexpr, PREC: tl.constexpr,
+                 PATH: tl.constexpr):
+    """dk_intra[r] = sum_{t >= r} dA[t, r] q[t] exp(Gam[t] - Gam[r]), from the transposed dAT[r, t] = dA[t, r]."""
+    if PATH == ONE_REF:
+        out = _grad_k_one(dAT, qq, Gam, gam, PREC)
+    elif PATH == SUB_CHUNKS:
+        out = _grad_k_sub(dAT, qq, Gam, o_t, BT_, BC_, PREC)
+    else:
+        if one_reference(gam):
+            out = _grad_k_one(dAT, qq, Gam, gam, PREC)
+        else:
+            out = _grad_k_sub(dAT, qq, Gam, o_t, BT_, BC_, PREC)
+    return out
 
 
 @triton.jit
@@ -152,7 +286,7 @@ def chunk_metala_fwd_kernel_o(
     scale, inv_tau,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT_: tl.constexpr, BC_: tl.constexpr, BV: tl.constexpr,
-    GATE_LOGITS: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr,
+    GATE_LOGITS: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, INTRA_PATH: tl.constexpr,
 ):
     i_c, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_k = tl.arange(0, K)
@@ -164,6 +298,9 @@ def chunk_metala_fwd_kernel_o(
     m_t = o_t < length
     tok = start + o_t
     g = load_gate(gate, tok, m_t, i_h, offs_k, H, K, GATE_LOGITS, inv_tau)
+    gam = tl.sum(g, axis=0)
+    if other_path(gam, INTRA_PATH):
+        return
     Gam = tl.cumsum(g, axis=0)
     k = neg_expm1(g)
     qq = tl.load(q + (tok[:, None] * H + i_h) * K + offs_k[None, :], mask=m_t[:, None], other=0.0).to(tl.float32)
@@ -173,8 +310,7 @@ def chunk_metala_fwd_kernel_o(
     dec = tl.load(cdec + (i_c * H + i_h) * K + offs_k)
     h += tl.exp(dec)[:, None] * tl.load(S_in + (s * H + i_h) * K * V + kv, mask=m_kv, other=0.0)
     acc = tl.dot((qq * tl.exp(Gam)).to(DT), h.to(DT), input_precision=DOT_PREC)
-    R = sub_reference(Gam, o_t, BT_, BC_)
-    A = intra_scores(qq * tl.exp(Gam - R), k, Gam, o_t, BT_, BC_, DT, DOT_PREC)
+    A = intra_scores(qq, k, Gam, gam, o_t, BT_, BC_, DT, DOT_PREC, INTRA_PATH)
     vv = tl.load(v + (tok[:, None] * H + i_h) * V + offs_v[None, :], mask=m_t[:, None] & m_kv, other=0.0)
     acc += tl.dot(A.to(DT), vv.to(DT), input_precision=DOT_PREC)
     tl.store(o + (tok[:, None] * H + i_h) * V + offs_v[None, :], (acc * scale).to(o.dtype.element_ty),
