@@ -110,11 +110,15 @@ def main() -> None:
         {"bwd_dqk": {"BV": 128, "num_warps": 8}}, {"bwd_dqk": {"BK": 64, "BV": 32, "num_warps": 8}},
         # dv, then dq and dkg reading the dA that dv stored (the three-kernel backward)
         {"bwd_dqk": three}, {"bwd_dqk": three, "bwd_dkg": {"BK": 32}},
-        {"bwd_dh": {"BV": 128, "num_warps": 8}}, {"bwd_dv": {"num_warps": 8}},
+        {"bwd_dh": {"BV": 64, "num_warps": 4}}, {"bwd_dv": {"num_warps": 8}},
         {"fwd_o": {"num_warps": 8}}, {"fwd_h": {"num_warps": 8}},
         # one kernel per intra-chunk form choosing at run time, instead of a launch per form
         {"intra": {"two_launches": False}}, {"bwd_dqk": three, "bwd_dkg": {"num_warps": 4}},
-        {"bwd_dh": {"BV": 128, "num_warps": 8}, "bwd_dqk": {"BK": 16}},
+        {"bwd_dqk": {"BK": 16}, "bwd_dh": {"BV": 64}},
+        # which intra-chunk kernels launch once per form (the rest branch per chunk); run this script also with
+        # METALA_ONE_REFERENCE_SPAN=-1 (every chunk on the sub-chunk form) before changing the default
+        {"intra": {"two_launches": ["bwd_dv", "bwd_dqk"]}}, {"intra": {"two_launches": True}},
+        {"intra": {"two_launches": ["fwd_o", "bwd_dqk"]}},
     ]
     for B, T, H in shapes[:1] if args.quick else shapes:
         q, z, v, do = setup(B, T, H)

@@ -106,11 +106,12 @@ def mixed_gate_inputs(T=192, H=2, K=64, V=128):
     return q, z, v, h0
 
 
-@pytest.mark.parametrize("two_launches", [True, False], ids=["two-launches", "runtime-branch"])
+@pytest.mark.parametrize("two_launches", [True, False, ("bwd_dqk",)],
+                         ids=["two-launches", "runtime-branch", "two-launches-dqk-only"])
 @pytest.mark.parametrize("gate", ["g", "logits"])
 def test_triton_mixed_span_chunks(gate, two_launches, monkeypatch):
     """Chunks past the one-reference span take the sub-chunk path, the rest one matmul; both exact, whether each
-    path is its own launch or one kernel branches per chunk."""
+    path is its own launch or one kernel branches per chunk (or some kernels one way and the rest the other)."""
     from metala.ops.metala import chunk as C
     from metala.ops.metala.chunk import chunk_metala, chunk_metala_from_logits
 

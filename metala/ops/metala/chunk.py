@@ -34,6 +34,7 @@ from metala.ops.metala.chunk_fwd import (
     chunk_metala_fwd_kernel_seg,
 )
 from metala.ops.utils.chunk_plan import ChunkPlan, default_seg_chunks, plan_for
+from metala.ops.utils.launch_cache import launch
 
 log = logging.getLogger(__name__)
 MAX_K, MAX_V = 128, 256
@@ -73,7 +74,9 @@ CONFIG = {
     # fwd_h: 4 warps measured 0.353 vs 0.402 ms forward with 8 (H200, 360M shape; H100: 0.360 vs 0.410)
     "fwd_h": {"num_warps": 4, "num_stages": 2, "BV": 128},
     "fwd_o": {"num_warps": 4, "num_stages": 2, "BV": 128},
-    "bwd_dh": {"num_warps": 4, "num_stages": 2, "BV": 64},
+    # bwd_dh: one program per full V row (BV 128, 8 warps): backward 1.051 vs 1.080 ms on ordinary gates and 1.329
+    # vs 1.368 with every chunk on the sub-chunk form (H200, 360M shape, 20261202_h200_kernel_tune_dispatch*.json)
+    "bwd_dh": {"num_warps": 8, "num_stages": 2, "BV": 128},
     "bwd_dv": {"num_warps": 4, "num_stages": 2, "BV": 128},
     # split: dq and (dk, dg) in two kernels (bwd_dq, bwd_dkg) instead of the joint dqk one; dA_from_dv: the dv
     # kernel (one program per chunk) stores dA = dO v^T for them. The joint kernel, recomputing dA per K-tile, is
@@ -84,10 +87,15 @@ CONFIG = {
     "bwd_dq": {"num_warps": 4, "num_stages": 2, "BK": 32},
     "bwd_dkg": {"num_warps": 8, "num_stages": 2, "BK": 64},
     "seg": {"num_warps": 4, "num_stages": 2},
-    # intra-chunk products (fwd_o, bwd_dv, bwd_dq/dk): with two_launches, each kernel is compiled once for chunks
-    # within the one-reference span and once for the rest (chunk_fwd.py INTRA_PATH), and both are launched; else
-    # one kernel chooses per chunk at run time and holds the registers of both forms
-    "intra": {"two_launches": True},
+    # intra-chunk products (fwd_o, bwd_dv, bwd_dqk; bwd_dq/bwd_dkg follow bwd_dqk): a kernel named in two_launches
+    # is compiled once for chunks within the one-reference span and once for the rest (chunk_fwd.py INTRA_PATH),
+    # and both are launched; the others choose per chunk at run time and hold the registers of both forms
+    # (True / False: every kernel / none). Only dq/dk pays for holding both forms: with every chunk on the sub-chunk
+    # form its branching kernel doubled the backward (1.96 vs 1.30 ms), while fwd_o and dv branch for free.
+    # H200, 360M shape, fwd / bwd ms, ordinary gates: 0.310 / 1.023 (this) vs 0.354 / 1.080 (all two-launch) and
+    # 0.309 / 1.034 (none); every chunk on the sub-chunk form: 0.374 / 1.298 vs 0.423 / 1.368 and 0.376 / 1.959
+    # (20261202_h200_kernel_tune_dispatch.json, ..._dispatch_sub_chunks_only.json).
+    "intra": {"two_launches": ("bwd_dqk",)},
 }
 
 
@@ -111,9 +119,12 @@ def _apply_env_overrides() -> None:
 _apply_env_overrides()
 
 
-def _intra_paths() -> tuple[int, ...]:
-    """INTRA_PATH values to launch each intra-chunk kernel with (see CONFIG["intra"])."""
-    return (ONE_REF.value, SUB_CHUNKS.value) if CONFIG["intra"]["two_launches"] else (ANY_PATH.value,)
+def _intra_paths(name: str) -> tuple[int, ...]:
+    """INTRA_PATH values to launch the intra-chunk kernel `name` with (see CONFIG["intra"])."""
+    two = CONFIG["intra"]["two_launches"]
+    if two is True or (two is not False and name in two):
+        return ONE_REF.value, SUB_CHUNKS.value
+    return (ANY_PATH.value,)
 
 
 def _bv(name: str, V: int) -> int:
@@ -137,26 +148,25 @@ def chunk_metala_fwd(q, gate, v, scale, inv_tau, initial_state, output_final_sta
     E = torch.empty(plan.n_segs, H, K, V, device=dev, dtype=torch.float32)
     G = torch.empty(plan.n_segs, H, K, device=dev, dtype=torch.float32)
     BVh = _bv("fwd_h", V)
-    chunk_metala_fwd_kernel_h[(NK * triton.cdiv(V, BVh), plan.n_segs, H)](
-        gate, v, h_local, cdec, E, G, plan.chunk_start, plan.chunk_len, plan.seg_first_chunk, plan.seg_n_chunks,
-        inv_tau, H=H, K=K, V=V, BT_=BT, BK=BK, BV=BVh, GATE_LOGITS=gate_logits, DT=_dot_dtype(q.dtype),
-        DOT_PREC=prec, **_launch("fwd_h"),
-    )
+    launch(chunk_metala_fwd_kernel_h, (NK * triton.cdiv(V, BVh), plan.n_segs, H),
+           (gate, v, h_local, cdec, E, G, plan.chunk_start, plan.chunk_len, plan.seg_first_chunk, plan.seg_n_chunks,
+            inv_tau),
+           dict(H=H, K=K, V=V, BT_=BT, BK=BK, BV=BVh, GATE_LOGITS=gate_logits, DT=_dot_dtype(q.dtype),
+                DOT_PREC=prec, **_launch("fwd_h")))
     S_in = torch.empty(plan.n_segs, H, K, V, device=dev, dtype=torch.float32)
     ht = torch.empty(plan.n_docs, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None
-    chunk_metala_fwd_kernel_seg[(NK * NV, plan.n_docs, H)](
-        E, G, initial_state if initial_state is not None else E, S_in, ht if ht is not None else E,
-        plan.doc_first_seg, plan.doc_n_segs, H=H, K=K, V=V, BK=BK, BV=BV,
-        HAS_H0=initial_state is not None, STORE_HT=output_final_state, **_launch("seg"),
-    )
+    launch(chunk_metala_fwd_kernel_seg, (NK * NV, plan.n_docs, H),
+           (E, G, initial_state if initial_state is not None else E, S_in, ht if ht is not None else E,
+            plan.doc_first_seg, plan.doc_n_segs),
+           dict(H=H, K=K, V=V, BK=BK, BV=BV, HAS_H0=initial_state is not None, STORE_HT=output_final_state,
+                **_launch("seg")))
     o = torch.empty_like(v)
     BVo = _bv("fwd_o", V)
-    for path in _intra_paths():
-        chunk_metala_fwd_kernel_o[(plan.n_chunks, H, triton.cdiv(V, BVo))](
-            q, gate, v, h_local, cdec, S_in, o, plan.chunk_start, plan.chunk_len, plan.chunk_seg, scale, inv_tau,
-            H=H, K=K, V=V, BT_=BT, BC_=BC, BV=BVo, GATE_LOGITS=gate_logits, DT=_dot_dtype(q.dtype), DOT_PREC=prec,
-            INTRA_PATH=path, **_launch("fwd_o"),
-        )
+    for path in _intra_paths("fwd_o"):
+        launch(chunk_metala_fwd_kernel_o, (plan.n_chunks, H, triton.cdiv(V, BVo)),
+               (q, gate, v, h_local, cdec, S_in, o, plan.chunk_start, plan.chunk_len, plan.chunk_seg, scale, inv_tau),
+               dict(H=H, K=K, V=V, BT_=BT, BC_=BC, BV=BVo, GATE_LOGITS=gate_logits, DT=_dot_dtype(q.dtype),
+                    DOT_PREC=prec, INTRA_PATH=path, **_launch("fwd_o")))
     return o, ht, (h_local, cdec, S_in, G)
 
 
@@ -172,18 +182,17 @@ def chunk_metala_bwd(q, gate, v, do, dht, scale, inv_tau, saved, plan: ChunkPlan
     dS_local = torch.empty(plan.n_chunks, H, K, V, device=dev, dtype=_state_dtype(q.dtype))
     Dseg = torch.empty(plan.n_segs, H, K, V, device=dev, dtype=torch.float32)
     BVd = _bv("bwd_dh", V)
-    chunk_metala_bwd_kernel_dh[(NK * triton.cdiv(V, BVd), plan.n_segs, H)](
-        q, gate, do, dS_local, Dseg, plan.chunk_start, plan.chunk_len, plan.seg_first_chunk, plan.seg_n_chunks,
-        scale, inv_tau, H=H, K=K, V=V, BT_=BT, BK=BK, BV=BVd, GATE_LOGITS=gate_logits, DT=_dot_dtype(q.dtype),
-        DOT_PREC=prec, **_launch("bwd_dh"),
-    )
+    launch(chunk_metala_bwd_kernel_dh, (NK * triton.cdiv(V, BVd), plan.n_segs, H),
+           (q, gate, do, dS_local, Dseg, plan.chunk_start, plan.chunk_len, plan.seg_first_chunk, plan.seg_n_chunks,
+            scale, inv_tau),
+           dict(H=H, K=K, V=V, BT_=BT, BK=BK, BV=BVd, GATE_LOGITS=gate_logits, DT=_dot_dtype(q.dtype),
+                DOT_PREC=prec, **_launch("bwd_dh")))
     Dout = torch.empty(plan.n_segs, H, K, V, device=dev, dtype=torch.float32)
     dh0 = torch.empty(plan.n_docs, H, K, V, device=dev, dtype=torch.float32) if need_dh0 else None
-    chunk_metala_bwd_kernel_seg[(NK * NV, plan.n_docs, H)](
-        Dseg, G, dht if dht is not None else Dseg, Dout, dh0 if dh0 is not None else Dseg,
-        plan.doc_first_seg, plan.doc_n_segs, H=H, K=K, V=V, BK=BK, BV=BV,
-        HAS_DHT=dht is not None, STORE_DH0=need_dh0, **_launch("seg"),
-    )
+    launch(chunk_metala_bwd_kernel_seg, (NK * NV, plan.n_docs, H),
+           (Dseg, G, dht if dht is not None else Dseg, Dout, dh0 if dh0 is not None else Dseg,
+            plan.doc_first_seg, plan.doc_n_segs),
+           dict(H=H, K=K, V=V, BK=BK, BV=BV, HAS_DHT=dht is not None, STORE_DH0=need_dh0, **_launch("seg")))
     dq = torch.empty_like(q)
     dv = torch.empty_like(v)
     dgate = torch.empty_like(gate)
@@ -196,12 +205,12 @@ def chunk_metala_bwd(q, gate, v, do, dht, scale, inv_tau, saved, plan: ChunkPlan
     # the dv kernel hands dA to the split dq / dk kernels when one program covers all of V
     store_dA = split and BVv >= V and CONFIG["bwd_dqk"].get("dA_from_dv", False)
     dA = torch.empty(plan.n_chunks, H, BT, BT, device=dev, dtype=torch.float32) if store_dA else dS_local
-    for path in _intra_paths():
-        chunk_metala_bwd_kernel_dv[(plan.n_chunks, H, triton.cdiv(V, BVv))](
-            q, gate, v, do, h_local, cdec, S_in, G, dS_local, Dout, dv, dA, plan.chunk_start, plan.chunk_len,
-            plan.chunk_seg, scale, inv_tau, H=H, K=K, V=V, BT_=BT, BC_=BC, BV=BVv, GATE_LOGITS=gate_logits, DT=DT,
-            DOT_PREC=prec, STORE_DA=store_dA, INTRA_PATH=path, **_launch("bwd_dv"),
-        )
+    for path in _intra_paths("bwd_dv"):
+        launch(chunk_metala_bwd_kernel_dv, (plan.n_chunks, H, triton.cdiv(V, BVv)),
+               (q, gate, v, do, h_local, cdec, S_in, G, dS_local, Dout, dv, dA, plan.chunk_start, plan.chunk_len,
+                plan.chunk_seg, scale, inv_tau),
+               dict(H=H, K=K, V=V, BT_=BT, BC_=BC, BV=BVv, GATE_LOGITS=gate_logits, DT=DT, DOT_PREC=prec,
+                    STORE_DA=store_dA, INTRA_PATH=path, **_launch("bwd_dv")))
     BK_dqk = min(CONFIG["bwd_dqk"]["BK"], K)
     common = dict(
         H=H, K=K, V=V, BT_=BT, BC_=BC, BK=BK_dqk, BV=_bv("bwd_dqk", V), GATE_LOGITS=gate_logits, DT=DT, DOT_PREC=prec,
@@ -214,13 +223,15 @@ def chunk_metala_bwd(q, gate, v, do, dht, scale, inv_tau, saved, plan: ChunkPlan
                                    ("bwd_dkg", chunk_metala_bwd_kernel_dkg, (dq, dgate, dA))):
             bk = min(CONFIG[name]["BK"], K)
             kw = {**common, "BK": bk, **_launch(name)}
-            for path in _intra_paths():
-                kernel[(plan.n_chunks, H, K // bk)](q, gate, v, do, h_local, cdec, S_in, G, dS_local, Dout, *outs,
-                                                    *tables, LOAD_DA=store_dA, INTRA_PATH=path, **kw)
+            for path in _intra_paths("bwd_dqk"):
+                launch(kernel, (plan.n_chunks, H, K // bk),
+                       (q, gate, v, do, h_local, cdec, S_in, G, dS_local, Dout, *outs, *tables),
+                       dict(kw, LOAD_DA=store_dA, INTRA_PATH=path))
     else:
-        for path in _intra_paths():
-            chunk_metala_bwd_kernel_dqk[grid](q, gate, v, do, h_local, cdec, S_in, G, dS_local, Dout, dq, dgate,
-                                              *tables, INTRA_PATH=path, **common)
+        for path in _intra_paths("bwd_dqk"):
+            launch(chunk_metala_bwd_kernel_dqk, grid,
+                   (q, gate, v, do, h_local, cdec, S_in, G, dS_local, Dout, dq, dgate, *tables),
+                   dict(common, INTRA_PATH=path))
     return dq, dgate, dv, dh0
 
 
@@ -292,7 +303,8 @@ def chunk_metala(
     """
     check_metala_args(q, g, v, None, initial_state, cu_seqlens)
     _check_sizes(q, v)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    # a Python float: an int scale would be specialised (and the launch cache keyed) on its value
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     plan = _plan(q, v, cu_seqlens, seg_chunks)
     return ChunkMetaLAFunction.apply(q, g, v, scale, 1.0, initial_state, output_final_state, plan, False)
 
@@ -316,9 +328,10 @@ def chunk_metala_from_logits(
         raise ValueError(f"z (gate logits) must be a float tensor, got {z.dtype}")
     check_metala_args(q, _as_g_like(z), v, None, initial_state, cu_seqlens)
     _check_sizes(q, v)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    # a Python float: an int scale would be specialised (and the launch cache keyed) on its value
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     plan = _plan(q, v, cu_seqlens, seg_chunks)
-    return ChunkMetaLAFunction.apply(q, z, v, scale, 1.0 / decay_normalizer, initial_state, output_final_state,
+    return ChunkMetaLAFunction.apply(q, z, v, scale, 1.0 / float(decay_normalizer), initial_state, output_final_state,
                                      plan, True)
 
 

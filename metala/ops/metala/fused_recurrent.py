@@ -50,6 +50,7 @@ def fused_recurrent_metala_triton(
     """Triton recurrence for decoding (no autograd): one program per (sequence, head, V-tile) keeps its state
     tile in registers across the T tokens. `gate` is g (fp32 log-decay) or, with gate_logits, the logits z."""
     from metala.ops.metala.fused_recurrent_kernel import fused_recurrent_metala_kernel
+    from metala.ops.utils.launch_cache import launch
 
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -58,8 +59,8 @@ def fused_recurrent_metala_triton(
     o = torch.empty_like(v)
     ht = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32)
     h0 = initial_state.contiguous() if initial_state is not None else ht
-    fused_recurrent_metala_kernel[(B * H, -(-V // BV))](
-        q.contiguous(), gate.contiguous(), v.contiguous(), h0, o, ht, T, scale, 1.0 / decay_normalizer,
-        H=H, K=K, V=V, BV=BV, GATE_LOGITS=gate_logits, HAS_H0=initial_state is not None, num_warps=4,
-    )
+    # through the launch cache: decoding launches this once per layer per token, so the binder's cost adds up
+    launch(fused_recurrent_metala_kernel, (B * H, -(-V // BV)),
+           (q.contiguous(), gate.contiguous(), v.contiguous(), h0, o, ht, T, float(scale), 1.0 / decay_normalizer),
+           dict(H=H, K=K, V=V, BV=BV, GATE_LOGITS=gate_logits, HAS_H0=initial_state is not None, num_warps=4))
     return o, (ht if output_final_state else None)
