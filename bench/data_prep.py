@@ -12,7 +12,8 @@ Correctness first: the pipeline's shards must hold exactly the raw encoder's tok
 
 Steady state: ours with 1 worker also runs on a quarter of the copies in every round; (tokens difference) /
 (seconds difference) is the rate without the fixed cost of a run (worker start, tokenizer load, final shard and
-manifest: ~0.1 s here), reported beside the end-to-end rate, paired with raw encode the same way.
+manifest: ~0.1 s here), reported beside the end-to-end rate, paired with raw encode the same way. The workers' task
+function is also timed in this process on the same blocks (no worker process, no reader beside it).
 
 Shared and small machines drift by 10-30 % within minutes, so raw encode and our pipeline are measured alternately
 for `--rounds` rounds; the headline ratio is the median over rounds of ours / raw within the same round (raw = the
@@ -27,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -90,6 +92,24 @@ def raw_encode(model: str, texts: list[str], repeat: int, variant: str) -> dict:
     n = 0
     for _ in range(repeat):
         n += sum(len(x) for x in sp.encode(texts, num_threads=1, **RAW_VARIANTS[variant]))
+    return {"tokens": n, "tokens_per_s": n / (time.perf_counter() - t0)}
+
+
+def in_process(model: str, inputs: list[str]) -> dict:
+    """The workers' per-task function (parse, split hash, encode, uint16 packing) called in this process over the
+    same blocks the pipeline cuts, reading and decompression done beforehand and not timed: what a worker costs
+    apart from being a worker process."""
+    from data_prep import prepare as P
+    from data_prep.readers import ReadErrors, jsonl_blocks
+    from data_prep.tokenizer import Tokenizer
+
+    defaults = {f.name: f.default for f in dataclasses.fields(P.PrepareConfig)}
+    blocks = [b for path in inputs for _, b in jsonl_blocks(path, ReadErrors(), True, defaults["task_bytes"])]
+    tok = Tokenizer(model)
+    P._WORKER.update(tok=tok, include=frozenset(), exclude=frozenset(), val_fraction=defaults["val_fraction"],
+                     split_seed=defaults["split_seed"], dtype=np.uint16, encoder="auto", spill_dir="")
+    t0 = time.perf_counter()
+    n = sum(int(P.tokenize_task(P.Task(i, 0, block=b))["train"][0].size) for i, b in enumerate(blocks))
     return {"tokens": n, "tokens_per_s": n / (time.perf_counter() - t0)}
 
 
@@ -186,7 +206,7 @@ def main() -> None:
         inputs, plain = build_inputs(tmp, texts, args.repeat)
         for model_type in ("bpe", "unigram"):
             model = train_tokenizer(tmp, model_type)
-            runs: dict = {"list": [], "numpy": [], 1: [], 2: [], "datasets": [], "marginal": []}
+            runs: dict = {"list": [], "numpy": [], 1: [], 2: [], "datasets": [], "marginal": [], "in_process": []}
             for _ in range(args.rounds):
                 for variant in RAW_VARIANTS:
                     runs[variant].append(raw_encode(model, texts, args.repeat, variant))
@@ -196,6 +216,7 @@ def main() -> None:
                 # the fixed cost of a run (worker start, tokenizer load, the last shard and manifest), which a
                 # run over the Pile pays once in hours but a few-second benchmark pays in full
                 part = pipeline(model, inputs[: max(1, args.repeat // 4)], tmp / "ours-part", 1)
+                runs["in_process"].append(in_process(model, inputs))
                 full = runs[1][-1]
                 runs["marginal"].append({
                     "tokens_per_s": (full["tokens"] - part["tokens"]) / (full["seconds"] - part["seconds"]),
@@ -211,6 +232,8 @@ def main() -> None:
                             for i in range(args.rounds))
             marginal = sorted(runs["marginal"][i]["tokens_per_s"] / max(runs[v][i]["tokens_per_s"] for v in RAW_VARIANTS)
                               for i in range(args.rounds))
+            inproc = sorted(runs["in_process"][i]["tokens_per_s"] / max(runs[v][i]["tokens_per_s"] for v in RAW_VARIANTS)
+                            for i in range(args.rounds))
             correct = check_pipeline(model, texts, tmp / "ours-1", pipes[0]["manifest"], args.repeat)
             base = best_and_median(runs["datasets"]) if runs["datasets"] else None
             vs_datasets = sorted(runs[2][i]["tokens_per_s"] / runs["datasets"][i]["tokens_per_s"]
@@ -224,6 +247,9 @@ def main() -> None:
                    "ours1_steady_state": runs["marginal"],
                    "ratio_ours1_steady_state_vs_raw_paired_median": marginal[len(marginal) // 2],
                    "ratio_ours1_steady_state_vs_raw_paired": marginal,
+                   "worker_task_in_process": best_and_median(runs["in_process"]),
+                   "ratio_worker_task_in_process_vs_raw_paired_median": inproc[len(inproc) // 2],
+                   "ratio_worker_task_in_process_vs_raw_paired": inproc,
                    "ratio_ours1_vs_raw_best": pipes[0]["tokens_per_s"] / raw_best["tokens_per_s"],
                    "ratio_ours1_vs_raw_best_median": pipes[0]["median_tokens_per_s"] / raw_best["median_tokens_per_s"],
                    "ratio_ours1_vs_raw_list": pipes[0]["tokens_per_s"] / raw["list"]["tokens_per_s"],
@@ -253,7 +279,8 @@ def main() -> None:
     for r in rows:
         fixed = sorted(m["fixed_seconds"] for m in r["ours1_steady_state"])
         print(f"{r['tokenizer']}: ours (1 worker) steady state / raw: paired median "
-              f"{r['ratio_ours1_steady_state_vs_raw_paired_median']:.3f} (fixed cost of a run {fixed[len(fixed) // 2]:.2f} s)")
+              f"{r['ratio_ours1_steady_state_vs_raw_paired_median']:.3f} (fixed cost of a run {fixed[len(fixed) // 2]:.2f} s); "
+              f"the worker's task function in this process / raw: {r['ratio_worker_task_in_process_vs_raw_paired_median']:.3f}")
     for r in rows:
         if r["ratio_ours2_vs_datasets2"] is not None:
             print(f"{r['tokenizer']}: ours (2 workers) / datasets.map (num_proc 2): best {r['ratio_ours2_vs_datasets2']:.2f}x,"

@@ -96,6 +96,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results")
+    ap.add_argument("--variants", default=None,
+                    help='JSON list of {kernel: changes} to time instead of the built-in sweep, e.g. '
+                         '\'[{"bwd_dqk": {"num_warps": 8}}]\'')
     args = ap.parse_args()
     shapes = [(16, 2048, 8), (1, 32768, 16)]
     three = {"split": True, "dA_from_dv": True}
@@ -120,6 +123,11 @@ def main() -> None:
         {"intra": {"two_launches": ["bwd_dv", "bwd_dqk"]}}, {"intra": {"two_launches": True}},
         {"intra": {"two_launches": ["fwd_o", "bwd_dqk"]}},
     ]
+    if args.variants:
+        variants = json.loads(args.variants)
+        unknown = {name for change in variants for name in change} - set(C.CONFIG)
+        if unknown:
+            raise SystemExit(f"--variants: unknown kernels {sorted(unknown)}; known: {sorted(C.CONFIG)}")
     for B, T, H in shapes[:1] if args.quick else shapes:
         q, z, v, do = setup(B, T, H)
         seg_default = C.default_seg_chunks(T // 64, B, H, 2)
