@@ -15,23 +15,16 @@ import cProfile
 import io
 import json
 import pstats
-import time
 
 import torch
 
+from bench.ops import host_ms
 from metala.ops.metala import chunk as C
 
 
 def per_call_ms(fn, reps: int = 200) -> float:
-    """Median host milliseconds of fn() with the GPU idle before each call."""
-    times = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    torch.cuda.synchronize()
-    return sorted(times)[reps // 2]
+    """Median host milliseconds of fn() with the GPU idle before each call (fn clears its own gradients)."""
+    return host_ms(fn, [], reps)
 
 
 def profile_top(fn, reps: int = 50, top: int = 25) -> str:
