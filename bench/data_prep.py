@@ -13,7 +13,8 @@ Correctness first: the pipeline's shards must hold exactly the raw encoder's tok
 Steady state: ours with 1 worker also runs on a quarter of the copies in every round; (tokens difference) /
 (seconds difference) is the rate without the fixed cost of a run (worker start, tokenizer load, final shard and
 manifest: ~0.1 s here), reported beside the end-to-end rate, paired with raw encode the same way. The workers' task
-function is also timed in this process on the same blocks (no worker process, no reader beside it).
+function is also timed in this process on the same blocks (no worker process, no reader beside it), and ours with
+1 worker runs on the same text as one plain .jsonl (no zstd decompression beside the worker).
 
 Shared and small machines drift by 10-30 % within minutes, so raw encode and our pipeline are measured alternately
 for `--rounds` rounds; the headline ratio is the median over rounds of ours / raw within the same round (raw = the
@@ -206,7 +207,8 @@ def main() -> None:
         inputs, plain = build_inputs(tmp, texts, args.repeat)
         for model_type in ("bpe", "unigram"):
             model = train_tokenizer(tmp, model_type)
-            runs: dict = {"list": [], "numpy": [], 1: [], 2: [], "datasets": [], "marginal": [], "in_process": []}
+            runs: dict = {"list": [], "numpy": [], 1: [], 2: [], "datasets": [], "marginal": [], "in_process": [],
+                          "plain_jsonl": []}
             for _ in range(args.rounds):
                 for variant in RAW_VARIANTS:
                     runs[variant].append(raw_encode(model, texts, args.repeat, variant))
@@ -217,6 +219,8 @@ def main() -> None:
                 # run over the Pile pays once in hours but a few-second benchmark pays in full
                 part = pipeline(model, inputs[: max(1, args.repeat // 4)], tmp / "ours-part", 1)
                 runs["in_process"].append(in_process(model, inputs))
+                # the same text as one plain .jsonl: no zstd decompression in the reader beside the worker
+                runs["plain_jsonl"].append(pipeline(model, [str(plain)], tmp / "ours-plain", 1))
                 full = runs[1][-1]
                 runs["marginal"].append({
                     "tokens_per_s": (full["tokens"] - part["tokens"]) / (full["seconds"] - part["seconds"]),
@@ -234,6 +238,8 @@ def main() -> None:
                               for i in range(args.rounds))
             inproc = sorted(runs["in_process"][i]["tokens_per_s"] / max(runs[v][i]["tokens_per_s"] for v in RAW_VARIANTS)
                             for i in range(args.rounds))
+            plain_ratio = sorted(runs["plain_jsonl"][i]["tokens_per_s"]
+                                 / max(runs[v][i]["tokens_per_s"] for v in RAW_VARIANTS) for i in range(args.rounds))
             correct = check_pipeline(model, texts, tmp / "ours-1", pipes[0]["manifest"], args.repeat)
             base = best_and_median(runs["datasets"]) if runs["datasets"] else None
             vs_datasets = sorted(runs[2][i]["tokens_per_s"] / runs["datasets"][i]["tokens_per_s"]
@@ -248,6 +254,9 @@ def main() -> None:
                    "ratio_ours1_steady_state_vs_raw_paired_median": marginal[len(marginal) // 2],
                    "ratio_ours1_steady_state_vs_raw_paired": marginal,
                    "worker_task_in_process": best_and_median(runs["in_process"]),
+                   "ours1_plain_jsonl": {k: v for k, v in best_and_median(runs["plain_jsonl"]).items() if k != "manifest"},
+                   "ratio_ours1_plain_jsonl_vs_raw_paired_median": plain_ratio[len(plain_ratio) // 2],
+                   "ratio_ours1_plain_jsonl_vs_raw_paired": plain_ratio,
                    "ratio_worker_task_in_process_vs_raw_paired_median": inproc[len(inproc) // 2],
                    "ratio_worker_task_in_process_vs_raw_paired": inproc,
                    "ratio_ours1_vs_raw_best": pipes[0]["tokens_per_s"] / raw_best["tokens_per_s"],
@@ -280,7 +289,8 @@ def main() -> None:
         fixed = sorted(m["fixed_seconds"] for m in r["ours1_steady_state"])
         print(f"{r['tokenizer']}: ours (1 worker) steady state / raw: paired median "
               f"{r['ratio_ours1_steady_state_vs_raw_paired_median']:.3f} (fixed cost of a run {fixed[len(fixed) // 2]:.2f} s); "
-              f"the worker's task function in this process / raw: {r['ratio_worker_task_in_process_vs_raw_paired_median']:.3f}")
+              f"the worker's task function in this process / raw: {r['ratio_worker_task_in_process_vs_raw_paired_median']:.3f}; "
+              f"ours (1 worker) on plain .jsonl / raw: {r['ratio_ours1_plain_jsonl_vs_raw_paired_median']:.3f}")
     for r in rows:
         if r["ratio_ours2_vs_datasets2"] is not None:
             print(f"{r['tokenizer']}: ours (2 workers) / datasets.map (num_proc 2): best {r['ratio_ours2_vs_datasets2']:.2f}x,"
