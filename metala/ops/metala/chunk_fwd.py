@@ -158,19 +158,26 @@ def _grad_q_sub(dA, k, Gam, o_t, BT_: tl.constexpr, BC_: tl.constexpr, PREC: tl.
 
 
 @triton.jit
+def _grad_by_path(ONE: tl.constexpr, SUB: tl.constexpr, x, y, Gam, gam, o_t, BT_: tl.constexpr, BC_: tl.constexpr,
+                  PREC: tl.constexpr, PATH: tl.constexpr):
+    """ONE(x, y, ...) or SUB(x, y, ...) as PATH says (ANY_PATH: the chunk's span decides at run time)."""
+    if PATH == ONE_REF:
+        out = ONE(x, y, Gam, gam, PREC)
+    elif PATH == SUB_CHUNKS:
+        out = SUB(x, y, Gam, o_t, BT_, BC_, PREC)
+    else:
+        if one_reference(gam):
+            out = ONE(x, y, Gam, gam, PREC)
+        else:
+            out = SUB(x, y, Gam, o_t, BT_, BC_, PREC)
+    return out
+
+
+@triton.jit
 def intra_grad_q(dA, k, Gam, gam, o_t, BT_: tl.constexpr, BC_: tl.constexpr, PREC: tl.constexpr,
                  PATH: tl.constexpr):
     """dq_intra[t] = sum_{r <= t} dA[t, r] k[r] exp(Gam[t] - Gam[r]) for a causally masked fp32 dA [BT, BT]."""
-    if PATH == ONE_REF:
-        out = _grad_q_one(dA, k, Gam, gam, PREC)
-    elif PATH == SUB_CHUNKS:
-        out = _grad_q_sub(dA, k, Gam, o_t, BT_, BC_, PREC)
-    else:
-        if one_reference(gam):
-            out = _grad_q_one(dA, k, Gam, gam, PREC)
-        else:
-            out = _grad_q_sub(dA, k, Gam, o_t, BT_, BC_, PREC)
-    return out
+    return _grad_by_path(_grad_q_one, _grad_q_sub, dA, k, Gam, gam, o_t, BT_, BC_, PREC, PATH)
 
 
 @triton.jit
@@ -195,16 +202,7 @@ def _grad_k_sub(dAT, qq, Gam, o_t, BT_: tl.constexpr, BC_: tl.constexpr, PREC: t
 def intra_grad_k(dAT, qq, Gam, gam, o_t, BT_: tl.constexpr, BC_: tl.constexpr, PREC: tl.constexpr,
                  PATH: tl.constexpr):
     """dk_intra[r] = sum_{t >= r} dA[t, r] q[t] exp(Gam[t] - Gam[r]), from the transposed dAT[r, t] = dA[t, r]."""
-    if PATH == ONE_REF:
-        out = _grad_k_one(dAT, qq, Gam, gam, PREC)
-    elif PATH == SUB_CHUNKS:
-        out = _grad_k_sub(dAT, qq, Gam, o_t, BT_, BC_, PREC)
-    else:
-        if one_reference(gam):
-            out = _grad_k_one(dAT, qq, Gam, gam, PREC)
-        else:
-            out = _grad_k_sub(dAT, qq, Gam, o_t, BT_, BC_, PREC)
-    return out
+    return _grad_by_path(_grad_k_one, _grad_k_sub, dAT, qq, Gam, gam, o_t, BT_, BC_, PREC, PATH)
 
 
 @triton.jit
