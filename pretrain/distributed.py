@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import socket
 import traceback
@@ -36,8 +37,50 @@ def init_distributed() -> tuple[torch.device, int, int]:
         device = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
+        # torch.distributed.nn binds `group.WORLD` into its functions' default arguments when first imported
+        # (DeepSpeed imports it during engine set-up): imported after the world group exists, those defaults keep the
+        # group, and its gloo threads, alive into interpreter teardown (see shutdown_distributed). Before, it binds None.
+        importlib.import_module("torch.distributed.nn")
+
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return device, dist.get_rank(), dist.get_world_size()
+
+
+def _drop_group_references(module) -> None:
+    """Forget the process groups a module keeps in its globals (DeepSpeed's `groups` caches them)."""
+    for name, value in list(vars(module).items()):
+        if isinstance(value, dist.ProcessGroup):
+            setattr(module, name, None)
+        elif isinstance(value, dict) and any(isinstance(v, dist.ProcessGroup) for v in value.values()):
+            value.clear()
+
+
+def shutdown_distributed(all_ok: bool) -> None:
+    """Leave the process groups so that a finished run exits 0 on every rank.
+
+    A gloo (or NCCL) group's C++ object runs worker threads until it is destroyed, and `destroy_process_group` only
+    unregisters it: while anything still references the group (the DeepSpeed engine and optimizer, DeepSpeed's
+    module-level group cache), the threads keep running into interpreter teardown, where a rank can abort with
+    "terminate called without an active exception" after its run finished and wrote everything (seen in CI). So the
+    caller drops the trainer first; here the ranks meet (on success: no rank leaves while another still writes its
+    outputs), the groups are destroyed, DeepSpeed's cached references dropped and the objects collected, which joins
+    their threads while the interpreter is whole.
+    """
+    if not dist.is_initialized():
+        return
+    import gc
+
+    gc.collect()  # the trainer's reference cycles (optimizer step wrapper <-> trainer) hold the engine
+    if all_ok and dist.get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()
+    try:
+        from deepspeed.utils import groups as ds_groups
+    except ImportError:
+        ds_groups = None
+    if ds_groups is not None:
+        _drop_group_references(ds_groups)
+    gc.collect()
 
 
 def comm_device() -> torch.device:

@@ -7,11 +7,13 @@ checkpoint dir) without starting process groups or touching the GPU.
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import sys
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 from pretrain.config import ConfigError, TrainConfig, load_config
 from pretrain.data import DataError
@@ -87,10 +89,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from pretrain.trainer import Trainer, TrainingDiverged
 
+    from pretrain.distributed import shutdown_distributed
+
     trainer = None
+    finished = False
     try:
         trainer = Trainer(cfg)
         trainer.run()
+        finished = True
         return 0
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -101,11 +107,27 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if trainer is not None:
             trainer.close()
-        import torch.distributed as dist
+        trainer = None  # the last reference to the engine, which holds the process groups
+        shutdown_distributed(all_ok=finished)
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+
+def exit_without_teardown(rc: int) -> NoReturn:
+    """End a training process once its run is over: exit handlers run and output is flushed, then the process exits
+    without interpreter teardown.
+
+    `shutdown_distributed` frees the process groups our code and DeepSpeed's caches hold, but under ZeRO-3 DeepSpeed's
+    partitioned parameters keep theirs (and the groups' worker threads) to the end; a thread still running while the
+    interpreter and the C++ runtime tear down can abort a rank that finished ("terminate called without an active
+    exception", exit -6), which fails the whole job. Nothing is left to do at that point, so it is skipped.
+    """
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be written anyway
+            pass
+    os._exit(rc)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_without_teardown(main())

@@ -160,6 +160,7 @@ class Trainer:
         self.tokens_per_step = t.global_batch * cfg.data.seq_len
         self._stop_signal: int | None = None
         self.sinks: MultiSink | NullSink = NullSink()
+        self._previous_handlers: dict[int, object] = {}
         self.peak_flops = t.peak_flops or self._device_peak_flops()
         self.git_sha = git_sha()
 
@@ -342,11 +343,13 @@ class Trainer:
         return bool(flag.item()) or bad_norm or self._guard_skipped
 
     def _install_signal_handlers(self) -> None:
+        # close() puts the previous handlers back: one left installed keeps this trainer, its engine and their
+        # process groups alive into interpreter teardown (see pretrain.distributed.shutdown_distributed)
         def handler(signum, frame):
             self._stop_signal = signum
 
         for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, handler)
+            self._previous_handlers.setdefault(sig, signal.signal(sig, handler))
 
     def _stop_requested(self) -> bool:
         """True on every rank when any rank received SIGTERM / SIGUSR1 (checked at step boundaries)."""
@@ -542,7 +545,17 @@ class Trainer:
             path.write_text(text + "\n")
 
     def close(self) -> None:
+        """Flush the sinks, restore the signal handlers and release the engine (its optimizer holds the groups)."""
         self.sinks.close()
+        for sig, previous in self._previous_handlers.items():
+            signal.signal(sig, previous)
+        self._previous_handlers.clear()
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            try:
+                engine.destroy()
+            except Exception as e:  # noqa: BLE001 - never hide the error that ended the run behind this one
+                log.warning("releasing the DeepSpeed engine failed: %s", e)
 
 
 __all__ = ["Trainer", "TrainingDiverged", "DataError", "deepspeed_config", "pad_vocab"]
