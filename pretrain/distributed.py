@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import gc
 import importlib
 import os
 import socket
+import sys
 import traceback
+from pathlib import Path
 from typing import Callable, TypeVar
 
 import torch
@@ -55,32 +59,66 @@ def _drop_group_references(module) -> None:
             value.clear()
 
 
+# thread names of gloo's workers and transport loops, NCCL's watchdogs and the TCPStore server (Linux)
+COMM_THREAD_PREFIXES = ("pt_gloo", "gloo_", "pt_nccl", "pt_tcpstore")
+CHECK_SHUTDOWN_ENV = "METALA_CHECK_SHUTDOWN"
+
+
+def comm_threads() -> list[str]:
+    """Names of this process's communication threads still running (empty where /proc is not available)."""
+    names = []
+    for comm in Path("/proc/self/task").glob("*/comm"):
+        try:
+            name = comm.read_text().strip()
+        except OSError:  # the thread ended while we looked
+            continue
+        if name.startswith(COMM_THREAD_PREFIXES):
+            names.append(name)
+    return sorted(names)
+
+
 def shutdown_distributed(all_ok: bool) -> None:
     """Leave the process groups so that a finished run exits 0 on every rank.
 
     A gloo (or NCCL) group's C++ object runs worker threads until it is destroyed, and `destroy_process_group` only
-    unregisters it: while anything still references the group (the DeepSpeed engine and optimizer, DeepSpeed's
-    module-level group cache), the threads keep running into interpreter teardown, where a rank can abort with
-    "terminate called without an active exception" after its run finished and wrote everything (seen in CI). So the
-    caller drops the trainer first; here the ranks meet (on success: no rank leaves while another still writes its
-    outputs), the groups are destroyed, DeepSpeed's cached references dropped and the objects collected, which joins
-    their threads while the interpreter is whole.
+    unregisters it: while anything still references the group, its threads keep running into interpreter teardown,
+    where a rank can abort with "terminate called without an active exception" after its run finished and wrote
+    everything (seen in CI). The caller drops the trainer first; here the ranks meet (on success: no rank leaves while
+    another still writes its outputs), the groups are destroyed, the references DeepSpeed keeps for the life of the
+    process are dropped (`_drop_deepspeed_references`) and the objects collected, which joins their threads while the
+    interpreter is whole. With METALA_CHECK_SHUTDOWN=1 a thread left running is reported (the tests set it).
     """
     if not dist.is_initialized():
         return
-    import gc
-
     gc.collect()  # the trainer's reference cycles (optimizer step wrapper <-> trainer) hold the engine
     if all_ok and dist.get_world_size() > 1:
         dist.barrier()
     dist.destroy_process_group()
-    try:
-        from deepspeed.utils import groups as ds_groups
-    except ImportError:
-        ds_groups = None
-    if ds_groups is not None:
-        _drop_group_references(ds_groups)
+    _drop_deepspeed_references()
     gc.collect()
+    if os.environ.get(CHECK_SHUTDOWN_ENV) and (left := comm_threads()):
+        print(f"warning: process groups outlived the run: {len(left)} threads still running ({', '.join(left)})",
+              file=sys.stderr, flush=True)
+
+
+def _drop_deepspeed_references() -> None:
+    """DeepSpeed keeps process groups, and under ZeRO-3 the whole model (whose partitioned parameters hold their
+    group), in module globals for the life of the process; cleared here once the run is over."""
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is not None:
+        _drop_group_references(groups)
+    # our ParallelLayout, given to DeepSpeed as its `mpu` under TP / SP, holds the layout's groups
+    for name in ("deepspeed.utils.groups", "deepspeed.runtime.activation_checkpointing.checkpointing"):
+        module = sys.modules.get(name)
+        if module is not None and getattr(module, "mpu", None) is not None:
+            module.mpu = None
+    offload = sys.modules.get("deepspeed.runtime.zero.parameter_offload")
+    if offload is not None and isinstance(getattr(offload, "FWD_MODULE_STACK", None), list):
+        offload.FWD_MODULE_STACK.clear()
+    # memoised methods (e.g. ZeRO-3's parameter coordinator) keep their instances in class-level caches
+    for obj in gc.get_objects():
+        if isinstance(obj, functools._lru_cache_wrapper) and str(getattr(obj, "__module__", "")).startswith("deepspeed"):
+            obj.cache_clear()
 
 
 def comm_device() -> torch.device:

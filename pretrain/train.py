@@ -115,10 +115,10 @@ def exit_without_teardown(rc: int) -> NoReturn:
     """End a training process once its run is over: exit handlers run and output is flushed, then the process exits
     without interpreter teardown.
 
-    `shutdown_distributed` frees the process groups our code and DeepSpeed's caches hold, but under ZeRO-3 DeepSpeed's
-    partitioned parameters keep theirs (and the groups' worker threads) to the end; a thread still running while the
-    interpreter and the C++ runtime tear down can abort a rank that finished ("terminate called without an active
-    exception", exit -6), which fails the whole job. Nothing is left to do at that point, so it is skipped.
+    `shutdown_distributed` frees every process group on the paths we test (ZeRO-1/2/3, TP, SP, gloo); a reference
+    we do not know of (another DeepSpeed version, NCCL's watchdog) would leave a group's threads running while the
+    interpreter and the C++ runtime tear down, which can abort a rank that finished ("terminate called without an
+    active exception", exit -6) and fail the whole job. Nothing is left to do at that point, so it is skipped.
     """
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):

@@ -30,7 +30,8 @@ def free_port() -> int:
 def launch(data_dir: Path, out_dir: Path, *overrides: str, ranks: int = 2, recipe: str = "tiny-cpu",
            env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "NUM_GPUS": str(ranks), "OMP_NUM_THREADS": "1", "PYTHON": sys.executable,
-                "MASTER_PORT": str(free_port()), "PYTHONWARNINGS": "ignore::FutureWarning", **(env or {})}
+                "MASTER_PORT": str(free_port()), "PYTHONWARNINGS": "ignore::FutureWarning",
+                "METALA_CHECK_SHUTDOWN": "1", **(env or {})}
     cmd = ["bash", str(REPO / "launch/pretrain.sh"), recipe, f"data.dir={data_dir}", f"train.out_dir={out_dir}",
            *TINY, *overrides]
     return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
@@ -47,4 +48,6 @@ def step_losses(out_dir: Path) -> dict[int, float]:
 
 
 def check_ok(r: subprocess.CompletedProcess) -> None:
+    """The run exited 0 and every rank freed its process groups (METALA_CHECK_SHUTDOWN, set by `launch`)."""
     assert r.returncode == 0, f"exit {r.returncode}\n--- stdout\n{r.stdout[-4000:]}\n--- stderr\n{r.stderr[-6000:]}"
+    assert "process groups outlived the run" not in r.stderr, r.stderr[-6000:]
