@@ -50,18 +50,10 @@ def init_distributed() -> tuple[torch.device, int, int]:
     return device, dist.get_rank(), dist.get_world_size()
 
 
-def _drop_group_references(module) -> None:
-    """Forget the process groups a module keeps in its globals (DeepSpeed's `groups` caches them)."""
-    for name, value in list(vars(module).items()):
-        if isinstance(value, dist.ProcessGroup):
-            setattr(module, name, None)
-        elif isinstance(value, dict) and any(isinstance(v, dist.ProcessGroup) for v in value.values()):
-            value.clear()
-
-
 # thread names of gloo's workers and transport loops, NCCL's watchdogs and the TCPStore server (Linux)
 COMM_THREAD_PREFIXES = ("pt_gloo", "gloo_", "pt_nccl", "pt_tcpstore")
 CHECK_SHUTDOWN_ENV = "METALA_CHECK_SHUTDOWN"
+SHUTDOWN_LEAK = "process groups outlived the run"
 
 
 def comm_threads() -> list[str]:
@@ -97,8 +89,8 @@ def shutdown_distributed(all_ok: bool) -> None:
     _drop_deepspeed_references()
     gc.collect()
     if os.environ.get(CHECK_SHUTDOWN_ENV) and (left := comm_threads()):
-        print(f"warning: process groups outlived the run: {len(left)} threads still running ({', '.join(left)})",
-              file=sys.stderr, flush=True)
+        print(f"warning: {SHUTDOWN_LEAK}: {len(left)} threads still running ({', '.join(left)})", file=sys.stderr,
+              flush=True)
 
 
 def _drop_deepspeed_references() -> None:
@@ -106,10 +98,13 @@ def _drop_deepspeed_references() -> None:
     group), in module globals for the life of the process; cleared here once the run is over."""
     groups = sys.modules.get("deepspeed.utils.groups")
     if groups is not None:
-        _drop_group_references(groups)
+        for name, value in list(vars(groups).items()):
+            if isinstance(value, dist.ProcessGroup):
+                setattr(groups, name, None)
+            elif isinstance(value, dict) and any(isinstance(v, dist.ProcessGroup) for v in value.values()):
+                value.clear()
     # our ParallelLayout, given to DeepSpeed as its `mpu` under TP / SP, holds the layout's groups
-    for name in ("deepspeed.utils.groups", "deepspeed.runtime.activation_checkpointing.checkpointing"):
-        module = sys.modules.get(name)
+    for module in (groups, sys.modules.get("deepspeed.runtime.activation_checkpointing.checkpointing")):
         if module is not None and getattr(module, "mpu", None) is not None:
             module.mpu = None
     offload = sys.modules.get("deepspeed.runtime.zero.parameter_offload")

@@ -87,9 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    from pretrain.trainer import Trainer, TrainingDiverged
-
     from pretrain.distributed import shutdown_distributed
+    from pretrain.trainer import Trainer, TrainingDiverged
 
     trainer = None
     finished = False

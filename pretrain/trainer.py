@@ -550,12 +550,10 @@ class Trainer:
         for sig, previous in self._previous_handlers.items():
             signal.signal(sig, previous)
         self._previous_handlers.clear()
-        engine = getattr(self, "engine", None)
-        if engine is not None:
-            try:
-                engine.destroy()
-            except Exception as e:  # noqa: BLE001 - never hide the error that ended the run behind this one
-                log.warning("releasing the DeepSpeed engine failed: %s", e)
+        try:
+            self.engine.destroy()
+        except Exception as e:  # noqa: BLE001 - never hide the error that ended the run behind this one
+            log.warning("releasing the DeepSpeed engine failed: %s", e)
 
 
 __all__ = ["Trainer", "TrainingDiverged", "DataError", "deepspeed_config", "pad_vocab"]

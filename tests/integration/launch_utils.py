@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pretrain.distributed import SHUTDOWN_LEAK
+
 REPO = Path(__file__).resolve().parents[2]
 
 # a small, fast MetaLA on 64-token windows; 2 ranks x micro 2 x grad-accumulation 2 = global batch 8
@@ -50,4 +52,4 @@ def step_losses(out_dir: Path) -> dict[int, float]:
 def check_ok(r: subprocess.CompletedProcess) -> None:
     """The run exited 0 and every rank freed its process groups (METALA_CHECK_SHUTDOWN, set by `launch`)."""
     assert r.returncode == 0, f"exit {r.returncode}\n--- stdout\n{r.stdout[-4000:]}\n--- stderr\n{r.stderr[-6000:]}"
-    assert "process groups outlived the run" not in r.stderr, r.stderr[-6000:]
+    assert SHUTDOWN_LEAK not in r.stderr, r.stderr[-6000:]
