@@ -205,9 +205,9 @@ def test_model_on_triton_matches_model_on_chunk():
 
 
 @pytest.mark.parametrize("form", [
-    pytest.param({"split": False, "dA_from_dv": False}, id="joint-dqk"),
-    pytest.param({"split": True, "dA_from_dv": True}, id="dv-stores-dA"),
-    pytest.param({"split": True, "dA_from_dv": False}, id="split-recompute-dA"),
+    pytest.param({"form": "joint"}, id="joint-dqk"),
+    pytest.param({"form": "split_dA"}, id="dv-stores-dA"),
+    pytest.param({"form": "split"}, id="split-recompute-dA"),
 ])
 def test_every_backward_form_matches_naive(form, monkeypatch):
     """The backward can run as one joint dq/dk kernel or as dq + dk kernels (with dA from the dv kernel or
@@ -223,6 +223,16 @@ def test_every_backward_form_matches_naive(form, monkeypatch):
     compare(ref, fwd_bwd(fn, q, z, v, h0, do, dht), 1e-4)
 
 
+def test_unknown_backward_form_is_an_error(monkeypatch):
+    from metala.ops.metala import chunk as C
+
+    monkeypatch.setitem(C.CONFIG, "bwd_dqk", {**C.CONFIG["bwd_dqk"], "form": "fused"})
+    q, z, v, h0 = mixed_gate_inputs()
+    o, _ = C.chunk_metala_from_logits(q.requires_grad_(), z, v)
+    with pytest.raises(ValueError, match="must be one of"):
+        o.sum().backward()
+
+
 def test_config_overrides_from_the_environment(monkeypatch):
     from metala.ops.metala import chunk as C
 
@@ -234,3 +244,36 @@ def test_config_overrides_from_the_environment(monkeypatch):
         monkeypatch.setenv("METALA_TRITON_CONFIG", bad)
         with pytest.raises(ValueError, match=match):
             C._apply_env_overrides()
+
+
+@pytest.mark.parametrize("mode", ["all", "none"])
+def test_every_running_sum_form_matches_naive(mode):
+    """METALA_CUMSUM is read when the kernels' module is imported, so each form runs in a fresh interpreter: the
+    running sums as scans ("none"), or as triangular matmuls ("all"; the default "reverse" runs everywhere else)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import torch, tests.ops.test_chunk_triton as t\n"
+        "torch.manual_seed(0)\n"
+        "t.test_triton_matches_naive(1, 130, 1, 64, 128, 2, 'logits')\n"
+        "from metala.ops.metala import chunk_fwd\n"
+        "print('cumsum', chunk_fwd.CUMSUM_MATMUL.value, chunk_fwd.REVCUMSUM_MATMUL.value)\n"
+    )
+    env = {**os.environ, "METALA_CUMSUM": mode}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                       cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split()[-2:] == (["True", "True"] if mode == "all" else ["False", "False"])
+
+
+def test_unknown_running_sum_form_is_an_error():
+    import os
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", "import metala.ops.metala.chunk_fwd"], capture_output=True, text=True,
+                       env={**os.environ, "METALA_CUMSUM": "matmul"}, timeout=300)
+    assert r.returncode != 0 and "METALA_CUMSUM must be" in r.stderr

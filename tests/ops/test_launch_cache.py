@@ -49,6 +49,16 @@ def test_second_call_replays_compiled_kernel_with_constexprs_in_order(monkeypatc
     assert k.log[1][2] == (x, y, 5, 0.25, 64, True)
 
 
+def test_replay_pads_the_grid_to_three_dimensions(monkeypatch):
+    # Triton's compiled runner indexes grid[0..2]; the binder accepts shorter grids, so the replay must too
+    _enable(monkeypatch)
+    k = FakeKernel()
+    x = torch.zeros(8)
+    for grid in ((4, 2), (4, 2), (5,)):
+        launch_cache.launch(k, grid, (x, x, 5, 0.5), dict(BLOCK=64, FLAG=True))
+    assert [e[1] for e in k.log] == [(4, 2), (4, 2, 1), (5, 1, 1)]
+
+
 def test_every_specialised_property_misses(monkeypatch):
     _enable(monkeypatch)
     k = FakeKernel()

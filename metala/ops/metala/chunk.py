@@ -38,6 +38,7 @@ from metala.ops.utils.launch_cache import launch
 
 log = logging.getLogger(__name__)
 MAX_K, MAX_V = 128, 256
+BWD_FORMS = ("joint", "split", "split_dA")
 
 
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -78,12 +79,18 @@ CONFIG = {
     # vs 1.368 with every chunk on the sub-chunk form (H200, 360M shape, 20261202_h200_kernel_tune_dispatch*.json)
     "bwd_dh": {"num_warps": 8, "num_stages": 2, "BV": 128},
     "bwd_dv": {"num_warps": 4, "num_stages": 2, "BV": 128},
-    # split: dq and (dk, dg) in two kernels (bwd_dq, bwd_dkg) instead of the joint dqk one; dA_from_dv: the dv
-    # kernel (one program per chunk) stores dA = dO v^T for them. The joint kernel, recomputing dA per K-tile, is
-    # the fastest measured form (H200, 360M shape, T=2k: backward 1.389 ms against 1.454 for split + dA_from_dv,
-    # bench/results/20261201_h200_kernel_tune.json). One kernel per (chunk, head) for dv, dq and dg together was
-    # tried and measured 2.06 ms: it spills 0.7-1.1 KB per thread.
-    "bwd_dqk": {"num_warps": 4, "num_stages": 2, "BK": 32, "BV": 64, "split": False, "dA_from_dv": False},
+    # form: how dq, dk and dg are computed after dv.
+    #   "joint": one kernel per (chunk, head, K-tile) recomputes dA = dO v^T and the products over V with the
+    #       states (dO h^T, v dS^T, rowsum(h dS)), then the intra-chunk terms;
+    #   "split" / "split_dA": dq and (dk, dg) in two kernels (bwd_dq, bwd_dkg), recomputing dA or reading it from
+    #       the dv kernel.
+    # H200, 360M shape, T=2k, backward: joint 0.918 ms; split_dA 1.40 (its kernels' sum; both in
+    # 20261202_h200_kernel_tune_cumsum_reverse.json).
+    # Also measured and not kept: the products over V stored by the dv kernel (0.994 ms) or by a kernel of their own
+    # (1.086 ms) for a lean dq/dk/dg kernel, which alone took 0.49 ms: its dk/dg tail is latency-bound without any
+    # state load (bench/intra_ablation.py; 20261202_h200_kernel_tune_backward_forms.json). One kernel per (chunk,
+    # head) for dv, dq and dg together measured 2.06 ms: it spills 0.7-1.1 KB per thread.
+    "bwd_dqk": {"num_warps": 4, "num_stages": 2, "BK": 32, "BV": 64, "form": "joint"},
     "bwd_dq": {"num_warps": 4, "num_stages": 2, "BK": 32},
     "bwd_dkg": {"num_warps": 8, "num_stages": 2, "BK": 64},
     "seg": {"num_warps": 4, "num_stages": 2},
@@ -201,9 +208,11 @@ def chunk_metala_bwd(q, gate, v, do, dht, scale, inv_tau, saved, plan: ChunkPlan
     # but wrong in the joint dqk kernel on an H200 (relative difference 1.8, 20261201_h200_kernel_tune_dqk.json)
     intra = dict(INTRA_PREC="ieee" if _interpreted() else "tf32x3" if q.dtype == torch.float32 else "tf32")
     BVv = _bv("bwd_dv", V)
-    split = CONFIG["bwd_dqk"].get("split", False)
+    form = CONFIG["bwd_dqk"]["form"]
+    if form not in BWD_FORMS:
+        raise ValueError(f"CONFIG['bwd_dqk']['form'] must be one of {BWD_FORMS}, got {form!r}")
     # the dv kernel hands dA to the split dq / dk kernels when one program covers all of V
-    store_dA = split and BVv >= V and CONFIG["bwd_dqk"].get("dA_from_dv", False)
+    store_dA = form == "split_dA" and BVv >= V
     dA = torch.empty(plan.n_chunks, H, BT, BT, device=dev, dtype=torch.float32) if store_dA else dS_local
     for path in _intra_paths("bwd_dv"):
         launch(chunk_metala_bwd_kernel_dv, (plan.n_chunks, H, triton.cdiv(V, BVv)),
@@ -211,14 +220,13 @@ def chunk_metala_bwd(q, gate, v, do, dht, scale, inv_tau, saved, plan: ChunkPlan
                 plan.chunk_seg, scale, inv_tau),
                dict(H=H, K=K, V=V, BT_=BT, BC_=BC, BV=BVv, GATE_LOGITS=gate_logits, DT=DT, DOT_PREC=prec,
                     STORE_DA=store_dA, INTRA_PATH=path, **_launch("bwd_dv")))
+    tables = (plan.chunk_start, plan.chunk_len, plan.chunk_seg, scale, inv_tau)
     BK_dqk = min(CONFIG["bwd_dqk"]["BK"], K)
     common = dict(
         H=H, K=K, V=V, BT_=BT, BC_=BC, BK=BK_dqk, BV=_bv("bwd_dqk", V), GATE_LOGITS=gate_logits, DT=DT, DOT_PREC=prec,
         **intra, **_launch("bwd_dqk"),
     )
-    grid = (plan.n_chunks, H, K // BK_dqk)
-    tables = (plan.chunk_start, plan.chunk_len, plan.chunk_seg, scale, inv_tau)
-    if split:
+    if form in ("split", "split_dA"):
         for name, kernel, outs in (("bwd_dq", chunk_metala_bwd_kernel_dq, (dq, dA)),
                                    ("bwd_dkg", chunk_metala_bwd_kernel_dkg, (dq, dgate, dA))):
             bk = min(CONFIG[name]["BK"], K)
@@ -229,7 +237,7 @@ def chunk_metala_bwd(q, gate, v, do, dht, scale, inv_tau, saved, plan: ChunkPlan
                        dict(kw, LOAD_DA=store_dA, INTRA_PATH=path))
     else:
         for path in _intra_paths("bwd_dqk"):
-            launch(chunk_metala_bwd_kernel_dqk, grid,
+            launch(chunk_metala_bwd_kernel_dqk, (plan.n_chunks, H, K // BK_dqk),
                    (q, gate, v, do, h_local, cdec, S_in, G, dS_local, Dout, dq, dgate, *tables),
                    dict(common, INTRA_PATH=path))
     return dq, dgate, dv, dh0

@@ -18,8 +18,15 @@ import triton
 import triton.language as tl
 
 import metala.ops.utils.triton_compat  # noqa: F401  (interpreter shim)
-from metala.ops.metala.chunk_fwd import intra_grad_k, intra_grad_q, intra_scores, load_gate, other_path
-from metala.ops.utils.triton_math import logsigmoid, neg_expm1, sigmoid_neg
+from metala.ops.metala.chunk_fwd import (
+    chunk_cumsum,
+    intra_grad_k,
+    intra_grad_q,
+    intra_scores,
+    load_gate,
+    other_path,
+)
+from metala.ops.utils.triton_math import neg_expm1, sigmoid_neg
 
 
 @triton.jit
@@ -50,7 +57,7 @@ def chunk_metala_bwd_kernel_dh(
         m_t = o_t < length
         tok = start + o_t
         g = load_gate(gate, tok, m_t, i_h, offs_k, H, K, GATE_LOGITS, inv_tau)
-        Gam = tl.cumsum(g, axis=0)
+        Gam = chunk_cumsum(g, o_t, False)
         gam = tl.sum(g, axis=0)
         qq = tl.load(q + (tok[:, None] * H + i_h) * K + offs_k[None, :],
                      mask=m_t[:, None] & (offs_k[None, :] < K), other=0.0)
@@ -128,7 +135,7 @@ def chunk_metala_bwd_kernel_dv(
     m_t = o_t < length
     tok = start + o_t
     g = load_gate(gate, tok, m_t, i_h, offs_k, H, K, GATE_LOGITS, inv_tau)
-    Gam = tl.cumsum(g, axis=0)
+    Gam = chunk_cumsum(g, o_t, False)
     gam = tl.sum(g, axis=0)
     if other_path(gam, INTRA_PATH):
         return
@@ -146,6 +153,40 @@ def chunk_metala_bwd_kernel_dv(
         dA = tl.dot(dd, tl.trans(vv), input_precision=DOT_PREC)
         dA = tl.where(o_t[:, None] >= o_t[None, :], dA * scale, 0.0)
         tl.store(dA_out + ((i_c * H + i_h) * BT_ + o_t[:, None]) * BT_ + o_t[None, :], dA)
+
+
+@triton.jit
+def store_dgate(gate, dgate, dg, g, p_k, m_tk, inv_tau, GATE_LOGITS: tl.constexpr):
+    """The decay gradient as the gate came: dz = dg * sigmoid(-z) / tau for logits; none where g was floored."""
+    if GATE_LOGITS:
+        z = tl.load(gate + p_k, mask=m_tk, other=0.0).to(tl.float32)
+        dg = dg * sigmoid_neg(z) * inv_tau
+    tl.store(dgate + p_k, tl.where(g > -10.0, dg, 0.0).to(dgate.dtype.element_ty), mask=m_tk)
+
+
+@triton.jit
+def dq_dk_from_products(q, gate, dq, dgate, dA, dq_inter, dk_state, h_dS, g, gam, tok, m_t, o_t, i_h, offs_k, scale,
+                        inv_tau, H: tl.constexpr, K: tl.constexpr, BT_: tl.constexpr, BC_: tl.constexpr,
+                        GATE_LOGITS: tl.constexpr, INTRA_PREC: tl.constexpr, INTRA_PATH: tl.constexpr):
+    """Stores dq and the gate gradient of one (chunk, head, K-tile) from the masked dA and the products over V:
+    dq_inter = dO h^T, dk_state = v dS^T (both [BT, BK]) and h_dS = rowsum(h * dS) ([BK])."""
+    Gam = chunk_cumsum(g, o_t, False)
+    k = neg_expm1(g)
+    m_tk = m_t[:, None]
+    p_k = (tok[:, None] * H + i_h) * K + offs_k[None, :]
+    dqq = intra_grad_q(dA, k, Gam, gam, o_t, BT_, BC_, INTRA_PREC, INTRA_PATH) + scale * tl.exp(Gam) * dq_inter
+    tl.store(dq + p_k, dqq.to(dq.dtype.element_ty), mask=m_tk)
+    qq = tl.load(q + p_k, mask=m_tk, other=0.0).to(tl.float32)
+    d_gam = qq * dqq
+    dk_state = dk_state * tl.exp(gam[None, :] - Gam)
+    dkk = intra_grad_k(tl.trans(dA), qq, Gam, gam, o_t, BT_, BC_, INTRA_PREC, INTRA_PATH) + dk_state
+    d_gam -= k * dkk
+    # reverse cumulative sum within the chunk, plus the terms that reach every row through the chunk's total decay
+    dg = chunk_cumsum(d_gam, o_t, True)
+    dg += (tl.sum(k * dk_state, axis=0) + tl.exp(gam) * h_dS)[None, :]
+    # the key is tied to the decay: k = 1 - exp(g), dk/dg = -exp(g)
+    dg -= tl.exp(g) * dkk
+    store_dgate(gate, dgate, dg, g, p_k, m_tk, inv_tau, GATE_LOGITS)
 
 
 @triton.jit
@@ -188,31 +229,8 @@ def chunk_metala_bwd_kernel_dqk(
         dk_state += tl.dot(vv, tl.trans(dS.to(DT)), input_precision=DOT_PREC)
         h_dS += tl.sum(h * dS, axis=1)
     dA = tl.where(o_t[:, None] >= o_t[None, :], dA * scale, 0.0)
-    Gam = tl.cumsum(g, axis=0)
-    k = neg_expm1(g)
-    m_tk = m_t[:, None]
-    p_k = (tok[:, None] * H + i_h) * K + offs_k[None, :]
-    dqq = intra_grad_q(dA, k, Gam, gam, o_t, BT_, BC_, INTRA_PREC, INTRA_PATH) + scale * tl.exp(Gam) * dq_inter
-    tl.store(dq + p_k, dqq.to(dq.dtype.element_ty), mask=m_tk)
-    qq = tl.load(q + p_k, mask=m_tk, other=0.0).to(tl.float32)
-    d_gam = qq * dqq
-    dk_state = dk_state * tl.exp(gam[None, :] - Gam)
-    dkk = intra_grad_k(tl.trans(dA), qq, Gam, gam, o_t, BT_, BC_, INTRA_PREC, INTRA_PATH) + dk_state
-    d_gam -= k * dkk
-    # reverse cumulative sum within the chunk, plus the terms that reach every row through the chunk's total decay
-    dg = tl.sum(d_gam, axis=0)[None, :] - tl.cumsum(d_gam, axis=0) + d_gam
-    dg += (tl.sum(k * dk_state, axis=0) + tl.exp(gam) * h_dS)[None, :]
-    # the key is tied to the decay: k = 1 - exp(g), dk/dg = -exp(g)
-    dg -= tl.exp(g) * dkk
-    if GATE_LOGITS:
-        z = tl.load(gate + p_k, mask=m_tk, other=0.0).to(tl.float32)
-        # no gradient where the log-decay was floored
-        live = logsigmoid(z) * inv_tau > -10.0
-        tl.store(dgate + p_k, tl.where(live, dg * sigmoid_neg(z) * inv_tau, 0.0).to(dgate.dtype.element_ty),
-                 mask=m_tk)
-    else:
-        graw = tl.load(gate + p_k, mask=m_tk, other=0.0).to(tl.float32)
-        tl.store(dgate + p_k, tl.where(graw > -10.0, dg, 0.0).to(dgate.dtype.element_ty), mask=m_tk)
+    dq_dk_from_products(q, gate, dq, dgate, dA, dq_inter, dk_state, h_dS, g, gam, tok, m_t, o_t, i_h, offs_k, scale,
+                        inv_tau, H, K, BT_, BC_, GATE_LOGITS, INTRA_PREC, INTRA_PATH)
 
 
 @triton.jit
@@ -259,7 +277,7 @@ def chunk_metala_bwd_kernel_dq(
         dA = tl.load(dA_in + ((i_c * H + i_h) * BT_ + o_t[:, None]) * BT_ + o_t[None, :])
     else:
         dA = tl.where(o_t[:, None] >= o_t[None, :], dA * scale, 0.0)
-    Gam = tl.cumsum(g, axis=0)
+    Gam = chunk_cumsum(g, o_t, False)
     dqq = intra_grad_q(dA, neg_expm1(g), Gam, gam, o_t, BT_, BC_, INTRA_PREC, INTRA_PATH)
     dqq += scale * tl.exp(Gam) * dq_inter
     tl.store(dq + (tok[:, None] * H + i_h) * K + offs_k[None, :], dqq.to(dq.dtype.element_ty), mask=m_t[:, None])
@@ -308,7 +326,7 @@ def chunk_metala_bwd_kernel_dkg(
         dAT = tl.load(dA_in + ((i_c * H + i_h) * BT_ + o_t[None, :]) * BT_ + o_t[:, None])
     else:
         dAT = tl.trans(tl.where(o_t[:, None] >= o_t[None, :], dA * scale, 0.0))
-    Gam = tl.cumsum(g, axis=0)
+    Gam = chunk_cumsum(g, o_t, False)
     m_tk = m_t[:, None]
     p_k = (tok[:, None] * H + i_h) * K + offs_k[None, :]
     # the state terms first, so dk_state and h_dS die early (register pressure)
@@ -319,11 +337,5 @@ def chunk_metala_bwd_kernel_dkg(
     dkk = intra_grad_k(dAT, qq, Gam, gam, o_t, BT_, BC_, INTRA_PREC, INTRA_PATH) + dk_state
     d_gam = qq * tl.load(dq + p_k, mask=m_tk, other=0.0).to(tl.float32) - k * dkk
     # revcumsum within the chunk + the chunk-wide state terms - alpha * dk (the key tied to the decay)
-    dg = tl.sum(d_gam, axis=0)[None, :] - tl.cumsum(d_gam, axis=0) + d_gam + c[None, :] - tl.exp(g) * dkk
-    if GATE_LOGITS:
-        z = tl.load(gate + p_k, mask=m_tk, other=0.0).to(tl.float32)
-        # no gradient where the log-decay was floored
-        tl.store(dgate + p_k, tl.where(g > -10.0, dg * sigmoid_neg(z) * inv_tau, 0.0).to(dgate.dtype.element_ty),
-                 mask=m_tk)
-    else:
-        tl.store(dgate + p_k, tl.where(g > -10.0, dg, 0.0).to(dgate.dtype.element_ty), mask=m_tk)
+    dg = chunk_cumsum(d_gam, o_t, True) + c[None, :] - tl.exp(g) * dkk
+    store_dgate(gate, dgate, dg, g, p_k, m_tk, inv_tau, GATE_LOGITS)

@@ -39,6 +39,35 @@ BC = 16
 SPAN: tl.constexpr = tl.constexpr(float(os.environ.get("METALA_ONE_REFERENCE_SPAN", "60")))
 
 
+# running sums over a chunk's rows: a scan across the program's warps, or a triangular matmul on the tensor cores in
+# 3xTF32 (fp32-accurate, ~1e-6 relative). METALA_CUMSUM (read once, at import) says which sums take the matmul:
+# "reverse" (the default: the decay gradient's reverse sum in the dq/dk kernels), "all" or "none". H200, 360M shape:
+# the joint dq/dk kernel 0.633 -> 0.585 ms with "all", but every other kernel slower (forward 0.311 -> 0.476 ms;
+# bench/results/20261202_h200_kernel_tune_cumsum_*.json).
+_CUMSUM = os.environ.get("METALA_CUMSUM", "reverse")
+if _CUMSUM not in ("reverse", "all", "none"):
+    raise ValueError(f"METALA_CUMSUM must be reverse, all or none, got {_CUMSUM!r}")
+CUMSUM_MATMUL: tl.constexpr = tl.constexpr(_CUMSUM == "all")
+REVCUMSUM_MATMUL: tl.constexpr = tl.constexpr(_CUMSUM in ("all", "reverse"))
+CUMSUM_PREC: tl.constexpr = tl.constexpr("ieee" if os.environ.get("TRITON_INTERPRET", "0") == "1" else "tf32x3")
+
+
+@triton.jit
+def chunk_cumsum(x, o_t, REVERSE: tl.constexpr):
+    """Inclusive running sum of x [BT, BK] over rows (REVERSE: from the chunk's end); o_t = tl.arange(0, BT)."""
+    if REVERSE:
+        if REVCUMSUM_MATMUL:
+            out = tl.dot(tl.where(o_t[:, None] <= o_t[None, :], 1.0, 0.0), x, input_precision=CUMSUM_PREC)
+        else:
+            out = tl.sum(x, axis=0)[None, :] - tl.cumsum(x, axis=0) + x
+    else:
+        if CUMSUM_MATMUL:
+            out = tl.dot(tl.where(o_t[:, None] >= o_t[None, :], 1.0, 0.0), x, input_precision=CUMSUM_PREC)
+        else:
+            out = tl.cumsum(x, axis=0)
+    return out
+
+
 @triton.jit
 def load_gate(gate, tok, m_t, i_h, offs_k, H: tl.constexpr, K: tl.constexpr, GATE_LOGITS: tl.constexpr, inv_tau):
     """fp32 log-decay [BT, BK] of a chunk: 0 on rows past the chunk's end (alpha = 1, k = 0 there)."""
@@ -236,7 +265,7 @@ def chunk_metala_fwd_kernel_h(
         m_t = o_t < length
         tok = start + o_t
         g = load_gate(gate, tok, m_t, i_h, offs_k, H, K, GATE_LOGITS, inv_tau)
-        Gam = tl.cumsum(g, axis=0)
+        Gam = chunk_cumsum(g, o_t, False)
         gam = tl.sum(g, axis=0)
         kd = neg_expm1(g) * tl.exp(gam[None, :] - Gam)
         vv = tl.load(v + (tok[:, None] * H + i_h) * V + offs_v[None, :],
@@ -299,7 +328,7 @@ def chunk_metala_fwd_kernel_o(
     gam = tl.sum(g, axis=0)
     if other_path(gam, INTRA_PATH):
         return
-    Gam = tl.cumsum(g, axis=0)
+    Gam = chunk_cumsum(g, o_t, False)
     k = neg_expm1(g)
     qq = tl.load(q + (tok[:, None] * H + i_h) * K + offs_k[None, :], mask=m_t[:, None], other=0.0).to(tl.float32)
     m_kv = offs_v[None, :] < V

@@ -63,7 +63,8 @@ def launch(kernel, grid: tuple, args: tuple, kw: dict) -> None:
         _COMPILED[key] = (compiled, tuple(kw[n] for n in tail))
         return
     compiled, consts = hit
-    compiled[grid](*args, *consts)
+    # the compiled kernel's runner takes exactly three grid dimensions (the binder pads them itself)
+    compiled[tuple(grid) + (1,) * (3 - len(grid))](*args, *consts)
 
 
 def cache_size() -> int:
