@@ -61,6 +61,8 @@ def main() -> None:
                                         "doc_first_seg", "doc_n_segs")}
             io = {n: f"*{dt_name}" for n in ("q", "gate", "v", "o", "do", "dq", "dgate", "dv")}
             io["dA_out"] = io["dA_in"] = "*fp32"
+            # the fused self-augmentation's weight and gradients (compiled here with AUG off and on)
+            io["w_aug"] = io["da"] = io["dw_part"] = "*fp32"
             state = {"h_local": f"*{dt_name}", "dS_local": f"*{dt_name}"}
             scal = {"inv_tau": "fp32", "scale": "fp32", "T": "i32"}
             types = {**ints, **io, **state, **scal}
@@ -72,21 +74,22 @@ def main() -> None:
                 ("fwd_seg", chunk_fwd.chunk_metala_fwd_kernel_seg, {**common, "BK": BK, "BV": BV, "HAS_H0": True,
                  "STORE_HT": True}, 4),
                 ("fwd_o", chunk_fwd.chunk_metala_fwd_kernel_o, {**common, "BT_": 64, "BC_": 16, "BV": BV,
-                 "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec}, 4),
+                 "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec, "AUG": False}, 4),
                 ("bwd_dh", chunk_bwd.chunk_metala_bwd_kernel_dh, {**common, "BT_": 64, "BK": BK, "BV": BV,
                  "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec}, 4),
                 ("bwd_seg", chunk_bwd.chunk_metala_bwd_kernel_seg, {**common, "BK": BK, "BV": BV, "HAS_DHT": True,
                  "STORE_DH0": True}, 4),
                 ("bwd_dv", chunk_bwd.chunk_metala_bwd_kernel_dv, {**common, "BT_": 64, "BC_": 16, "BV": V,
-                 "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec, "STORE_DA": True}, 4),
+                 "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec, "STORE_DA": True, "AUG": False,
+                 "DA_ATOMIC": False}, 4),
                 ("bwd_dqk", chunk_bwd.chunk_metala_bwd_kernel_dqk, {**common, "BT_": 64, "BC_": 16, "BK": min(32, K), "BV": BV,
-                 "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec, "INTRA_PREC": prec}, 4),
+                 "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec, "INTRA_PREC": prec, "AUG": False}, 4),
                 ("bwd_dq", chunk_bwd.chunk_metala_bwd_kernel_dq, {**common, "BT_": 64, "BC_": 16, "BK": min(32, K), "BV": BV,
                  "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec, "INTRA_PREC": prec,
-                 "LOAD_DA": True}, 4),
+                 "LOAD_DA": True, "AUG": False}, 4),
                 ("bwd_dkg", chunk_bwd.chunk_metala_bwd_kernel_dkg, {**common, "BT_": 64, "BC_": 16, "BK": min(32, K), "BV": BV,
                  "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec, "INTRA_PREC": prec,
-                 "LOAD_DA": True}, 4),
+                 "LOAD_DA": True, "AUG": False}, 4),
                 ("decode", fused_recurrent_kernel.fused_recurrent_metala_kernel, {**common, "BV": BV,
                  "GATE_LOGITS": True, "HAS_H0": True}, 4),
             ]
@@ -110,6 +113,9 @@ def main() -> None:
                      {**consts, "INTRA_PATH": path} if "INTRA_PATH" in kern.arg_names else consts, warps)
                     for name, kern, consts, warps in jobs
                     for tag, path in ((("one", 1), ("sub", 2)) if "INTRA_PATH" in kern.arg_names else (("", 0),))]
+            # and the kernels that can fuse the self-augmentation, once more with it
+            jobs += [(f"{name}+aug", kern, {**consts, "AUG": True}, warps) for name, kern, consts, warps in jobs
+                     if "AUG" in consts]
             for name, kern, consts, warps in jobs:
                 try:
                     info = compile_one(kern, types, consts, warps, target)

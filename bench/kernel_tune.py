@@ -29,19 +29,25 @@ def setup(B, T, H, K=64, V=128, seed=0):
     return q, z, v, do
 
 
+# --aug: the fused self-augmentation's weight [H, K] (None: the operator alone)
+W_AUG: torch.Tensor | None = None
+
+
 def run(q, z, v, do, B, T, seg):
     plan = C.plan_for(B, T, None, C.BT, seg, q.device)
-    o, _, saved = C.chunk_metala_fwd(q, z, v, q.shape[-1] ** -0.5, 1 / 16, None, False, plan, True)
-    dq, dz, dv, _ = C.chunk_metala_bwd(q, z, v, do, None, q.shape[-1] ** -0.5, 1 / 16, saved, plan, True, False)
-    return plan, saved, (o, dq, dz, dv)
+    o, _, saved = C.chunk_metala_fwd(q, z, v, q.shape[-1] ** -0.5, 1 / 16, None, False, plan, True, W_AUG)
+    dq, dz, dv, _, dw = C.chunk_metala_bwd(q, z, v, do, None, q.shape[-1] ** -0.5, 1 / 16, saved, plan, True, False,
+                                           W_AUG)
+    return plan, saved, (o, dq, dz, dv) + (() if dw is None else (dw,))
 
 
 def timed(q, z, v, do, B, T, seg):
     from triton.testing import do_bench
 
     plan, saved, outs = run(q, z, v, do, B, T, seg)
-    f = do_bench(lambda: C.chunk_metala_fwd(q, z, v, 0.125, 1 / 16, None, False, plan, True), warmup=25, rep=100)
-    b = do_bench(lambda: C.chunk_metala_bwd(q, z, v, do, None, 0.125, 1 / 16, saved, plan, True, False),
+    f = do_bench(lambda: C.chunk_metala_fwd(q, z, v, 0.125, 1 / 16, None, False, plan, True, W_AUG), warmup=25,
+                 rep=100)
+    b = do_bench(lambda: C.chunk_metala_bwd(q, z, v, do, None, 0.125, 1 / 16, saved, plan, True, False, W_AUG),
                  warmup=25, rep=100)
     return f, b, outs
 
@@ -99,8 +105,10 @@ def main() -> None:
     ap.add_argument("--variants", default=None,
                     help='JSON list of {kernel: changes} to time instead of the built-in sweep, e.g. '
                          '\'[{"bwd_dqk": {"num_warps": 8}}]\'')
+    ap.add_argument("--aug", action="store_true", help="with the fused self-augmentation (w_aug) in the kernels")
     args = ap.parse_args()
     shapes = [(16, 2048, 8), (1, 32768, 16)]
+    global W_AUG
     three = {"form": "split_dA"}
     default = copy.deepcopy(C.CONFIG)
     from metala.ops.metala.chunk_fwd import SPAN
@@ -130,6 +138,7 @@ def main() -> None:
             raise SystemExit(f"--variants: unknown kernels {sorted(unknown)}; known: {sorted(C.CONFIG)}")
     for B, T, H in shapes[:1] if args.quick else shapes:
         q, z, v, do = setup(B, T, H)
+        W_AUG = torch.randn(H, q.shape[-1], device="cuda") * 0.5 if args.aug else None
         seg_default = C.default_seg_chunks(T // 64, B, H, 2)
         f, b, ref = timed(q, z, v, do, B, T, seg_default)
         entry = {"B": B, "T": T, "H": H, "seg_default": seg_default, "fwd_ms": f, "bwd_ms": b,
@@ -175,7 +184,8 @@ def main() -> None:
         print(f"   {name}: " + ", ".join(f"{r.get('regs')} regs {r.get('spills')} spills {r.get('warps')} warps"
                                          for r in rows), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{time.strftime('%Y%m%d')}_kernel_tune.json"
+    report["aug"] = args.aug
+    path = args.out / f"{time.strftime('%Y%m%d')}_kernel_tune{'_aug' if args.aug else ''}.json"
     path.write_text(json.dumps(report, indent=2))
     print(f"wrote {path}")
 

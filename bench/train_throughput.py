@@ -43,12 +43,16 @@ PEER_SIZES = {  # the anchors' peers (performance.md 2.3 / 2.4)
 }
 
 
+# MetaLAConfig fields over the presets for our rows (--model-overrides), e.g. {"fuse_self_aug": false}
+MODEL_OVERRIDES: dict = {}
+
+
 def train_config(preset: str, T: int, B: int, compile_: bool, activation_checkpointing: bool):
     from pretrain.config import config_from_dict
 
     return config_from_dict({
         "name": f"bench-{preset}",
-        "model": {"preset": preset, "vocab_size": 32000},
+        "model": {"preset": preset, "vocab_size": 32000, **MODEL_OVERRIDES},
         "data": {"dir": "unused", "seq_len": T},
         "optim": {"lr": 3e-4},
         "train": {"steps": 1000, "global_batch": B, "micro_batch": B, "out_dir": "unused", "precision": "bf16",
@@ -186,7 +190,8 @@ def time_model(name: str, build, harness: str, B: int, T: int, cfg=None) -> dict
 
 
 def gate(preset: str) -> dict:
-    """Triton path vs the PyTorch chunked reference, fp32, loss + every gradient, packed documents."""
+    """Triton path (with --model-overrides) vs the PyTorch chunked reference (self-augmentation as its own
+    module), fp32, loss + every gradient, packed documents."""
     from metala import MetaLAConfig, MetaLAForCausalLM
 
     T = 1024
@@ -195,7 +200,8 @@ def gate(preset: str) -> dict:
     cu = torch.tensor([0, 300, T], device="cuda", dtype=torch.int32)
     res = {}
     for backend in ("chunk", "triton"):
-        cfg = MetaLAConfig.from_preset(preset, vocab_size=32000, n_layers=2, attn_backend=backend)
+        over = MODEL_OVERRIDES if backend == "triton" else {"fuse_self_aug": False}
+        cfg = MetaLAConfig.from_preset(preset, **{**over, "vocab_size": 32000, "n_layers": 2, "attn_backend": backend})
         m = MetaLAForCausalLM(cfg, seed=0).cuda()
         with torch.no_grad():  # non-zero w_aug so the self-augmentation path is exercised
             gen = torch.Generator().manual_seed(0)
@@ -219,8 +225,24 @@ def gate(preset: str) -> dict:
 # --- profile --------------------------------------------------------------------------------------------------
 
 
-def profile_ours(preset: str, T: int, B: int, compile_: bool) -> list[dict]:
-    """CUDA time per op name over one step of the plain harness (top 40)."""
+def busy_and_span(intervals: list[tuple[float, float]]) -> tuple[float, float]:
+    """(length of the union of [start, end) intervals, first start to last end); (0, 0) for none."""
+    busy, cur_s, cur_e, last = 0.0, None, None, None
+    for a, b in sorted(intervals):
+        if cur_e is None or a > cur_e:
+            busy += 0.0 if cur_e is None else cur_e - cur_s
+            cur_s, cur_e = a, b
+        else:
+            cur_e = max(cur_e, b)
+        last = b if last is None else max(last, b)
+    if cur_e is None:
+        return 0.0, 0.0
+    return busy + cur_e - cur_s, last - min(intervals)[0]
+
+
+def profile_ours(preset: str, T: int, B: int, compile_: bool) -> dict:
+    """One step of the plain harness: CUDA time per kernel (top 40), and per PyTorch op and input shapes (top 40:
+    which layer's add or copy a generic elementwise kernel is)."""
     from torch.profiler import ProfilerActivity, profile
 
     model, _, loss_fn, cfg = build_ours(preset, T, B, "plain", compile_, False)
@@ -229,22 +251,52 @@ def profile_ours(preset: str, T: int, B: int, compile_: bool) -> list[dict]:
     for _ in range(2):
         step(loss_fn, ids, labels, None)
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    # GPU-only first (little host overhead): the step's GPU idle time; then with host ops and shapes for attribution
+    with profile(activities=[ProfilerActivity.CUDA]) as prof_gpu:
         step(loss_fn, ids, labels, None)
         torch.cuda.synchronize()
-    rows = []
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        step(loss_fn, ids, labels, None)
+        torch.cuda.synchronize()
+
+    def device_ms(e) -> float:
+        return (getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)) / 1e3
+
+    def is_kernel(e) -> bool:
+        # GPU-side annotations ("## Call CompiledFxGraph ...", "Optimizer.step#...") span kernels: not kernels
+        name = getattr(e, "key", None) or e.name
+        return e.device_type == torch.autograd.DeviceType.CUDA and not name.startswith(("##", "Optimizer."))
+
+    kernels, ops = [], []
     for e in prof.key_averages():
-        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-        if t > 0:
-            rows.append({"op": e.key[:120], "cuda_ms": t / 1e3, "calls": e.count})
-    rows.sort(key=lambda r: -r["cuda_ms"])
-    total = sum(r["cuda_ms"] for r in rows)
-    print(f"profile ({preset}, T={T}): {total:.1f} ms of kernels in one step; top ops:")
-    for r in rows[:25]:
+        if device_ms(e) > 0 and is_kernel(e):
+            kernels.append({"op": e.key[:120], "cuda_ms": device_ms(e), "calls": e.count})
+    for e in prof.key_averages(group_by_input_shape=True):
+        # PyTorch ops that launched kernels (device time of their kernels; an op that calls others counts theirs)
+        if e.device_type == torch.autograd.DeviceType.CPU and e.key.startswith("aten::") and device_ms(e) > 0:
+            ops.append({"op": e.key, "shapes": str(e.input_shapes)[:160], "cuda_ms": device_ms(e), "calls": e.count})
+    kernels.sort(key=lambda r: -r["cuda_ms"])
+    ops.sort(key=lambda r: -r["cuda_ms"])
+    total = sum(r["cuda_ms"] for r in kernels)
+    # GPU idle inside the step: the span from the first kernel's start to the last one's end, less the union of
+    # kernel intervals; and the host calls that wait for the GPU (each one drains the queue: a bubble after it)
+    busy, span = busy_and_span([(e.time_range.start, e.time_range.end) for e in prof_gpu.events() if is_kernel(e)])
+    busy, span_ms = busy / 1e3, span / 1e3
+    sync_names = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "aten::_local_scalar_dense",
+                  "cudaMemcpy", "cudaMemcpyAsync")
+    syncs = {e.key: e.count for e in prof.key_averages() if e.key in sync_names}
+    gpu = {"span_ms": span_ms, "busy_ms": busy, "idle_ms": span_ms - busy, "host_waits": syncs}
+    print(f"profile ({preset}, T={T}): GPU busy {gpu['busy_ms']:.1f} of {span_ms:.1f} ms (idle {gpu['idle_ms']:.1f});"
+          f" host waits {syncs}")
+    print(f"profile ({preset}, T={T}): {total:.1f} ms of kernels in one step; top kernels:")
+    for r in kernels[:25]:
         print(f"  {r['cuda_ms']:8.2f} ms {r['calls']:5d}x  {r['op']}")
+    print("  top PyTorch ops by input shapes:")
+    for r in ops[:25]:
+        print(f"  {r['cuda_ms']:8.2f} ms {r['calls']:5d}x  {r['op']} {r['shapes']}")
     del model, step
     torch.cuda.empty_cache()
-    return rows[:40]
+    return {"kernel_ms_total": total, "gpu": gpu, "kernels": kernels[:40], "ops": ops[:40]}
 
 
 ROW_TIMEOUT_S = 240
@@ -255,6 +307,7 @@ def run_row_isolated(spec: dict, timeout_s: float = ROW_TIMEOUT_S) -> dict:
     import subprocess
     import sys
 
+    spec = {**spec, "model_overrides": MODEL_OVERRIDES}
     try:
         proc = subprocess.run([sys.executable, "-m", "bench.train_throughput", "--row", json.dumps(spec)],
                               capture_output=True, text=True, cwd=ROOT, timeout=timeout_s)
@@ -312,21 +365,27 @@ def main() -> int:
     ap.add_argument("--only-profile", action="store_true", help="profiles (and the gate) without the timed rows")
     ap.add_argument("--row-timeout", type=float, default=ROW_TIMEOUT_S,
                     help="seconds one row may take, including compile and autotuning (default %(default)s)")
+    ap.add_argument("--model-overrides", default="{}", type=json.loads,
+                    help='JSON of MetaLAConfig fields for our rows, e.g. \'{"fuse_self_aug": false}\'')
+    ap.add_argument("--tag", default="", help="suffix of the result file name")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results")
     ap.add_argument("--row", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.row:
-        row_main(json.loads(args.row))
+        spec = json.loads(args.row)
+        MODEL_OVERRIDES.update(spec.get("model_overrides", {}))
+        row_main(spec)
         return 0
+    MODEL_OVERRIDES.update(args.model_overrides)
     torch.backends.cuda.matmul.allow_tf32 = True
     gpu = torch.cuda.get_device_name()
     result = {"bench": "train_throughput", "gpu": gpu, "torch": torch.__version__,
               "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "tokens_per_step": TOKENS,
-              "peak_flops": H100_PEAK, "gates": {}, "rows": [], "profiles": {}}
+              "peak_flops": H100_PEAK, "model_overrides": MODEL_OVERRIDES, "gates": {}, "rows": [], "profiles": {}}
     all_ok = True
     args.out.mkdir(parents=True, exist_ok=True)
     tag = "h100" if "H100" in gpu else "h200" if "H200" in gpu else "gpu"
-    path = args.out / f"{time.strftime('%Y%m%d')}_{tag}_train_throughput.json"
+    path = args.out / f"{time.strftime('%Y%m%d')}_{tag}_train_throughput{'_' + args.tag if args.tag else ''}.json"
 
     def save():  # after every row, so a cut-off run keeps what it measured
         path.write_text(json.dumps(result, indent=2))

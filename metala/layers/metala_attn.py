@@ -14,6 +14,7 @@ from metala.config import MetaLAConfig
 from metala.modules.conv import NoConv, ShortConv
 from metala.modules.norm import head_layer_norm
 from metala.ops.metala.api import metala_attn_from_logits
+from metala.ops.metala.naive import naive_self_augmentation
 
 
 class DerivedKey(nn.Module):
@@ -52,10 +53,7 @@ class SelfAugmentation(nn.Module):
         self, o: torch.Tensor, q: torch.Tensor, z: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor
     ) -> torch.Tensor:
         k32 = -torch.expm1(F.logsigmoid(z.float()) / self.decay_normalizer) if k is None else k.float()
-        # heads taken from the parameter, which tensor parallelism may shard
-        w = self.w_aug.float().view(-1, self.head_qk_dim)
-        a = (q.float() * w * k32).sum(-1, keepdim=True)  # [B, T, H, 1]
-        return o.float() + torch.sigmoid(a * v.float())
+        return o.float() + naive_self_augmentation(q, k32, v, self.w_aug)
 
 
 class NoSelfAugmentation(nn.Module):
@@ -99,6 +97,7 @@ class MetaLAAttention(nn.Module):
         self.g_proj = nn.Linear(d, d, bias=True)
         self.o_proj = nn.Linear(d, d, bias=False)
         self.self_aug = SelfAugmentation(H, self.head_qk_dim, config.decay_normalizer) if config.self_aug else NoSelfAugmentation()
+        self.fuse_self_aug = config.fuse_self_aug and config.self_aug
         # the operator; sequence parallelism swaps in a state-passing version (pretrain/parallel/sequence.py)
         self.attn_fn = metala_attn_from_logits
 
@@ -122,7 +121,9 @@ class MetaLAAttention(nn.Module):
         v = self.v_proj(u).view(B, T, -1, V)
         gt = self.g_proj(u)
         # the gate math (g = logsigmoid(z) / 16, k = 1 - exp(g), cumulative sums) runs in fp32 inside the
-        # operator: in bf16, 1 - exp(g) is 0 for logits above ~3.5 (metala.md section 11.1)
+        # operator: in bf16, 1 - exp(g) is 0 for logits above ~3.5 (metala.md section 11.1). Fused, the operator
+        # also adds the self-augmentation: q, z and v then feed one consumer, and no second pass reads them.
+        w_aug = self.self_aug.w_aug if self.fuse_self_aug else None
         o, final_state = self.attn_fn(
             q,
             z,
@@ -134,8 +135,11 @@ class MetaLAAttention(nn.Module):
             output_final_state=cache is not None,
             cu_seqlens=cu_seqlens,
             backend=self.backend,
+            w_aug=w_aug,
         )
         if cache is not None:
             cache.state, cache.conv_state = final_state, conv_state
-        o = head_layer_norm(self.self_aug(o, q, z, k, v), self.head_norm_eps)
+        if w_aug is None:
+            o = self.self_aug(o, q, z, k, v)
+        o = head_layer_norm(o, self.head_norm_eps)
         return self.o_proj(F.silu(gt) * o.reshape(B, T, -1).to(gt.dtype))

@@ -93,5 +93,7 @@ class TestValidation:
             MetaLAConfig.from_preset("tiny", vocab_size=0)
         with pytest.raises(ValueError, match="attn_backend"):
             MetaLAConfig.from_preset("tiny", attn_backend="flash")
+        with pytest.raises(ValueError, match="fuse_self_aug must be true or false"):
+            MetaLAConfig.from_preset("tiny", fuse_self_aug="yes")
         with pytest.raises(ValueError, match="missing required field 'n_heads'"):
             MetaLAConfig.from_dict({"vocab_size": 8, "d_model": 64, "n_layers": 1})

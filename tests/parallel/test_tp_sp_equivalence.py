@@ -53,7 +53,9 @@ def worker(rank: int, world: int, tp: int, sp: int, port: int, with_docs: bool, 
         from pretrain.parallel.sequence import apply_sequence_parallel
         from pretrain.parallel.tensor import apply_tensor_parallel
 
-        cfg = MetaLAConfig.from_preset("tiny", attn_backend=backend)
+        # sequence parallelism keeps the self-augmentation a module (apply_sequence_parallel): the one-process
+        # reference does the same then; tensor parallelism alone keeps it fused in the operator
+        cfg = MetaLAConfig.from_preset("tiny", attn_backend=backend, fuse_self_aug=sp == 1)
         ref = MetaLAForCausalLM(cfg, seed=3)
         with torch.no_grad():
             for layer in ref.layers:
@@ -62,6 +64,7 @@ def worker(rank: int, world: int, tp: int, sp: int, port: int, with_docs: bool, 
         layout = ParallelLayout(world, rank, tp=tp, sp=sp)
         model = apply_tensor_parallel(model, layout)
         spar = apply_sequence_parallel(model, layout)
+        assert all(layer.mixer.fuse_self_aug == (sp == 1) for layer in model.layers)
         batch = make_batch(with_docs)
 
         out_ref = ref(batch["input_ids"], labels=batch["labels"], cu_seqlens=batch["cu_seqlens"])
@@ -89,6 +92,7 @@ def worker(rank: int, world: int, tp: int, sp: int, port: int, with_docs: bool, 
             parts = [torch.empty_like(logits) for _ in range(sp)]
             dist.all_gather(parts, logits.contiguous(), group=layout.sp_group)
             logits = torch.cat(parts, dim=1)
+        print("LOGITS_REL", tp, sp, rank, rel(logits, out_ref.logits), flush=True)
         assert rel(logits, out_ref.logits) < 1e-5, rel(logits, out_ref.logits)
 
         # gradients: summed over SP (replicated parameters), shards concatenated over TP

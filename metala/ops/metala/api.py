@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from metala.ops.metala.fused_recurrent import fused_recurrent_metala
-from metala.ops.metala.naive import naive_chunk_metala, naive_recurrent_metala
+from metala.ops.metala.naive import naive_chunk_metala, naive_recurrent_metala, naive_self_augmentation
 from metala.ops.utils.varlen import check_cu_seqlens
 
 Backend = Callable[..., tuple[torch.Tensor, "torch.Tensor | None"]]
@@ -122,6 +122,19 @@ def check_metala_args(
             raise ValueError(f"initial_state must be float32, got {initial_state.dtype}")
 
 
+def check_w_aug(w_aug: torch.Tensor | None, q: torch.Tensor) -> None:
+    """The self-augmentation weight: H * K float values ([H * K] or [H, K]) on q's device."""
+    if w_aug is None:
+        return
+    H, K = q.shape[2], q.shape[3]
+    if not isinstance(w_aug, torch.Tensor) or not w_aug.is_floating_point():
+        raise ValueError(f"w_aug must be a float tensor, got {getattr(w_aug, 'dtype', type(w_aug).__name__)}")
+    if w_aug.numel() != H * K or w_aug.dim() not in (1, 2) or (w_aug.dim() == 2 and tuple(w_aug.shape) != (H, K)):
+        raise ValueError(f"w_aug must be [H * K] = [{H * K}] or [H, K] = [{H}, {K}], got {tuple(w_aug.shape)}")
+    if w_aug.device != q.device:
+        raise ValueError(f"w_aug must be on q's device {q.device}, got {w_aug.device}")
+
+
 def metala_attn(
     q: torch.Tensor,
     g: torch.Tensor,
@@ -199,29 +212,44 @@ def metala_attn_from_logits(
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
+    w_aug: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`metala_attn` from the gate logits z: g = logsigmoid(z) / decay_normalizer.
 
     On the Triton path the log-decay, the key and dz are computed inside the kernels from z (no fp32 g tensor is
     written or read); the PyTorch backends compute g in fp32 first. Used by the model layer.
+
+    w_aug (the self-augmentation weight, [H * K] or [H, K]): the output also holds sigmoid(a v) with
+    a = sum_K q w_aug k (paper Eq. 22). The chunked Triton path fuses it into its output and backward kernels;
+    every other path adds `naive_self_augmentation` in fp32 after the operator. The output is then fp32 (as the
+    layer's unfused o + term): rounded to bf16, o + ~0.5 would keep little of the recurrent part's precision, which
+    is what the head norm keeps after centring.
     """
+    check_w_aug(w_aug, q)
     needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, z, v, k, initial_state)
+        t is not None and t.requires_grad for t in (q, z, v, k, initial_state, w_aug)
     )
     name = resolve_backend_name(backend, q.device, q.shape[1], needs_grad, cu_seqlens is not None)
     if k is None and name == "triton":
         from metala.ops.metala.chunk import chunk_metala_from_logits
 
         return chunk_metala_from_logits(q, z, v, decay_normalizer, scale=scale, initial_state=initial_state,
-                                        output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+                                        output_final_state=output_final_state, cu_seqlens=cu_seqlens, w_aug=w_aug)
+    g = None
     if k is None and name == "triton_recurrent":
         from metala.ops.metala.fused_recurrent import fused_recurrent_metala_triton
 
-        return fused_recurrent_metala_triton(q, z, v, scale=scale, initial_state=initial_state,
-                                             output_final_state=output_final_state, gate_logits=True,
-                                             decay_normalizer=decay_normalizer)
-    g = torch.nn.functional.logsigmoid(z.float()) / decay_normalizer
-    check_metala_args(q, g, v, k, initial_state, cu_seqlens)
-    fn = resolve_backend(backend, q.device, q.shape[1], needs_grad, cu_seqlens is not None)
-    return fn(q, g, v, k=k, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-              cu_seqlens=cu_seqlens)
+        o, final = fused_recurrent_metala_triton(q, z, v, scale=scale, initial_state=initial_state,
+                                                 output_final_state=output_final_state, gate_logits=True,
+                                                 decay_normalizer=decay_normalizer)
+    else:
+        g = torch.nn.functional.logsigmoid(z.float()) / decay_normalizer
+        check_metala_args(q, g, v, k, initial_state, cu_seqlens)
+        fn = resolve_backend(backend, q.device, q.shape[1], needs_grad, cu_seqlens is not None)
+        o, final = fn(q, g, v, k=k, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+                      cu_seqlens=cu_seqlens)
+    if w_aug is not None:
+        if k is None:
+            k = -torch.expm1(torch.nn.functional.logsigmoid(z.float()) / decay_normalizer if g is None else g)
+        o = o.float() + naive_self_augmentation(q, k, v, w_aug)
+    return o, final

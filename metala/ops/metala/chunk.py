@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from metala.ops.metala.api import BACKENDS, check_metala_args
+from metala.ops.metala.api import BACKENDS, check_metala_args, check_w_aug
 from metala.ops.metala.chunk_bwd import (
     chunk_metala_bwd_kernel_dh,
     chunk_metala_bwd_kernel_dkg,
@@ -74,11 +74,14 @@ def _tiles(K: int, V: int) -> tuple[int, int]:
 CONFIG = {
     # fwd_h: 4 warps measured 0.353 vs 0.402 ms forward with 8 (H200, 360M shape; H100: 0.360 vs 0.410)
     "fwd_h": {"num_warps": 4, "num_stages": 2, "BV": 128},
-    "fwd_o": {"num_warps": 4, "num_stages": 2, "BV": 128},
+    # aug_num_warps: the launches with the fused self-augmentation (w_aug). 4 as without it: at 8, fwd 0.367 ->
+    # 0.428 ms and dv 0.31 -> 0.36 (H200, 360M shape, 20261202_h200_kernel_tune_aug.json), although the AOT
+    # compile (bench/aot_check.py) showed spills at 4 warps and none at 8
+    "fwd_o": {"num_warps": 4, "num_stages": 2, "BV": 128, "aug_num_warps": 4},
     # bwd_dh: one program per full V row (BV 128, 8 warps): backward 1.051 vs 1.080 ms on ordinary gates and 1.329
     # vs 1.368 with every chunk on the sub-chunk form (H200, 360M shape, 20261202_h200_kernel_tune_dispatch*.json)
     "bwd_dh": {"num_warps": 8, "num_stages": 2, "BV": 128},
-    "bwd_dv": {"num_warps": 4, "num_stages": 2, "BV": 128},
+    "bwd_dv": {"num_warps": 4, "num_stages": 2, "BV": 128, "aug_num_warps": 4},
     # form: how dq, dk and dg are computed after dv.
     #   "joint": one kernel per (chunk, head, K-tile) recomputes dA = dO v^T and the products over V with the
     #       states (dO h^T, v dS^T, rowsum(h dS)), then the intra-chunk terms;
@@ -138,12 +141,15 @@ def _bv(name: str, V: int) -> int:
     return min(CONFIG[name].get("BV", 64), V)
 
 
-def _launch(name: str) -> dict:
-    return {k: v for k, v in CONFIG[name].items() if k in ("num_warps", "num_stages")}
+def _launch(name: str, aug: bool = False) -> dict:
+    out = {k: v for k, v in CONFIG[name].items() if k in ("num_warps", "num_stages")}
+    if aug and "aug_num_warps" in CONFIG[name]:
+        out["num_warps"] = CONFIG[name]["aug_num_warps"]
+    return out
 
 
 def chunk_metala_fwd(q, gate, v, scale, inv_tau, initial_state, output_final_state, plan: ChunkPlan,
-                     gate_logits: bool):
+                     gate_logits: bool, w_aug: torch.Tensor | None = None):
     T, H, K = q.shape
     V = v.shape[-1]
     BK, BV = _tiles(K, V)
@@ -167,18 +173,22 @@ def chunk_metala_fwd(q, gate, v, scale, inv_tau, initial_state, output_final_sta
             plan.doc_first_seg, plan.doc_n_segs),
            dict(H=H, K=K, V=V, BK=BK, BV=BV, HAS_H0=initial_state is not None, STORE_HT=output_final_state,
                 **_launch("seg")))
-    o = torch.empty_like(v)
+    # with the self-augmentation the output is fp32, as the unfused layer's o + term: in bf16, rounding o + ~0.5 would
+    # cost the small recurrent part (what the head norm keeps after centring) most of its precision
+    o = torch.empty_like(v, dtype=torch.float32 if w_aug is not None else v.dtype)
     BVo = _bv("fwd_o", V)
     for path in _intra_paths("fwd_o"):
         launch(chunk_metala_fwd_kernel_o, (plan.n_chunks, H, triton.cdiv(V, BVo)),
-               (q, gate, v, h_local, cdec, S_in, o, plan.chunk_start, plan.chunk_len, plan.chunk_seg, scale, inv_tau),
+               (q, gate, v, h_local, cdec, S_in, o, q if w_aug is None else w_aug, plan.chunk_start, plan.chunk_len,
+                plan.chunk_seg, scale, inv_tau),
                dict(H=H, K=K, V=V, BT_=BT, BC_=BC, BV=BVo, GATE_LOGITS=gate_logits, DT=_dot_dtype(q.dtype),
-                    DOT_PREC=prec, INTRA_PATH=path, **_launch("fwd_o")))
+                    DOT_PREC=prec, INTRA_PATH=path, AUG=w_aug is not None, **_launch("fwd_o", w_aug is not None)))
     return o, ht, (h_local, cdec, S_in, G)
 
 
 def chunk_metala_bwd(q, gate, v, do, dht, scale, inv_tau, saved, plan: ChunkPlan, gate_logits: bool,
-                     need_dh0: bool):
+                     need_dh0: bool, w_aug: torch.Tensor | None = None):
+    """(dq, dgate, dv, dh0, dw_aug): dh0 None unless need_dh0, dw_aug (fp32 [H, K]) None without w_aug."""
     h_local, cdec, S_in, G = saved
     T, H, K = q.shape
     V = v.shape[-1]
@@ -214,12 +224,19 @@ def chunk_metala_bwd(q, gate, v, do, dht, scale, inv_tau, saved, plan: ChunkPlan
     # the dv kernel hands dA to the split dq / dk kernels when one program covers all of V
     store_dA = form == "split_dA" and BVv >= V
     dA = torch.empty(plan.n_chunks, H, BT, BT, device=dev, dtype=torch.float32) if store_dA else dS_local
+    aug = w_aug is not None
+    # fused self-augmentation: the scalar's gradient da [T, H] (V-tiles add into it when one does not cover V),
+    # and dw_aug per (chunk, head), summed here: every entry is written by exactly one program, so no atomics
+    nv = triton.cdiv(V, BVv)
+    da = (torch.zeros if nv > 1 else torch.empty)(T, H, device=dev, dtype=torch.float32) if aug else dS_local
+    dw_part = torch.empty(plan.n_chunks, H, K, device=dev, dtype=torch.float32) if aug else dS_local
+    w = w_aug if aug else dS_local
     for path in _intra_paths("bwd_dv"):
-        launch(chunk_metala_bwd_kernel_dv, (plan.n_chunks, H, triton.cdiv(V, BVv)),
-               (q, gate, v, do, h_local, cdec, S_in, G, dS_local, Dout, dv, dA, plan.chunk_start, plan.chunk_len,
-                plan.chunk_seg, scale, inv_tau),
+        launch(chunk_metala_bwd_kernel_dv, (plan.n_chunks, H, nv),
+               (q, gate, v, do, h_local, cdec, S_in, G, dS_local, Dout, dv, dA, w, da, plan.chunk_start,
+                plan.chunk_len, plan.chunk_seg, scale, inv_tau),
                dict(H=H, K=K, V=V, BT_=BT, BC_=BC, BV=BVv, GATE_LOGITS=gate_logits, DT=DT, DOT_PREC=prec,
-                    STORE_DA=store_dA, INTRA_PATH=path, **_launch("bwd_dv")))
+                    STORE_DA=store_dA, INTRA_PATH=path, AUG=aug, DA_ATOMIC=nv > 1, **_launch("bwd_dv", aug)))
     tables = (plan.chunk_start, plan.chunk_len, plan.chunk_seg, scale, inv_tau)
     BK_dqk = min(CONFIG["bwd_dqk"]["BK"], K)
     common = dict(
@@ -227,44 +244,49 @@ def chunk_metala_bwd(q, gate, v, do, dht, scale, inv_tau, saved, plan: ChunkPlan
         **intra, **_launch("bwd_dqk"),
     )
     if form in ("split", "split_dA"):
-        for name, kernel, outs in (("bwd_dq", chunk_metala_bwd_kernel_dq, (dq, dA)),
-                                   ("bwd_dkg", chunk_metala_bwd_kernel_dkg, (dq, dgate, dA))):
+        for name, kernel, outs in (("bwd_dq", chunk_metala_bwd_kernel_dq, (dq, dA, w, da)),
+                                   ("bwd_dkg", chunk_metala_bwd_kernel_dkg, (dq, dgate, dA, w, da, dw_part))):
             bk = min(CONFIG[name]["BK"], K)
             kw = {**common, "BK": bk, **_launch(name)}
             for path in _intra_paths("bwd_dqk"):
                 launch(kernel, (plan.n_chunks, H, K // bk),
                        (q, gate, v, do, h_local, cdec, S_in, G, dS_local, Dout, *outs, *tables),
-                       dict(kw, LOAD_DA=store_dA, INTRA_PATH=path))
+                       dict(kw, LOAD_DA=store_dA, INTRA_PATH=path, AUG=aug))
     else:
         for path in _intra_paths("bwd_dqk"):
             launch(chunk_metala_bwd_kernel_dqk, (plan.n_chunks, H, K // BK_dqk),
-                   (q, gate, v, do, h_local, cdec, S_in, G, dS_local, Dout, dq, dgate, *tables),
-                   dict(common, INTRA_PATH=path))
-    return dq, dgate, dv, dh0
+                   (q, gate, v, do, h_local, cdec, S_in, G, dS_local, Dout, dq, dgate, w, da, dw_part, *tables),
+                   dict(common, INTRA_PATH=path, AUG=aug))
+    return dq, dgate, dv, dh0, dw_part.sum(0) if aug else None
 
 
 class ChunkMetaLAFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, gate, v, scale, inv_tau, initial_state, output_final_state, plan, gate_logits):
+    def forward(ctx, q, gate, v, scale, inv_tau, initial_state, output_final_state, plan, gate_logits, w_aug):
         B, T, H, K = q.shape
         flat = [t.reshape(B * T, H, t.shape[-1]).contiguous() for t in (q, gate, v)]
         h0 = initial_state.contiguous() if initial_state is not None else None
-        o, ht, saved = chunk_metala_fwd(*flat, scale, inv_tau, h0, output_final_state, plan, gate_logits)
-        ctx.save_for_backward(*flat, *saved)
-        ctx.meta = (B, T, scale, inv_tau, plan, gate_logits, initial_state is not None)
+        w = w_aug.reshape(H, K).contiguous() if w_aug is not None else None
+        o, ht, saved = chunk_metala_fwd(*flat, scale, inv_tau, h0, output_final_state, plan, gate_logits, w)
+        ctx.save_for_backward(*flat, *saved, *(() if w is None else (w,)))
+        ctx.meta = (B, T, scale, inv_tau, plan, gate_logits, initial_state is not None,
+                    None if w_aug is None else (w_aug.shape, w_aug.dtype))
         return o.view(B, T, H, v.shape[-1]), ht
 
     @staticmethod
     def backward(ctx, do, dht):
         q, gate, v, *saved = ctx.saved_tensors
-        B, T, scale, inv_tau, plan, gate_logits, has_h0 = ctx.meta
+        B, T, scale, inv_tau, plan, gate_logits, has_h0, aug = ctx.meta
+        w = saved.pop() if aug is not None else None
         H = q.shape[1]
         do = do.reshape(B * T, H, do.shape[-1]).contiguous()
         dht = dht.contiguous() if dht is not None else None
-        dq, dgate, dv, dh0 = chunk_metala_bwd(q, gate, v, do, dht, scale, inv_tau, saved, plan, gate_logits, has_h0)
+        dq, dgate, dv, dh0, dw = chunk_metala_bwd(q, gate, v, do, dht, scale, inv_tau, saved, plan, gate_logits,
+                                                  has_h0, w)
         shape = (B, T, H)
+        dw = dw.reshape(aug[0]).to(aug[1]) if aug is not None else None
         return (dq.view(*shape, -1), dgate.view(*shape, -1), dv.view(*shape, -1), None, None, dh0, None, None,
-                None)
+                None, dw)
 
 
 def _plan(q: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None, seg_chunks: int | None) -> ChunkPlan:
@@ -292,6 +314,7 @@ def chunk_metala(
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     seg_chunks: int | None = None,
+    w_aug: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Triton chunked MetaLA with the fp32 log-decay g (<= 0); the key k = 1 - exp(g) is derived in-kernel.
 
@@ -300,9 +323,12 @@ def chunk_metala(
         g: [B, T, H, K] fp32 log-decay (floored at -10 in-kernel, see chunk_fwd.py).
         scale: default K ** -0.5. initial_state: fp32 [N, H, K, V]. cu_seqlens: int [N + 1] with B = 1.
         seg_chunks: chunks per segment of the two-level state pass (default: sized to fill the GPU).
+        w_aug: the self-augmentation weight, H * K values ([H * K] or [H, K]); when given the output also holds
+            sigmoid(a v) with a = sum_K q w_aug k (paper Eq. 22), computed in the output kernel, the output is fp32,
+            and w_aug gets its gradient.
 
     Returns:
-        (o [B, T, H, V] in q's dtype, final fp32 state [N, H, K, V] or None).
+        (o [B, T, H, V] in q's dtype (fp32 with w_aug), final fp32 state [N, H, K, V] or None).
 
     Examples::
 
@@ -310,11 +336,12 @@ def chunk_metala(
         >>> o, ht = chunk_metala(q1, g1, v1, cu_seqlens=torch.tensor([0, 100, 356], device="cuda"))
     """
     check_metala_args(q, g, v, None, initial_state, cu_seqlens)
+    check_w_aug(w_aug, q)
     _check_sizes(q, v)
     # a Python float: an int scale would be specialised (and the launch cache keyed) on its value
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     plan = _plan(q, v, cu_seqlens, seg_chunks)
-    return ChunkMetaLAFunction.apply(q, g, v, scale, 1.0, initial_state, output_final_state, plan, False)
+    return ChunkMetaLAFunction.apply(q, g, v, scale, 1.0, initial_state, output_final_state, plan, False, w_aug)
 
 
 def chunk_metala_from_logits(
@@ -327,6 +354,7 @@ def chunk_metala_from_logits(
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     seg_chunks: int | None = None,
+    w_aug: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """As `chunk_metala`, from the gate logits z (any float dtype): g = logsigmoid(z) / decay_normalizer, and the
     key, the cumulative sums and dz are all computed in fp32 inside the kernels (no g tensor is ever stored)."""
@@ -335,12 +363,13 @@ def chunk_metala_from_logits(
     if not z.is_floating_point():
         raise ValueError(f"z (gate logits) must be a float tensor, got {z.dtype}")
     check_metala_args(q, _as_g_like(z), v, None, initial_state, cu_seqlens)
+    check_w_aug(w_aug, q)
     _check_sizes(q, v)
     # a Python float: an int scale would be specialised (and the launch cache keyed) on its value
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     plan = _plan(q, v, cu_seqlens, seg_chunks)
     return ChunkMetaLAFunction.apply(q, z, v, scale, 1.0 / float(decay_normalizer), initial_state, output_final_state,
-                                     plan, True)
+                                     plan, True, w_aug)
 
 
 def _as_g_like(z: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,8 @@ The state gradients mirror the forward's two-level pass, in reverse:
    `chunk_metala_bwd_kernel_dv` (per V-tile) computes dv; `chunk_metala_bwd_kernel_dqk` computes dq, dk and the
    decay gradient dg = revcumsum(q dq - k dk) + (state terms) - alpha dk (the key tied to the decay), and dz when
    the gate came as logits. Two kernels instead of one keep each under the register file (no spills).
+   With the fused self-augmentation (AUG), the dv kernel also stores da, the gradient of its per-token scalar, and
+   the dq/dk kernel adds its dq, dk (through -alpha only) and per-chunk dw_aug parts.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import triton.language as tl
 
 import metala.ops.utils.triton_compat  # noqa: F401  (interpreter shim)
 from metala.ops.metala.chunk_fwd import (
+    aug_score,
     chunk_cumsum,
     intra_grad_k,
     intra_grad_q,
@@ -115,16 +118,19 @@ def load_states(h_local, cdec, S_in, Gseg, dS_local, Dout, i_c, i_h, s, gam, off
 
 @triton.jit
 def chunk_metala_bwd_kernel_dv(
-    q, gate, v, do, h_local, cdec, S_in, Gseg, dS_local, Dout, dv, dA_out,
+    q, gate, v, do, h_local, cdec, S_in, Gseg, dS_local, Dout, dv, dA_out, w_aug, da,
     chunk_start, chunk_len, chunk_seg,
     scale, inv_tau,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT_: tl.constexpr, BC_: tl.constexpr, BV: tl.constexpr,
     GATE_LOGITS: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, STORE_DA: tl.constexpr,
-    INTRA_PATH: tl.constexpr,
+    INTRA_PATH: tl.constexpr, AUG: tl.constexpr, DA_ATOMIC: tl.constexpr,
 ):
     """dv = scale * A^T dO + (k * exp(gam - Gam)) dS, per (chunk, head, V-tile). With STORE_DA (one V-tile
-    covering V) it also stores the masked dA = scale * dO v^T (fp32), so the dq/dk kernels need no dO v pass."""
+    covering V) it also stores the masked dA = scale * dO v^T (fp32), so the dq/dk kernels need no dO v pass.
+    With AUG (fused self-augmentation o += sigmoid(a v)): dv += a * ds and the fp32 gradient of the scalar a,
+    da = sum_V ds * v with ds = dO * s (1 - s), which the dq/dk kernels turn into dq, dg and dw_aug; V-tiles add
+    their parts atomically (DA_ATOMIC) when one program does not cover V."""
     i_c, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_k = tl.arange(0, K)
     offs_v = i_v * BV + tl.arange(0, BV)
@@ -141,12 +147,23 @@ def chunk_metala_bwd_kernel_dv(
         return
     k = neg_expm1(g)
     qq = tl.load(q + (tok[:, None] * H + i_h) * K + offs_k[None, :], mask=m_t[:, None], other=0.0).to(tl.float32)
+    if AUG:
+        a = aug_score(qq, k, w_aug, i_h, offs_k, K)  # now, so that q need not stay live to the end
     A = intra_scores(qq, k, Gam, gam, o_t, BT_, BC_, DT, DOT_PREC, INTRA_PATH)
     _, dS = load_states(h_local, cdec, S_in, Gseg, dS_local, Dout, i_c, i_h, s, gam, offs_k, offs_v, H, K, V)
     m_tv = m_t[:, None] & (offs_v[None, :] < V)
     dd = tl.load(do + (tok[:, None] * H + i_h) * V + offs_v[None, :], mask=m_tv, other=0.0).to(DT)
     dvv = scale * tl.dot(tl.trans(A.to(DT)), dd, input_precision=DOT_PREC)
     dvv += tl.dot((k * tl.exp(gam[None, :] - Gam)).to(DT), dS.to(DT), input_precision=DOT_PREC)
+    if AUG:
+        vf = tl.load(v + (tok[:, None] * H + i_h) * V + offs_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+        sg = tl.sigmoid(a[:, None] * vf)
+        ds = dd.to(tl.float32) * sg * (1.0 - sg)
+        dvv += ds * a[:, None]
+        if DA_ATOMIC:
+            tl.atomic_add(da + tok * H + i_h, tl.sum(ds * vf, axis=1), mask=m_t)
+        else:
+            tl.store(da + tok * H + i_h, tl.sum(ds * vf, axis=1), mask=m_t)
     tl.store(dv + (tok[:, None] * H + i_h) * V + offs_v[None, :], dvv.to(dv.dtype.element_ty), mask=m_tv)
     if STORE_DA:
         vv = tl.load(v + (tok[:, None] * H + i_h) * V + offs_v[None, :], mask=m_tv, other=0.0).to(DT)
@@ -165,17 +182,40 @@ def store_dgate(gate, dgate, dg, g, p_k, m_tk, inv_tau, GATE_LOGITS: tl.constexp
 
 
 @triton.jit
+def aug_dq(w_aug, da, tok, m_t, i_h, offs_k, k, H: tl.constexpr, K: tl.constexpr):
+    """The fused self-augmentation's query gradient da * w_aug * k ([BT, BK]), and da ([BT])."""
+    w = tl.load(w_aug + i_h * K + offs_k).to(tl.float32)
+    dav = tl.load(da + tok * H + i_h, mask=m_t, other=0.0)
+    return dav[:, None] * w[None, :] * k, dav
+
+
+@triton.jit
+def aug_dk_and_dw(w_aug, dav, qq, k, dw_part, i_c, i_h, offs_k, H: tl.constexpr, K: tl.constexpr):
+    """The self-augmentation's key gradient da * w_aug * q ([BT, BK]; it reaches g only through k = 1 - exp(g),
+    never through the decays), and this chunk's part of dw_aug = sum_t da q k, stored per (chunk, head)."""
+    w = tl.load(w_aug + i_h * K + offs_k).to(tl.float32)
+    tl.store(dw_part + (i_c * H + i_h) * K + offs_k, tl.sum(dav[:, None] * qq * k, axis=0))
+    return dav[:, None] * w[None, :] * qq
+
+
+@triton.jit
 def dq_dk_from_products(q, gate, dq, dgate, dA, dq_inter, dk_state, h_dS, g, gam, tok, m_t, o_t, i_h, offs_k, scale,
-                        inv_tau, H: tl.constexpr, K: tl.constexpr, BT_: tl.constexpr, BC_: tl.constexpr,
-                        GATE_LOGITS: tl.constexpr, INTRA_PREC: tl.constexpr, INTRA_PATH: tl.constexpr):
+                        inv_tau, w_aug, da, dw_part, i_c, H: tl.constexpr, K: tl.constexpr, BT_: tl.constexpr,
+                        BC_: tl.constexpr, GATE_LOGITS: tl.constexpr, INTRA_PREC: tl.constexpr,
+                        INTRA_PATH: tl.constexpr, AUG: tl.constexpr):
     """Stores dq and the gate gradient of one (chunk, head, K-tile) from the masked dA and the products over V:
-    dq_inter = dO h^T, dk_state = v dS^T (both [BT, BK]) and h_dS = rowsum(h * dS) ([BK])."""
+    dq_inter = dO h^T, dk_state = v dS^T (both [BT, BK]) and h_dS = rowsum(h * dS) ([BK]); with AUG, adds the
+    self-augmentation's terms from da and stores this chunk's dw_aug part."""
     Gam = chunk_cumsum(g, o_t, False)
     k = neg_expm1(g)
     m_tk = m_t[:, None]
     p_k = (tok[:, None] * H + i_h) * K + offs_k[None, :]
     dqq = intra_grad_q(dA, k, Gam, gam, o_t, BT_, BC_, INTRA_PREC, INTRA_PATH) + scale * tl.exp(Gam) * dq_inter
-    tl.store(dq + p_k, dqq.to(dq.dtype.element_ty), mask=m_tk)
+    if AUG:
+        dq_aug, dav = aug_dq(w_aug, da, tok, m_t, i_h, offs_k, k, H, K)
+        tl.store(dq + p_k, (dqq + dq_aug).to(dq.dtype.element_ty), mask=m_tk)
+    else:
+        tl.store(dq + p_k, dqq.to(dq.dtype.element_ty), mask=m_tk)
     qq = tl.load(q + p_k, mask=m_tk, other=0.0).to(tl.float32)
     d_gam = qq * dqq
     dk_state = dk_state * tl.exp(gam[None, :] - Gam)
@@ -185,6 +225,8 @@ def dq_dk_from_products(q, gate, dq, dgate, dA, dq_inter, dk_state, h_dS, g, gam
     dg = chunk_cumsum(d_gam, o_t, True)
     dg += (tl.sum(k * dk_state, axis=0) + tl.exp(gam) * h_dS)[None, :]
     # the key is tied to the decay: k = 1 - exp(g), dk/dg = -exp(g)
+    if AUG:
+        dkk += aug_dk_and_dw(w_aug, dav, qq, k, dw_part, i_c, i_h, offs_k, H, K)
     dg -= tl.exp(g) * dkk
     store_dgate(gate, dgate, dg, g, p_k, m_tk, inv_tau, GATE_LOGITS)
 
@@ -192,13 +234,13 @@ def dq_dk_from_products(q, gate, dq, dgate, dA, dq_inter, dk_state, h_dS, g, gam
 @triton.jit
 def chunk_metala_bwd_kernel_dqk(
     q, gate, v, do, h_local, cdec, S_in, Gseg, dS_local, Dout,
-    dq, dgate,
+    dq, dgate, w_aug, da, dw_part,
     chunk_start, chunk_len, chunk_seg,
     scale, inv_tau,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT_: tl.constexpr, BC_: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     GATE_LOGITS: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, INTRA_PREC: tl.constexpr,
-    INTRA_PATH: tl.constexpr,
+    INTRA_PATH: tl.constexpr, AUG: tl.constexpr,
 ):
     """dq and the decay gradient dg (or dz) per (chunk, head, K-tile); key channels are independent except
     through dA = dO v^T, which each K-tile recomputes (cheap) so that no program holds all K channels."""
@@ -230,19 +272,19 @@ def chunk_metala_bwd_kernel_dqk(
         h_dS += tl.sum(h * dS, axis=1)
     dA = tl.where(o_t[:, None] >= o_t[None, :], dA * scale, 0.0)
     dq_dk_from_products(q, gate, dq, dgate, dA, dq_inter, dk_state, h_dS, g, gam, tok, m_t, o_t, i_h, offs_k, scale,
-                        inv_tau, H, K, BT_, BC_, GATE_LOGITS, INTRA_PREC, INTRA_PATH)
+                        inv_tau, w_aug, da, dw_part, i_c, H, K, BT_, BC_, GATE_LOGITS, INTRA_PREC, INTRA_PATH, AUG)
 
 
 @triton.jit
 def chunk_metala_bwd_kernel_dq(
-    q, gate, v, do, h_local, cdec, S_in, Gseg, dS_local, Dout, dq, dA_in,
+    q, gate, v, do, h_local, cdec, S_in, Gseg, dS_local, Dout, dq, dA_in, w_aug, da,
     chunk_start, chunk_len, chunk_seg,
     scale, inv_tau,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT_: tl.constexpr, BC_: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     GATE_LOGITS: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, INTRA_PREC: tl.constexpr,
     INTRA_PATH: tl.constexpr,
-    LOAD_DA: tl.constexpr,
+    LOAD_DA: tl.constexpr, AUG: tl.constexpr,
 ):
     """dq per (chunk, head, K-tile): the split form of `chunk_metala_bwd_kernel_dqk` (fewer live registers).
     With LOAD_DA, dA comes from `dA_in` (written by the dv kernel) instead of a dO v^T pass here."""
@@ -278,21 +320,24 @@ def chunk_metala_bwd_kernel_dq(
     else:
         dA = tl.where(o_t[:, None] >= o_t[None, :], dA * scale, 0.0)
     Gam = chunk_cumsum(g, o_t, False)
-    dqq = intra_grad_q(dA, neg_expm1(g), Gam, gam, o_t, BT_, BC_, INTRA_PREC, INTRA_PATH)
+    k = neg_expm1(g)
+    dqq = intra_grad_q(dA, k, Gam, gam, o_t, BT_, BC_, INTRA_PREC, INTRA_PATH)
     dqq += scale * tl.exp(Gam) * dq_inter
+    if AUG:
+        dqq += aug_dq(w_aug, da, tok, m_t, i_h, offs_k, k, H, K)[0]
     tl.store(dq + (tok[:, None] * H + i_h) * K + offs_k[None, :], dqq.to(dq.dtype.element_ty), mask=m_t[:, None])
 
 
 @triton.jit
 def chunk_metala_bwd_kernel_dkg(
-    q, gate, v, do, h_local, cdec, S_in, Gseg, dS_local, Dout, dq, dgate, dA_in,
+    q, gate, v, do, h_local, cdec, S_in, Gseg, dS_local, Dout, dq, dgate, dA_in, w_aug, da, dw_part,
     chunk_start, chunk_len, chunk_seg,
     scale, inv_tau,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT_: tl.constexpr, BC_: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     GATE_LOGITS: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, INTRA_PREC: tl.constexpr,
     INTRA_PATH: tl.constexpr,
-    LOAD_DA: tl.constexpr,
+    LOAD_DA: tl.constexpr, AUG: tl.constexpr,
 ):
     """dk and the decay gradient per (chunk, head, K-tile), reading the dq that `chunk_metala_bwd_kernel_dq`
     wrote (q * dq enters dg), and dA from `dA_in` with LOAD_DA."""
@@ -335,7 +380,14 @@ def chunk_metala_bwd_kernel_dkg(
     c = tl.sum(k * dk_state, axis=0) + tl.exp(gam) * h_dS
     qq = tl.load(q + p_k, mask=m_tk, other=0.0).to(tl.float32)
     dkk = intra_grad_k(dAT, qq, Gam, gam, o_t, BT_, BC_, INTRA_PREC, INTRA_PATH) + dk_state
-    d_gam = qq * tl.load(dq + p_k, mask=m_tk, other=0.0).to(tl.float32) - k * dkk
+    dqq = tl.load(dq + p_k, mask=m_tk, other=0.0).to(tl.float32)
+    if AUG:
+        # the stored dq holds the self-augmentation's part, which does not reach the decays
+        dq_aug, dav = aug_dq(w_aug, da, tok, m_t, i_h, offs_k, k, H, K)
+        dqq -= dq_aug
+    d_gam = qq * dqq - k * dkk
+    if AUG:
+        dkk += aug_dk_and_dw(w_aug, dav, qq, k, dw_part, i_c, i_h, offs_k, H, K)
     # revcumsum within the chunk + the chunk-wide state terms - alpha * dk (the key tied to the decay)
     dg = chunk_cumsum(d_gam, o_t, True) + c[None, :] - tl.exp(g) * dkk
     store_dgate(gate, dgate, dg, g, p_k, m_tk, inv_tau, GATE_LOGITS)

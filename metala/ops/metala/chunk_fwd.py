@@ -12,7 +12,7 @@ Packed layout: q, gate [T, H, K] and v [T, H, V] with documents back to back (de
    o = scale * [(q * e^Gam) h + A v], with the intra-chunk scores A as tensor-core matmuls: one, against one
    reference (half the chunk's log-decay), when the chunk's decay spans at most SPAN nats; else one per 16-row
    sub-chunk, each with its own reference row (the sub-chunk's middle). Either way every exponent is bounded: no
-   fp32 overflow.
+   fp32 overflow. With AUG it also adds the self-augmentation sigmoid(a v), a = sum_K q w_aug k (README.md).
 
 The gate is either the fp32 log-decay g, or the gate logits z with g = logsigmoid(z) / tau computed in-kernel
 (GATE_LOGITS). g is floored at G_FLOOR (alpha >= 4.5e-5) so the sub-chunk factors stay within fp32 range; the
@@ -235,6 +235,13 @@ def intra_grad_k(dAT, qq, Gam, gam, o_t, BT_: tl.constexpr, BC_: tl.constexpr, P
 
 
 @triton.jit
+def aug_score(qq, k, w_aug, i_h, offs_k, K: tl.constexpr):
+    """The self-augmentation's per-token scalar a = sum_K q * w_aug * k ([BT], fp32) from full-K tiles q, k."""
+    w = tl.load(w_aug + i_h * K + offs_k).to(tl.float32)
+    return tl.sum(qq * k * w[None, :], axis=1)
+
+
+@triton.jit
 def chunk_metala_fwd_kernel_h(
     gate, v, h_local, cdec, E, Gseg,
     chunk_start, chunk_len, seg_first_chunk, seg_n_chunks,
@@ -308,13 +315,15 @@ def chunk_metala_fwd_kernel_seg(
 
 @triton.jit
 def chunk_metala_fwd_kernel_o(
-    q, gate, v, h_local, cdec, S_in, o,
+    q, gate, v, h_local, cdec, S_in, o, w_aug,
     chunk_start, chunk_len, chunk_seg,
     scale, inv_tau,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT_: tl.constexpr, BC_: tl.constexpr, BV: tl.constexpr,
     GATE_LOGITS: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, INTRA_PATH: tl.constexpr,
+    AUG: tl.constexpr,
 ):
+    """o per (chunk, head, V-tile); with AUG also the self-augmentation sigmoid(a v), a = sum_K q w_aug k."""
     i_c, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_k = tl.arange(0, K)
     offs_v = i_v * BV + tl.arange(0, BV)
@@ -340,5 +349,8 @@ def chunk_metala_fwd_kernel_o(
     A = intra_scores(qq, k, Gam, gam, o_t, BT_, BC_, DT, DOT_PREC, INTRA_PATH)
     vv = tl.load(v + (tok[:, None] * H + i_h) * V + offs_v[None, :], mask=m_t[:, None] & m_kv, other=0.0)
     acc += tl.dot(A.to(DT), vv.to(DT), input_precision=DOT_PREC)
-    tl.store(o + (tok[:, None] * H + i_h) * V + offs_v[None, :], (acc * scale).to(o.dtype.element_ty),
+    acc *= scale
+    if AUG:
+        acc += tl.sigmoid(aug_score(qq, k, w_aug, i_h, offs_k, K)[:, None] * vv.to(tl.float32))
+    tl.store(o + (tok[:, None] * H + i_h) * V + offs_v[None, :], acc.to(o.dtype.element_ty),
              mask=m_t[:, None] & m_kv)

@@ -7,6 +7,7 @@ README.md beside this file. Everything here computes in fp32 and supports autogr
 - `naive_parallel_metala`: the parallel log-space attention-map form (small T).
 - `naive_chunk_metala`: the chunked form (intra-chunk masked log-space products, inter-chunk state pass); fast
   enough for CPU training and the GPU benchmark's correctness gate, and the "chunk" backend of `metala_attn`.
+- `naive_self_augmentation`: the self-augmentation term the Triton output kernel can fuse (`w_aug`).
 """
 
 from __future__ import annotations
@@ -158,3 +159,13 @@ def naive_chunk_metala(
         o, final = _chunk_dense(*padded, scale, initial_state, chunk_size)
         o = unpad_to_packed(o, index)
     return o.to(dtype), (final if output_final_state else None)
+
+
+def naive_self_augmentation(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w_aug: torch.Tensor) -> torch.Tensor:
+    """The self-augmentation term sigmoid(a * v), a = sum_K q * w_aug * k per token and head (paper Eq. 22), fp32.
+
+    q, k [B, T, H, K], v [B, T, H, V], w_aug H * K values; the heads are q's (a tensor-parallel shard's own).
+    """
+    H, K = q.shape[2], q.shape[3]
+    a = (q.float() * w_aug.float().reshape(H, K) * k.float()).sum(-1, keepdim=True)  # [B, T, H, 1]
+    return torch.sigmoid(a * v.float())
