@@ -74,14 +74,14 @@ def _tiles(K: int, V: int) -> tuple[int, int]:
 CONFIG = {
     # fwd_h: 4 warps measured 0.353 vs 0.402 ms forward with 8 (H200, 360M shape; H100: 0.360 vs 0.410)
     "fwd_h": {"num_warps": 4, "num_stages": 2, "BV": 128},
-    # aug_num_warps: the launches with the fused self-augmentation (w_aug). 4 as without it: at 8, fwd 0.367 ->
-    # 0.428 ms and dv 0.31 -> 0.36 (H200, 360M shape, 20261202_h200_kernel_tune_aug.json), although the AOT
-    # compile (bench/aot_check.py) showed spills at 4 warps and none at 8
-    "fwd_o": {"num_warps": 4, "num_stages": 2, "BV": 128, "aug_num_warps": 4},
+    # fwd_o and bwd_dv with the fused self-augmentation (w_aug) keep these warps: at 8, fwd 0.367 -> 0.428 ms and
+    # dv 0.31 -> 0.36 (H200, 360M shape, 20261202_h200_kernel_tune_aug.json), although the AOT compile
+    # (bench/aot_check.py) showed spills at 4 warps and none at 8
+    "fwd_o": {"num_warps": 4, "num_stages": 2, "BV": 128},
     # bwd_dh: one program per full V row (BV 128, 8 warps): backward 1.051 vs 1.080 ms on ordinary gates and 1.329
     # vs 1.368 with every chunk on the sub-chunk form (H200, 360M shape, 20261202_h200_kernel_tune_dispatch*.json)
     "bwd_dh": {"num_warps": 8, "num_stages": 2, "BV": 128},
-    "bwd_dv": {"num_warps": 4, "num_stages": 2, "BV": 128, "aug_num_warps": 4},
+    "bwd_dv": {"num_warps": 4, "num_stages": 2, "BV": 128},
     # form: how dq, dk and dg are computed after dv.
     #   "joint": one kernel per (chunk, head, K-tile) recomputes dA = dO v^T and the products over V with the
     #       states (dO h^T, v dS^T, rowsum(h dS)), then the intra-chunk terms;
@@ -141,11 +141,8 @@ def _bv(name: str, V: int) -> int:
     return min(CONFIG[name].get("BV", 64), V)
 
 
-def _launch(name: str, aug: bool = False) -> dict:
-    out = {k: v for k, v in CONFIG[name].items() if k in ("num_warps", "num_stages")}
-    if aug and "aug_num_warps" in CONFIG[name]:
-        out["num_warps"] = CONFIG[name]["aug_num_warps"]
-    return out
+def _launch(name: str) -> dict:
+    return {k: v for k, v in CONFIG[name].items() if k in ("num_warps", "num_stages")}
 
 
 def chunk_metala_fwd(q, gate, v, scale, inv_tau, initial_state, output_final_state, plan: ChunkPlan,
@@ -182,7 +179,7 @@ def chunk_metala_fwd(q, gate, v, scale, inv_tau, initial_state, output_final_sta
                (q, gate, v, h_local, cdec, S_in, o, q if w_aug is None else w_aug, plan.chunk_start, plan.chunk_len,
                 plan.chunk_seg, scale, inv_tau),
                dict(H=H, K=K, V=V, BT_=BT, BC_=BC, BV=BVo, GATE_LOGITS=gate_logits, DT=_dot_dtype(q.dtype),
-                    DOT_PREC=prec, INTRA_PATH=path, AUG=w_aug is not None, **_launch("fwd_o", w_aug is not None)))
+                    DOT_PREC=prec, INTRA_PATH=path, AUG=w_aug is not None, **_launch("fwd_o")))
     return o, ht, (h_local, cdec, S_in, G)
 
 
@@ -236,7 +233,7 @@ def chunk_metala_bwd(q, gate, v, do, dht, scale, inv_tau, saved, plan: ChunkPlan
                (q, gate, v, do, h_local, cdec, S_in, G, dS_local, Dout, dv, dA, w, da, plan.chunk_start,
                 plan.chunk_len, plan.chunk_seg, scale, inv_tau),
                dict(H=H, K=K, V=V, BT_=BT, BC_=BC, BV=BVv, GATE_LOGITS=gate_logits, DT=DT, DOT_PREC=prec,
-                    STORE_DA=store_dA, INTRA_PATH=path, AUG=aug, DA_ATOMIC=nv > 1, **_launch("bwd_dv", aug)))
+                    STORE_DA=store_dA, INTRA_PATH=path, AUG=aug, DA_ATOMIC=nv > 1, **_launch("bwd_dv")))
     tables = (plan.chunk_start, plan.chunk_len, plan.chunk_seg, scale, inv_tau)
     BK_dqk = min(CONFIG["bwd_dqk"]["BK"], K)
     common = dict(

@@ -193,6 +193,7 @@ def aug_dq(w_aug, da, tok, m_t, i_h, offs_k, k, H: tl.constexpr, K: tl.constexpr
 def aug_dk_and_dw(w_aug, dav, qq, k, dw_part, i_c, i_h, offs_k, H: tl.constexpr, K: tl.constexpr):
     """The self-augmentation's key gradient da * w_aug * q ([BT, BK]; it reaches g only through k = 1 - exp(g),
     never through the decays), and this chunk's part of dw_aug = sum_t da q k, stored per (chunk, head)."""
+    # w is loaded again rather than kept live from `aug_dq`: the dq/dk kernels run at the register limit
     w = tl.load(w_aug + i_h * K + offs_k).to(tl.float32)
     tl.store(dw_part + (i_c * H + i_h) * K + offs_k, tl.sum(dav[:, None] * qq * k, axis=0))
     return dav[:, None] * w[None, :] * qq
