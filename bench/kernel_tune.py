@@ -2,7 +2,7 @@
 tiles, segment length), at the benchmark shapes. Correctness is checked for every configuration that is timed
 (against the default configuration's outputs, which bench/ops.py checks against the fp32 reference).
 
-    python -m bench.kernel_tune [--quick]
+    python -m bench.kernel_tune [--quick] [--aug] [--shapes 16x2048x16,1x32768x16]
 """
 
 from __future__ import annotations
@@ -94,6 +94,20 @@ def kernel_resources() -> dict[str, list[dict]]:
     return out
 
 
+def parse_shapes(text: str) -> list[tuple[int, int, int]]:
+    """ "BxTxH,..." -> [(B, T, H), ...]; T must be a multiple of the 64-token chunk (the sweep times whole chunks)."""
+    shapes = []
+    for item in text.split(","):
+        try:
+            B, T, H = (int(x) for x in item.strip().lower().split("x"))
+        except ValueError:
+            raise SystemExit(f"--shapes: {item!r} is not BxTxH (e.g. 16x2048x16)") from None
+        if min(B, T, H) < 1 or T % 64:
+            raise SystemExit(f"--shapes: {item!r} needs positive sizes and T a multiple of 64")
+        shapes.append((B, T, H))
+    return shapes
+
+
 def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -106,8 +120,11 @@ def main() -> None:
                     help='JSON list of {kernel: changes} to time instead of the built-in sweep, e.g. '
                          '\'[{"bwd_dqk": {"num_warps": 8}}]\'')
     ap.add_argument("--aug", action="store_true", help="with the fused self-augmentation (w_aug) in the kernels")
+    ap.add_argument("--shapes", type=parse_shapes, default=[(16, 2048, 8), (1, 32768, 16)],
+                    help="BxTxH list, e.g. 16x2048x16 for the 1.3B training step (default: 16x2048x8,1x32768x16; "
+                         "--quick takes the first)")
     args = ap.parse_args()
-    shapes = [(16, 2048, 8), (1, 32768, 16)]
+    shapes = args.shapes
     global W_AUG
     three = {"form": "split_dA"}
     default = copy.deepcopy(C.CONFIG)
