@@ -29,14 +29,21 @@ def test_no_process_group_outlives_the_run(stage, demo_data, tmp_path):
 
 
 def test_the_check_sees_live_group_threads():
-    # the report is only as good as the thread census (Linux /proc): a live gloo group must show up in it
+    # the report is only as good as the thread census (Linux /proc): a live gloo group must show up in it. A new
+    # thread names itself once it runs (CI saw the census taken before gloo's workers had), so the script polls
     script = (
+        "import time\n"
         "import torch.distributed as dist\n"
         "from pretrain.distributed import comm_threads\n"
         "dist.init_process_group('gloo', init_method='tcp://127.0.0.1:%d', rank=0, world_size=1)\n"
-        "print(len(comm_threads()))\n"
+        "deadline = time.monotonic() + 30\n"
+        "while not any(n.startswith('pt_gloo') for n in comm_threads()) and time.monotonic() < deadline:\n"
+        "    time.sleep(0.05)\n"
+        "print(','.join(comm_threads()))\n"
         "dist.destroy_process_group()\n" % free_port()
     )
     r = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert int(r.stdout.split()[-1]) >= 2
+    names = r.stdout.split()[-1].split(",")
+    assert any(n.startswith("pt_gloo") for n in names), names  # gloo's worker threads
+    assert any(n.startswith("pt_tcpstore") for n in names), names  # the rendezvous store's server
