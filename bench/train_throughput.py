@@ -189,9 +189,10 @@ def time_model(name: str, build, harness: str, B: int, T: int, cfg=None) -> dict
 # --- correctness gate -----------------------------------------------------------------------------------------
 
 
-def gate(preset: str) -> dict:
+def gate(preset: str, compiled: bool = False) -> dict:
     """Triton path (with --model-overrides) vs the PyTorch chunked reference (self-augmentation as its own
-    module), fp32, loss + every gradient, packed documents."""
+    module), fp32, loss + every gradient, packed documents; with `compiled`, the Triton model also as
+    `train.compile` runs it (pretrain.parallelize.apply_compile, Inductor) against itself eager."""
     from metala import MetaLAConfig, MetaLAForCausalLM
 
     T = 1024
@@ -199,10 +200,15 @@ def gate(preset: str) -> dict:
     ids, labels = random_batch(1, T, 32000, seed=1)
     cu = torch.tensor([0, 300, T], device="cuda", dtype=torch.int32)
     res = {}
-    for backend in ("chunk", "triton"):
-        over = MODEL_OVERRIDES if backend == "triton" else {"fuse_self_aug": False}
-        cfg = MetaLAConfig.from_preset(preset, **{**over, "vocab_size": 32000, "n_layers": 2, "attn_backend": backend})
+    for backend in ("chunk", "triton") + (("compiled",) if compiled else ()):
+        over = MODEL_OVERRIDES if backend != "chunk" else {"fuse_self_aug": False}
+        cfg = MetaLAConfig.from_preset(preset, **{**over, "vocab_size": 32000, "n_layers": 2,
+                                                  "attn_backend": "chunk" if backend == "chunk" else "triton"})
         m = MetaLAForCausalLM(cfg, seed=0).cuda()
+        if backend == "compiled":
+            from pretrain.parallelize import apply_compile
+
+            apply_compile(m)
         with torch.no_grad():  # non-zero w_aug so the self-augmentation path is exercised
             gen = torch.Generator().manual_seed(0)
             for layer in m.layers:
@@ -216,8 +222,15 @@ def gate(preset: str) -> dict:
     worst = max(errs, key=errs.get)
     out = {"loss_ref": float(l0), "loss_triton": float(l1), "loss_rel_err": float(abs(l1 - l0) / abs(l0)),
            "worst_grad": worst, "worst_grad_rel_err": errs[worst]}
-    torch.backends.cuda.matmul.allow_tf32 = True
     out["correct"] = out["loss_rel_err"] < 0.02 and errs[worst] < 0.02
+    if compiled:  # the same model and kernels: Inductor's fusions may only reorder fp32 arithmetic
+        l2, g2 = res["compiled"]
+        cerr = {k: float((g2[k] - g1[k]).norm() / g1[k].norm().clamp(min=1e-12)) for k in g1}
+        cworst = max(cerr, key=cerr.get)
+        out.update(compiled_loss_rel_err=float(abs(l2 - l1) / abs(l1)), compiled_worst_grad=cworst,
+                   compiled_worst_grad_rel_err=cerr[cworst])
+        out["correct"] &= out["compiled_loss_rel_err"] < 1e-4 and cerr[cworst] < 1e-3
+    torch.backends.cuda.matmul.allow_tf32 = True
     print("gate:", json.dumps(out), flush=True)
     return out
 
@@ -393,7 +406,7 @@ def main() -> int:
     peers = [p for p in args.peers.split(",") if p]
     harnesses = args.harness.split(",")
     for preset in args.presets.split(","):
-        g = gate(preset)
+        g = gate(preset, compiled=args.compile)
         result["gates"][preset] = g
         all_ok &= g["correct"]
         for T in map(int, args.seqlens.split(",")):

@@ -53,7 +53,17 @@ class MetaLABlock(nn.Module):
         cache: LayerCache | None = None,
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        h = x + self.mixer(self.mixer_norm(x), cu_seqlens=cu_seqlens, cache=cache, attention_mask=attention_mask)
+        # the mixer in its stages (MetaLAAttention.forward): the stages before and after the recurrent operator are
+        # what torch.compile sees as two whole graphs (pretrain/parallelize.py apply_compile)
+        parts = self.pre(x, cu_seqlens, cache, attention_mask)
+        o = self.mixer.attend(parts, cu_seqlens, cache)
+        return self.post(x, o, parts)
+
+    def pre(self, x, cu_seqlens=None, cache=None, attention_mask=None):
+        return self.mixer.project(self.mixer_norm(x), cu_seqlens, cache, attention_mask)
+
+    def post(self, x, o, parts):
+        h = x + self.mixer.finish(o, parts)
         return h + self.mlp(self.mlp_norm(h))
 
 

@@ -5,6 +5,8 @@ Shapes: B batch, T time, D = d_model, H heads, K = qk_dim / H, V = D / H.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -65,6 +67,18 @@ class NoSelfAugmentation(nn.Module):
         return o.float()
 
 
+class MixerParts(NamedTuple):
+    """What the projections hand to the operator (q, z, k, v) and to the output gate (gt); conv_state is the short
+    conv's new decoding state."""
+
+    q: torch.Tensor
+    z: torch.Tensor
+    k: torch.Tensor | None
+    v: torch.Tensor
+    gt: torch.Tensor
+    conv_state: torch.Tensor | None
+
+
 class MetaLAAttention(nn.Module):
     """MetaLA token mixer: Chou, Yao et al., "MetaLA: Unified Optimal Linear Approximation to Softmax Attention
     Map", NeurIPS 2024 (arXiv 2411.10741).
@@ -108,6 +122,21 @@ class MetaLAAttention(nn.Module):
         cache: LayerCache | None = None,
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        parts = self.project(x, cu_seqlens, cache, attention_mask)
+        o = self.attend(parts, cu_seqlens, cache)
+        return self.finish(o, parts)
+
+    # The three stages of forward. Only `attend` runs the recurrent operator: compiling the model means compiling the
+    # stages around it (pretrain/parallelize.py), so that no compiled graph ends inside this module.
+
+    def project(
+        self,
+        x: torch.Tensor,
+        cu_seqlens: torch.Tensor | None = None,
+        cache: LayerCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> MixerParts:
+        """x [B, T, D] -> the operator's inputs and the gate, with the short conv's new state."""
         B, T, _ = x.shape
         # head counts follow the projections' widths, so the same code runs on tensor-parallel shards
         K, V = self.head_qk_dim, self.head_v_dim
@@ -119,27 +148,37 @@ class MetaLAAttention(nn.Module):
         z = self.a_proj(u).view(B, T, -1, K)
         k = self.key(u, z)
         v = self.v_proj(u).view(B, T, -1, V)
-        gt = self.g_proj(u)
+        # the conv state is a view into the conv's padded input: handed on only where a cache will keep it
+        return MixerParts(q, z, k, v, self.g_proj(u), conv_state if cache is not None else None)
+
+    def attend(self, parts: MixerParts, cu_seqlens: torch.Tensor | None = None,
+               cache: LayerCache | None = None) -> torch.Tensor:
+        """The recurrence: o [B, T, H, V]; updates the decoding cache."""
         # the gate math (g = logsigmoid(z) / 16, k = 1 - exp(g), cumulative sums) runs in fp32 inside the
         # operator: in bf16, 1 - exp(g) is 0 for logits above ~3.5 (metala.md section 11.1). Fused, the operator
         # also adds the self-augmentation: q, z and v then feed one consumer, and no second pass reads them.
-        w_aug = self.self_aug.w_aug if self.fuse_self_aug else None
         o, final_state = self.attn_fn(
-            q,
-            z,
-            v,
+            parts.q,
+            parts.z,
+            parts.v,
             decay_normalizer=self.decay_normalizer,
-            k=k,
+            k=parts.k,
             scale=self.scale,
             initial_state=None if cache is None else cache.state,
             output_final_state=cache is not None,
             cu_seqlens=cu_seqlens,
             backend=self.backend,
-            w_aug=w_aug,
+            w_aug=self.self_aug.w_aug if self.fuse_self_aug else None,
         )
         if cache is not None:
-            cache.state, cache.conv_state = final_state, conv_state
-        if w_aug is None:
-            o = self.self_aug(o, q, z, k, v)
+            cache.state, cache.conv_state = final_state, parts.conv_state
+        return o
+
+    def finish(self, o: torch.Tensor, parts: MixerParts) -> torch.Tensor:
+        """Self-augmentation (when not fused), head norm, output gate and projection -> [B, T, D]."""
+        B, T = o.shape[:2]
+        if not self.fuse_self_aug:
+            o = self.self_aug(o, parts.q, parts.z, parts.k, parts.v)
         o = head_layer_norm(o, self.head_norm_eps)
+        gt = parts.gt
         return self.o_proj(F.silu(gt) * o.reshape(B, T, -1).to(gt.dtype))

