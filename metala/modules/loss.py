@@ -66,7 +66,11 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         d_hidden, d_weight = ctx.saved_tensors
         dh = d_hidden * grad_out.to(d_hidden.dtype) if d_hidden is not None else None
-        dw = (d_weight * grad_out).to(ctx.weight_dtype) if d_weight is not None else None
+        dw = None
+        if d_weight is not None:
+            # scaled and cast in one pass: mul computes in fp32 and writes the weight's dtype into `out`
+            dw = torch.empty(d_weight.shape, dtype=ctx.weight_dtype, device=d_weight.device)
+            torch.mul(d_weight, grad_out, out=dw)
         return dh, dw, None, None
 
 
