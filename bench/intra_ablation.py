@@ -60,7 +60,7 @@ def intra_variant(q, gate, dA_in, dqi, dki, hds, dq, dgate, chunk_start, chunk_l
     if MODE == 6:
         dqq = scale * tl.exp(Gam) * dq_inter + tl.sum(dA, axis=1)[:, None]
     else:
-        dqq = intra_grad_q(dA, k, Gam, gam, o_t, BT_, BC_, PREC, ONE_REF) + scale * tl.exp(Gam) * dq_inter
+        dqq = intra_grad_q(dA, k, Gam, gam, o_t, BT_, BC_, PREC, tl.float32, ONE_REF) + scale * tl.exp(Gam) * dq_inter
     tl.store(dq + p_k, dqq.to(dq.dtype.element_ty), mask=m_tk)
     if MODE == 1:
         return
@@ -69,11 +69,11 @@ def intra_variant(q, gate, dA_in, dqi, dki, hds, dq, dgate, chunk_start, chunk_l
     dk_state = dk_state * tl.exp(gam[None, :] - Gam)
     if MODE == 2 or MODE == 7:
         dAT = tl.load(p_dA + o_t[None, :] * BT_ + o_t[:, None])
-        dkk = intra_grad_k(dAT, qq, Gam, gam, o_t, BT_, BC_, PREC, ONE_REF) + dk_state
+        dkk = intra_grad_k(dAT, qq, Gam, gam, o_t, BT_, BC_, PREC, tl.float32, ONE_REF) + dk_state
     elif MODE == 5 or MODE == 6:
         dkk = dk_state + qq
     else:
-        dkk = intra_grad_k(tl.trans(dA), qq, Gam, gam, o_t, BT_, BC_, PREC, ONE_REF) + dk_state
+        dkk = intra_grad_k(tl.trans(dA), qq, Gam, gam, o_t, BT_, BC_, PREC, tl.float32, ONE_REF) + dk_state
     d_gam -= k * dkk
     if MODE == 3:
         dg = d_gam

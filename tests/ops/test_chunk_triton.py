@@ -208,6 +208,10 @@ def test_model_on_triton_matches_model_on_chunk():
     pytest.param({"form": "joint"}, id="joint-dqk"),
     pytest.param({"form": "split_dA"}, id="dv-stores-dA"),
     pytest.param({"form": "split"}, id="split-recompute-dA"),
+    # the interpreter runs half-precision products in fp32 (see chunk.py _dot_dtype): this checks the cast path
+    # traces and stays exact; its bf16 accuracy is the GPU gate's (bench/ops.py, bench/kernel_tune.py)
+    pytest.param({"form": "joint", "intra_dtype": "input"}, id="joint-dqk-input-dtype-intra"),
+    pytest.param({"form": "split", "intra_dtype": "input"}, id="split-input-dtype-intra"),
 ])
 def test_every_backward_form_matches_naive(form, monkeypatch):
     """The backward can run as one joint dq/dk kernel or as dq + dk kernels (with dA from the dv kernel or
@@ -223,10 +227,11 @@ def test_every_backward_form_matches_naive(form, monkeypatch):
     compare(ref, fwd_bwd(fn, q, z, v, h0, do, dht), 1e-4)
 
 
-def test_unknown_backward_form_is_an_error(monkeypatch):
+@pytest.mark.parametrize("bad", [{"form": "fused"}, {"intra_dtype": "bf16"}])
+def test_unknown_backward_form_is_an_error(bad, monkeypatch):
     from metala.ops.metala import chunk as C
 
-    monkeypatch.setitem(C.CONFIG, "bwd_dqk", {**C.CONFIG["bwd_dqk"], "form": "fused"})
+    monkeypatch.setitem(C.CONFIG, "bwd_dqk", {**C.CONFIG["bwd_dqk"], **bad})
     q, z, v, h0 = mixed_gate_inputs()
     o, _ = C.chunk_metala_from_logits(q.requires_grad_(), z, v)
     with pytest.raises(ValueError, match="must be one of"):

@@ -66,6 +66,17 @@ def _dot_dtype(dtype: torch.dtype):
     return tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
 
 
+INTRA_DTYPES = ("fp32", "input")
+
+
+def _intra_dtype(dtype: torch.dtype):
+    """Operand dtype of the dq/dk kernels' intra-chunk dA products (CONFIG["bwd_dqk"]["intra_dtype"])."""
+    choice = CONFIG["bwd_dqk"]["intra_dtype"]
+    if choice not in INTRA_DTYPES:
+        raise ValueError(f"CONFIG['bwd_dqk']['intra_dtype'] must be one of {INTRA_DTYPES}, got {choice!r}")
+    return _dot_dtype(dtype) if choice == "input" else tl.float32
+
+
 def _tiles(K: int, V: int) -> tuple[int, int]:
     return min(64, K), min(64, V)
 
@@ -93,7 +104,13 @@ CONFIG = {
     # (1.086 ms) for a lean dq/dk/dg kernel, which alone took 0.49 ms: its dk/dg tail is latency-bound without any
     # state load (bench/intra_ablation.py; 20261202_h200_kernel_tune_backward_forms.json). One kernel per (chunk,
     # head) for dv, dq and dg together measured 2.06 ms: it spills 0.7-1.1 KB per thread.
-    "bwd_dqk": {"num_warps": 4, "num_stages": 2, "BK": 32, "BV": 64, "form": "joint"},
+    # intra_dtype: operands of the dq/dk kernels' intra-chunk dA products. "fp32": tf32 on the tensor cores (fp32
+    # inputs: 3xTF32); "input": the inputs' half type (bf16 / fp16, fp32 accumulation), as fwd_o and dv already
+    # use for their intra-chunk products. An earlier joint kernel (2026-12-01) was 20 % faster but wrong with bf16
+    # operands (relative difference 1.8, 20261201_h200_kernel_tune_dqk.json); 2026-12-03 traced to a Triton 3.6
+    # miscompile of the direct bf16 form (bench/triton_bf16_dot_repro.py); chunk_fwd._dot_intra now uses the
+    # transposed form, right in that repro. Not yet re-timed on a GPU: the default stays fp32.
+    "bwd_dqk": {"num_warps": 4, "num_stages": 2, "BK": 32, "BV": 64, "form": "joint", "intra_dtype": "fp32"},
     "bwd_dq": {"num_warps": 4, "num_stages": 2, "BK": 32},
     "bwd_dkg": {"num_warps": 8, "num_stages": 2, "BK": 64},
     "seg": {"num_warps": 4, "num_stages": 2},
@@ -211,9 +228,8 @@ def chunk_metala_bwd(q, gate, v, do, dht, scale, inv_tau, saved, plan: ChunkPlan
     dv = torch.empty_like(v)
     dgate = torch.empty_like(gate)
     DT = _dot_dtype(q.dtype)
-    # the intra-chunk dA products take fp32 operands (tf32 on tensor cores): bf16 operands there were 20 % faster
-    # but wrong in the joint dqk kernel on an H200 (relative difference 1.8, 20261201_h200_kernel_tune_dqk.json)
-    intra = dict(INTRA_PREC="ieee" if _interpreted() else "tf32x3" if q.dtype == torch.float32 else "tf32")
+    intra = dict(INTRA_PREC="ieee" if _interpreted() else "tf32x3" if q.dtype == torch.float32 else "tf32",
+                 INTRA_DT=_intra_dtype(q.dtype))
     BVv = _bv("bwd_dv", V)
     form = CONFIG["bwd_dqk"]["form"]
     if form not in BWD_FORMS:

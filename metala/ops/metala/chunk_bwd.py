@@ -203,7 +203,7 @@ def aug_dk_and_dw(w_aug, dav, qq, k, dw_part, i_c, i_h, offs_k, H: tl.constexpr,
 def dq_dk_from_products(q, gate, dq, dgate, dA, dq_inter, dk_state, h_dS, g, gam, tok, m_t, o_t, i_h, offs_k, scale,
                         inv_tau, w_aug, da, dw_part, i_c, H: tl.constexpr, K: tl.constexpr, BT_: tl.constexpr,
                         BC_: tl.constexpr, GATE_LOGITS: tl.constexpr, INTRA_PREC: tl.constexpr,
-                        INTRA_PATH: tl.constexpr, AUG: tl.constexpr):
+                        INTRA_DT: tl.constexpr, INTRA_PATH: tl.constexpr, AUG: tl.constexpr):
     """Stores dq and the gate gradient of one (chunk, head, K-tile) from the masked dA and the products over V:
     dq_inter = dO h^T, dk_state = v dS^T (both [BT, BK]) and h_dS = rowsum(h * dS) ([BK]); with AUG, adds the
     self-augmentation's terms from da and stores this chunk's dw_aug part."""
@@ -211,7 +211,8 @@ def dq_dk_from_products(q, gate, dq, dgate, dA, dq_inter, dk_state, h_dS, g, gam
     k = neg_expm1(g)
     m_tk = m_t[:, None]
     p_k = (tok[:, None] * H + i_h) * K + offs_k[None, :]
-    dqq = intra_grad_q(dA, k, Gam, gam, o_t, BT_, BC_, INTRA_PREC, INTRA_PATH) + scale * tl.exp(Gam) * dq_inter
+    dqq = intra_grad_q(dA, k, Gam, gam, o_t, BT_, BC_, INTRA_PREC, INTRA_DT, INTRA_PATH)
+    dqq += scale * tl.exp(Gam) * dq_inter
     if AUG:
         dq_aug, dav = aug_dq(w_aug, da, tok, m_t, i_h, offs_k, k, H, K)
         tl.store(dq + p_k, (dqq + dq_aug).to(dq.dtype.element_ty), mask=m_tk)
@@ -220,7 +221,7 @@ def dq_dk_from_products(q, gate, dq, dgate, dA, dq_inter, dk_state, h_dS, g, gam
     qq = tl.load(q + p_k, mask=m_tk, other=0.0).to(tl.float32)
     d_gam = qq * dqq
     dk_state = dk_state * tl.exp(gam[None, :] - Gam)
-    dkk = intra_grad_k(tl.trans(dA), qq, Gam, gam, o_t, BT_, BC_, INTRA_PREC, INTRA_PATH) + dk_state
+    dkk = intra_grad_k(tl.trans(dA), qq, Gam, gam, o_t, BT_, BC_, INTRA_PREC, INTRA_DT, INTRA_PATH) + dk_state
     d_gam -= k * dkk
     # reverse cumulative sum within the chunk, plus the terms that reach every row through the chunk's total decay
     dg = chunk_cumsum(d_gam, o_t, True)
@@ -241,7 +242,7 @@ def chunk_metala_bwd_kernel_dqk(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT_: tl.constexpr, BC_: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     GATE_LOGITS: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, INTRA_PREC: tl.constexpr,
-    INTRA_PATH: tl.constexpr, AUG: tl.constexpr,
+    INTRA_DT: tl.constexpr, INTRA_PATH: tl.constexpr, AUG: tl.constexpr,
 ):
     """dq and the decay gradient dg (or dz) per (chunk, head, K-tile); key channels are independent except
     through dA = dO v^T, which each K-tile recomputes (cheap) so that no program holds all K channels."""
@@ -273,7 +274,8 @@ def chunk_metala_bwd_kernel_dqk(
         h_dS += tl.sum(h * dS, axis=1)
     dA = tl.where(o_t[:, None] >= o_t[None, :], dA * scale, 0.0)
     dq_dk_from_products(q, gate, dq, dgate, dA, dq_inter, dk_state, h_dS, g, gam, tok, m_t, o_t, i_h, offs_k, scale,
-                        inv_tau, w_aug, da, dw_part, i_c, H, K, BT_, BC_, GATE_LOGITS, INTRA_PREC, INTRA_PATH, AUG)
+                        inv_tau, w_aug, da, dw_part, i_c, H, K, BT_, BC_, GATE_LOGITS, INTRA_PREC, INTRA_DT, INTRA_PATH,
+                        AUG)
 
 
 @triton.jit
@@ -284,7 +286,7 @@ def chunk_metala_bwd_kernel_dq(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT_: tl.constexpr, BC_: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     GATE_LOGITS: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, INTRA_PREC: tl.constexpr,
-    INTRA_PATH: tl.constexpr,
+    INTRA_DT: tl.constexpr, INTRA_PATH: tl.constexpr,
     LOAD_DA: tl.constexpr, AUG: tl.constexpr,
 ):
     """dq per (chunk, head, K-tile): the split form of `chunk_metala_bwd_kernel_dqk` (fewer live registers).
@@ -322,7 +324,7 @@ def chunk_metala_bwd_kernel_dq(
         dA = tl.where(o_t[:, None] >= o_t[None, :], dA * scale, 0.0)
     Gam = chunk_cumsum(g, o_t, False)
     k = neg_expm1(g)
-    dqq = intra_grad_q(dA, k, Gam, gam, o_t, BT_, BC_, INTRA_PREC, INTRA_PATH)
+    dqq = intra_grad_q(dA, k, Gam, gam, o_t, BT_, BC_, INTRA_PREC, INTRA_DT, INTRA_PATH)
     dqq += scale * tl.exp(Gam) * dq_inter
     if AUG:
         dqq += aug_dq(w_aug, da, tok, m_t, i_h, offs_k, k, H, K)[0]
@@ -337,7 +339,7 @@ def chunk_metala_bwd_kernel_dkg(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT_: tl.constexpr, BC_: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     GATE_LOGITS: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, INTRA_PREC: tl.constexpr,
-    INTRA_PATH: tl.constexpr,
+    INTRA_DT: tl.constexpr, INTRA_PATH: tl.constexpr,
     LOAD_DA: tl.constexpr, AUG: tl.constexpr,
 ):
     """dk and the decay gradient per (chunk, head, K-tile), reading the dq that `chunk_metala_bwd_kernel_dq`
@@ -380,7 +382,7 @@ def chunk_metala_bwd_kernel_dkg(
     dk_state = dk_state * tl.exp(gam[None, :] - Gam)
     c = tl.sum(k * dk_state, axis=0) + tl.exp(gam) * h_dS
     qq = tl.load(q + p_k, mask=m_tk, other=0.0).to(tl.float32)
-    dkk = intra_grad_k(dAT, qq, Gam, gam, o_t, BT_, BC_, INTRA_PREC, INTRA_PATH) + dk_state
+    dkk = intra_grad_k(dAT, qq, Gam, gam, o_t, BT_, BC_, INTRA_PREC, INTRA_DT, INTRA_PATH) + dk_state
     dqq = tl.load(dq + p_k, mask=m_tk, other=0.0).to(tl.float32)
     if AUG:
         # the stored dq holds the self-augmentation's part, which does not reach the decays

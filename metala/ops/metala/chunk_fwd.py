@@ -169,69 +169,83 @@ def intra_scores(qq, k, Gam, gam, o_t, BT_: tl.constexpr, BC_: tl.constexpr, DOT
 
 
 @triton.jit
-def _grad_q_one(dA, k, Gam, gam, PREC: tl.constexpr):
-    R = gam[None, :] * 0.5
-    return tl.dot(dA, k * tl.exp(R - Gam), input_precision=PREC) * tl.exp(Gam - R)
+def _dot_intra(a, b, PREC: tl.constexpr, DT: tl.constexpr):
+    """a [BT, BT] @ b [BT, BK] with the operands in DT. Half-precision operands go in transposed, (b^T a^T)^T: on
+    sm_90 with Triton 3.6 the direct form, a register tile made from an fp32 product as the left operand, compiles
+    to wrong results at 4 warps and to illegal memory accesses at 8 (bench/triton_bf16_dot_repro.py)."""
+    if DT == tl.float32:
+        out = tl.dot(a, b, input_precision=PREC)
+    else:
+        out = tl.trans(tl.dot(tl.trans(b.to(DT)), tl.trans(a.to(DT))))
+    return out
 
 
 @triton.jit
-def _grad_q_sub(dA, k, Gam, o_t, BT_: tl.constexpr, BC_: tl.constexpr, PREC: tl.constexpr):
+def _grad_q_one(dA, k, Gam, gam, PREC: tl.constexpr, DT: tl.constexpr):
+    R = gam[None, :] * 0.5
+    return _dot_intra(dA, k * tl.exp(R - Gam), PREC, DT) * tl.exp(Gam - R)
+
+
+@triton.jit
+def _grad_q_sub(dA, k, Gam, o_t, BT_: tl.constexpr, BC_: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr):
     # per sub-chunk i of query rows: keys up to it, scaled by exp(R_i - Gam)
     sub = o_t // BC_
     acc = tl.zeros_like(Gam)
     for i in tl.static_range(BT_ // BC_):
         R_i = _sub_chunk_ref(Gam, o_t, i, BC_)
         kf = tl.where((sub <= i)[:, None], k * tl.exp(tl.minimum(R_i[None, :] - Gam, 80.0)), 0.0)
-        acc += tl.where((sub == i)[:, None], tl.dot(dA, kf, input_precision=PREC), 0.0)
+        acc += tl.where((sub == i)[:, None], _dot_intra(dA, kf, PREC, DT), 0.0)
     return acc * tl.exp(Gam - sub_reference(Gam, o_t, BT_, BC_))
 
 
 @triton.jit
 def _grad_by_path(ONE: tl.constexpr, SUB: tl.constexpr, x, y, Gam, gam, o_t, BT_: tl.constexpr, BC_: tl.constexpr,
-                  PREC: tl.constexpr, PATH: tl.constexpr):
+                  PREC: tl.constexpr, DT: tl.constexpr, PATH: tl.constexpr):
     """ONE(x, y, ...) or SUB(x, y, ...) as PATH says (ANY_PATH: the chunk's span decides at run time)."""
     if PATH == ONE_REF:
-        out = ONE(x, y, Gam, gam, PREC)
+        out = ONE(x, y, Gam, gam, PREC, DT)
     elif PATH == SUB_CHUNKS:
-        out = SUB(x, y, Gam, o_t, BT_, BC_, PREC)
+        out = SUB(x, y, Gam, o_t, BT_, BC_, PREC, DT)
     else:
         if one_reference(gam):
-            out = ONE(x, y, Gam, gam, PREC)
+            out = ONE(x, y, Gam, gam, PREC, DT)
         else:
-            out = SUB(x, y, Gam, o_t, BT_, BC_, PREC)
+            out = SUB(x, y, Gam, o_t, BT_, BC_, PREC, DT)
     return out
 
 
 @triton.jit
-def intra_grad_q(dA, k, Gam, gam, o_t, BT_: tl.constexpr, BC_: tl.constexpr, PREC: tl.constexpr,
+def intra_grad_q(dA, k, Gam, gam, o_t, BT_: tl.constexpr, BC_: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr,
                  PATH: tl.constexpr):
-    """dq_intra[t] = sum_{r <= t} dA[t, r] k[r] exp(Gam[t] - Gam[r]) for a causally masked fp32 dA [BT, BT]."""
-    return _grad_by_path(_grad_q_one, _grad_q_sub, dA, k, Gam, gam, o_t, BT_, BC_, PREC, PATH)
+    """dq_intra[t] = sum_{r <= t} dA[t, r] k[r] exp(Gam[t] - Gam[r]) for a causally masked fp32 dA [BT, BT]; the
+    product's operands are cast to DT (fp32: PREC decides; bf16 / fp16: one tensor-core pass, fp32 accumulation)."""
+    return _grad_by_path(_grad_q_one, _grad_q_sub, dA, k, Gam, gam, o_t, BT_, BC_, PREC, DT, PATH)
 
 
 @triton.jit
-def _grad_k_one(dAT, qq, Gam, gam, PREC: tl.constexpr):
+def _grad_k_one(dAT, qq, Gam, gam, PREC: tl.constexpr, DT: tl.constexpr):
     R = gam[None, :] * 0.5
-    return tl.dot(dAT, qq * tl.exp(Gam - R), input_precision=PREC) * tl.exp(R - Gam)
+    return _dot_intra(dAT, qq * tl.exp(Gam - R), PREC, DT) * tl.exp(R - Gam)
 
 
 @triton.jit
-def _grad_k_sub(dAT, qq, Gam, o_t, BT_: tl.constexpr, BC_: tl.constexpr, PREC: tl.constexpr):
+def _grad_k_sub(dAT, qq, Gam, o_t, BT_: tl.constexpr, BC_: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr):
     # per sub-chunk i of key rows: queries from it on, scaled by exp(Gam - R_i)
     sub = o_t // BC_
     acc = tl.zeros_like(Gam)
     for i in tl.static_range(BT_ // BC_):
         R_i = _sub_chunk_ref(Gam, o_t, i, BC_)
         qf = tl.where((sub >= i)[:, None], qq * tl.exp(tl.minimum(Gam - R_i[None, :], 80.0)), 0.0)
-        acc += tl.where((sub == i)[:, None], tl.dot(dAT, qf, input_precision=PREC), 0.0)
+        acc += tl.where((sub == i)[:, None], _dot_intra(dAT, qf, PREC, DT), 0.0)
     return acc * tl.exp(sub_reference(Gam, o_t, BT_, BC_) - Gam)
 
 
 @triton.jit
-def intra_grad_k(dAT, qq, Gam, gam, o_t, BT_: tl.constexpr, BC_: tl.constexpr, PREC: tl.constexpr,
+def intra_grad_k(dAT, qq, Gam, gam, o_t, BT_: tl.constexpr, BC_: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr,
                  PATH: tl.constexpr):
-    """dk_intra[r] = sum_{t >= r} dA[t, r] q[t] exp(Gam[t] - Gam[r]), from the transposed dAT[r, t] = dA[t, r]."""
-    return _grad_by_path(_grad_k_one, _grad_k_sub, dAT, qq, Gam, gam, o_t, BT_, BC_, PREC, PATH)
+    """dk_intra[r] = sum_{t >= r} dA[t, r] q[t] exp(Gam[t] - Gam[r]), from the transposed dAT[r, t] = dA[t, r]
+    (operands cast to DT, as in `intra_grad_q`)."""
+    return _grad_by_path(_grad_k_one, _grad_k_sub, dAT, qq, Gam, gam, o_t, BT_, BC_, PREC, DT, PATH)
 
 
 @triton.jit
