@@ -19,6 +19,7 @@ from triton.compiler import ASTSource
 
 from metala.ops.incoming_state import kernel as incoming
 from metala.ops.metala import chunk_bwd, chunk_fwd, fused_recurrent_kernel
+from metala.ops.metala.chunk import CONFIG
 
 
 def sig(kernel, types: dict[str, str], consts: dict) -> dict:
@@ -67,6 +68,8 @@ def main() -> None:
             scal = {"inv_tau": "fp32", "scale": "fp32", "T": "i32"}
             types = {**ints, **io, **state, **scal}
             BK, BV = min(64, K), min(64, V)
+            # the dq/dk kernels' intra-chunk operand type, as chunk.py launches them (CONFIG["bwd_dqk"])
+            intra_dt = dt if CONFIG["bwd_dqk"]["intra_dtype"] == "input" else tl.float32
             common = {"H": 8, "K": K, "V": V}
             jobs = [
                 ("fwd_h", chunk_fwd.chunk_metala_fwd_kernel_h, {**common, "BT_": 64, "BK": BK, "BV": BV,
@@ -83,13 +86,13 @@ def main() -> None:
                  "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec, "STORE_DA": True, "AUG": False,
                  "DA_ATOMIC": False}, 4),
                 ("bwd_dqk", chunk_bwd.chunk_metala_bwd_kernel_dqk, {**common, "BT_": 64, "BC_": 16, "BK": min(32, K), "BV": BV,
-                 "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec, "INTRA_PREC": prec, "INTRA_DT": tl.float32,
+                 "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec, "INTRA_PREC": prec, "INTRA_DT": intra_dt,
                  "AUG": False}, 4),
                 ("bwd_dq", chunk_bwd.chunk_metala_bwd_kernel_dq, {**common, "BT_": 64, "BC_": 16, "BK": min(32, K), "BV": BV,
-                 "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec, "INTRA_PREC": prec, "INTRA_DT": tl.float32,
+                 "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec, "INTRA_PREC": prec, "INTRA_DT": intra_dt,
                  "LOAD_DA": True, "AUG": False}, 4),
                 ("bwd_dkg", chunk_bwd.chunk_metala_bwd_kernel_dkg, {**common, "BT_": 64, "BC_": 16, "BK": min(32, K), "BV": BV,
-                 "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec, "INTRA_PREC": prec, "INTRA_DT": tl.float32,
+                 "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec, "INTRA_PREC": prec, "INTRA_DT": intra_dt,
                  "LOAD_DA": True, "AUG": False}, 4),
                 ("decode", fused_recurrent_kernel.fused_recurrent_metala_kernel, {**common, "BV": BV,
                  "GATE_LOGITS": True, "HAS_H0": True}, 4),

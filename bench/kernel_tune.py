@@ -2,7 +2,7 @@
 tiles, segment length), at the benchmark shapes. Correctness is checked for every configuration that is timed
 (against the default configuration's outputs, which bench/ops.py checks against the fp32 reference).
 
-    python -m bench.kernel_tune [--quick] [--aug] [--shapes 16x2048x16,1x32768x16]
+    python -m bench.kernel_tune [--quick] [--aug] [--shapes 16x2048x16,1x32768x16] [--segs 8,32,64] [--variants JSON]
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from bench import gpu_tag
 from metala.ops.metala import chunk as C
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,6 +121,9 @@ def main() -> None:
                     help='JSON list of {kernel: changes} to time instead of the built-in sweep, e.g. '
                          '\'[{"bwd_dqk": {"num_warps": 8}}]\'')
     ap.add_argument("--aug", action="store_true", help="with the fused self-augmentation (w_aug) in the kernels")
+    ap.add_argument("--tag", default="", help="suffix of the result file name")
+    ap.add_argument("--segs", default="8,32,64",
+                    help="segment lengths (chunks) of the two-level state pass to time besides the default")
     ap.add_argument("--shapes", type=parse_shapes, default=[(16, 2048, 8), (1, 32768, 16)],
                     help="BxTxH list, e.g. 16x2048x16 for the 1.3B training step (default: 16x2048x8,1x32768x16; "
                          "--quick takes the first)")
@@ -170,7 +174,7 @@ def main() -> None:
         for k, ms in entry["kernels_ms_three_kernel_bwd"].items():
             if "bwd" in k:
                 print(f"   {ms:8.3f} ms  {k[:90]}", flush=True)
-        for seg in (32, 64):
+        for seg in (int(x) for x in args.segs.split(",") if x.strip()):
             if seg == seg_default:
                 continue
             f2, b2, outs = timed(q, z, v, do, B, T, seg)
@@ -202,7 +206,9 @@ def main() -> None:
                                          for r in rows), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     report["aug"] = args.aug
-    path = args.out / f"{time.strftime('%Y%m%d')}_kernel_tune{'_aug' if args.aug else ''}.json"
+    gpu = gpu_tag(torch.cuda.get_device_name())
+    tag = ("_aug" if args.aug else "") + (f"_{args.tag}" if args.tag else "")
+    path = args.out / f"{time.strftime('%Y%m%d')}_{gpu}_kernel_tune{tag}.json"
     path.write_text(json.dumps(report, indent=2))
     print(f"wrote {path}")
 

@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench import gpu_tag
+
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"metala-360m": (8, 64, 128), "metala-1.3b": (16, 64, 128)}
 TOKENS = 32768
@@ -247,7 +249,7 @@ def main() -> None:
               "matmul_tflops": tflops, "copy_TBps": tbps, "kernel_config": CONFIG,
               "one_reference_span": SPAN.value, "gate_small": small, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
-    tag = "h100" if "H100" in gpu else "h200" if "H200" in gpu else gpu.replace(" ", "_").lower()
+    tag = gpu_tag(gpu)
     path = args.out / f"{time.strftime('%Y%m%d')}_{tag}_ops.json"
     for shape in args.shapes.split(","):
         H, K, V = SHAPES[shape]

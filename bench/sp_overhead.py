@@ -33,6 +33,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from bench import gpu_tag
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -242,7 +244,7 @@ def main() -> int:
               "plain_step_ms": plain, "sp2_step_ms": sp2, "sp_overhead": sp2 / plain - 1,
               "plain_tokens_per_s_per_gpu": (args.seq // 2) / (plain / 1e3),
               "sp2_tokens_per_s": args.seq / (sp2 / 1e3)}
-    tag = "cpu" if gpu == "cpu" else gpu.split()[-1].lower()
+    tag = "cpu" if gpu == "cpu" else gpu_tag(gpu)
     kind = f"x1_sim{args.world}" if args.simulate else f"x{args.world}"
     path = args.out / f"{time.strftime('%Y%m%d')}_{tag}{kind}_sp_overhead.json"
     path.write_text(json.dumps(result, indent=2))

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from bench import gpu_tag
+
 ROOT = Path(__file__).resolve().parents[1]
 TOKENS = 32768
 H100_PEAK = 989e12
@@ -397,7 +399,7 @@ def main() -> int:
               "peak_flops": H100_PEAK, "model_overrides": MODEL_OVERRIDES, "gates": {}, "rows": [], "profiles": {}}
     all_ok = True
     args.out.mkdir(parents=True, exist_ok=True)
-    tag = "h100" if "H100" in gpu else "h200" if "H200" in gpu else "gpu"
+    tag = gpu_tag(gpu)
     path = args.out / f"{time.strftime('%Y%m%d')}_{tag}_train_throughput{'_' + args.tag if args.tag else ''}.json"
 
     def save():  # after every row, so a cut-off run keeps what it measured

@@ -205,9 +205,9 @@ def test_model_on_triton_matches_model_on_chunk():
 
 
 @pytest.mark.parametrize("form", [
-    pytest.param({"form": "joint"}, id="joint-dqk"),
-    pytest.param({"form": "split_dA"}, id="dv-stores-dA"),
-    pytest.param({"form": "split"}, id="split-recompute-dA"),
+    pytest.param({"form": "joint", "intra_dtype": "fp32"}, id="joint-dqk"),
+    pytest.param({"form": "split_dA", "intra_dtype": "fp32"}, id="dv-stores-dA"),
+    pytest.param({"form": "split", "intra_dtype": "fp32"}, id="split-recompute-dA"),
     # the interpreter runs half-precision products in fp32 (see chunk.py _dot_dtype): this checks the cast path
     # traces and stays exact; its bf16 accuracy is the GPU gate's (bench/ops.py, bench/kernel_tune.py)
     pytest.param({"form": "joint", "intra_dtype": "input"}, id="joint-dqk-input-dtype-intra"),
@@ -225,6 +225,21 @@ def test_every_backward_form_matches_naive(form, monkeypatch):
     fn = lambda q, z, v, h0: C.chunk_metala_from_logits(q, z, v, 16.0, initial_state=h0, output_final_state=True,
                                                         seg_chunks=1)
     compare(ref, fwd_bwd(fn, q, z, v, h0, do, dht), 1e-4)
+
+
+def test_half_precision_intra_products_are_bf16_only(monkeypatch):
+    """intra_dtype "input" runs the dq/dk intra-chunk products in bf16 for bf16 inputs; fp16 keeps fp32 operands
+    (the products scale by up to exp(SPAN / 2), past fp16's range), and so does "fp32"."""
+    import triton.language as tl
+
+    from metala.ops.metala import chunk as C
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the choice made for a GPU (the interpreter always takes fp32)
+    monkeypatch.setitem(C.CONFIG, "bwd_dqk", {**C.CONFIG["bwd_dqk"], "intra_dtype": "input"})
+    assert [C._intra_dtype(d) for d in (torch.bfloat16, torch.float16, torch.float32)] == [tl.bfloat16, tl.float32,
+                                                                                           tl.float32]
+    monkeypatch.setitem(C.CONFIG, "bwd_dqk", {**C.CONFIG["bwd_dqk"], "intra_dtype": "fp32"})
+    assert C._intra_dtype(torch.bfloat16) == tl.float32
 
 
 @pytest.mark.parametrize("bad", [{"form": "fused"}, {"intra_dtype": "bf16"}])

@@ -70,11 +70,12 @@ INTRA_DTYPES = ("fp32", "input")
 
 
 def _intra_dtype(dtype: torch.dtype):
-    """Operand dtype of the dq/dk kernels' intra-chunk dA products (CONFIG["bwd_dqk"]["intra_dtype"])."""
+    """Operand dtype of the dq/dk kernels' intra-chunk dA products (CONFIG["bwd_dqk"]["intra_dtype"]). "input"
+    applies to bf16 only: the products scale keys and queries by up to exp(SPAN / 2), past fp16's range."""
     choice = CONFIG["bwd_dqk"]["intra_dtype"]
     if choice not in INTRA_DTYPES:
         raise ValueError(f"CONFIG['bwd_dqk']['intra_dtype'] must be one of {INTRA_DTYPES}, got {choice!r}")
-    return _dot_dtype(dtype) if choice == "input" else tl.float32
+    return _dot_dtype(dtype) if choice == "input" and dtype == torch.bfloat16 else tl.float32
 
 
 def _tiles(K: int, V: int) -> tuple[int, int]:
@@ -104,13 +105,15 @@ CONFIG = {
     # (1.086 ms) for a lean dq/dk/dg kernel, which alone took 0.49 ms: its dk/dg tail is latency-bound without any
     # state load (bench/intra_ablation.py; 20261202_h200_kernel_tune_backward_forms.json). One kernel per (chunk,
     # head) for dv, dq and dg together measured 2.06 ms: it spills 0.7-1.1 KB per thread.
-    # intra_dtype: operands of the dq/dk kernels' intra-chunk dA products. "fp32": tf32 on the tensor cores (fp32
-    # inputs: 3xTF32); "input": the inputs' half type (bf16 / fp16, fp32 accumulation), as fwd_o and dv already
-    # use for their intra-chunk products. An earlier joint kernel (2026-12-01) was 20 % faster but wrong with bf16
-    # operands (relative difference 1.8, 20261201_h200_kernel_tune_dqk.json); 2026-12-03 traced to a Triton 3.6
-    # miscompile of the direct bf16 form (bench/triton_bf16_dot_repro.py); chunk_fwd._dot_intra now uses the
-    # transposed form, right in that repro. Not yet re-timed on a GPU: the default stays fp32.
-    "bwd_dqk": {"num_warps": 4, "num_stages": 2, "BK": 32, "BV": 64, "form": "joint", "intra_dtype": "fp32"},
+    # intra_dtype: operands of the dq/dk kernels' intra-chunk dA products. "input" (default): the inputs' half type
+    # (bf16 / fp16, fp32 accumulation), as fwd_o and dv use for theirs; "fp32": tf32 on the tensor cores (fp32
+    # inputs: 3xTF32 either way). An earlier kernel (2026-12-01) was wrong with bf16 operands (relative difference
+    # 1.8): a Triton 3.6 miscompile of the direct bf16 form (bench/triton_bf16_dot_repro.py), which
+    # chunk_fwd._dot_intra avoids with the transposed form. H200, with the fused self-augmentation: backward
+    # 1.076 -> 0.995 ms at the 360M shape, 2.055 -> 1.908 at 1.3B (20261205_h200_kernel_tune_aug_new.json); bench.ops
+    # gate passed (dq 0.29 %, dz 0.30 % vs 0.20 % with fp32; limit 0.5 %).
+    # num_warps 8 spills almost nothing (ptxas: 32-76 B vs ~1.7 KB at 4) and was still 40-50 % slower (same file).
+    "bwd_dqk": {"num_warps": 4, "num_stages": 2, "BK": 32, "BV": 64, "form": "joint", "intra_dtype": "input"},
     "bwd_dq": {"num_warps": 4, "num_stages": 2, "BK": 32},
     "bwd_dkg": {"num_warps": 8, "num_stages": 2, "BK": 64},
     "seg": {"num_warps": 4, "num_stages": 2},
