@@ -112,7 +112,7 @@ CONFIG = {
     # chunk_fwd._dot_intra avoids with the transposed form. H200, with the fused self-augmentation: backward
     # 1.076 -> 0.995 ms at the 360M shape, 2.055 -> 1.908 at 1.3B (20261205_h200_kernel_tune_aug_new.json); bench.ops
     # gate passed (dq 0.29 %, dz 0.30 % vs 0.20 % with fp32; limit 0.5 %).
-    # num_warps 8 spills almost nothing (ptxas: 32-76 B vs ~1.7 KB at 4) and was still 40-50 % slower (same file).
+    # num_warps 8 spills far less (sm_90a compile: 32-76 B a thread vs ~1.7 KB at 4) and was 40-50 % slower.
     "bwd_dqk": {"num_warps": 4, "num_stages": 2, "BK": 32, "BV": 64, "form": "joint", "intra_dtype": "input"},
     "bwd_dq": {"num_warps": 4, "num_stages": 2, "BK": 32},
     "bwd_dkg": {"num_warps": 8, "num_stages": 2, "BK": 64},
