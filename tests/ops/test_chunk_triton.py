@@ -228,13 +228,15 @@ def test_every_backward_form_matches_naive(form, monkeypatch):
 
 
 def test_half_precision_intra_products_are_bf16_only(monkeypatch):
-    """intra_dtype "input" runs the dq/dk intra-chunk products in bf16 for bf16 inputs; fp16 keeps fp32 operands
-    (the products scale by up to exp(SPAN / 2), past fp16's range), and so does "fp32"."""
+    """The intra-chunk products (fwd_o and dv scores; dq/dk with intra_dtype "input") run in bf16 for bf16 inputs;
+    fp16 keeps fp32 operands (the products scale by up to exp(SPAN / 2), past fp16's range), as does "fp32"."""
     import triton.language as tl
 
     from metala.ops.metala import chunk as C
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the choice made for a GPU (the interpreter always takes fp32)
+    assert [C._scores_dtype(d) for d in (torch.bfloat16, torch.float16, torch.float32)] == [tl.bfloat16, tl.float32,
+                                                                                            tl.float32]
     monkeypatch.setitem(C.CONFIG, "bwd_dqk", {**C.CONFIG["bwd_dqk"], "intra_dtype": "input"})
     assert [C._intra_dtype(d) for d in (torch.bfloat16, torch.float16, torch.float32)] == [tl.bfloat16, tl.float32,
                                                                                            tl.float32]

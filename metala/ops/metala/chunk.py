@@ -66,16 +66,23 @@ def _dot_dtype(dtype: torch.dtype):
     return tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
 
 
+def _scores_dtype(dtype: torch.dtype):
+    """Operand dtype of the intra-chunk products in fwd_o and dv: as `_dot_dtype`, except fp32 for fp16 inputs.
+    Those products scale queries and keys by up to exp(SPAN / 2) (chunk_fwd.py), past fp16's range (65504 =
+    exp(11.1)) once a chunk's decay spans more than ~22 nats; bf16 has fp32's range."""
+    return tl.float32 if dtype == torch.float16 else _dot_dtype(dtype)
+
+
 INTRA_DTYPES = ("fp32", "input")
 
 
 def _intra_dtype(dtype: torch.dtype):
-    """Operand dtype of the dq/dk kernels' intra-chunk dA products (CONFIG["bwd_dqk"]["intra_dtype"]). "input"
-    applies to bf16 only: the products scale keys and queries by up to exp(SPAN / 2), past fp16's range."""
+    """Operand dtype of the dq/dk kernels' intra-chunk dA products (CONFIG["bwd_dqk"]["intra_dtype"]): "input" is
+    `_scores_dtype` (bf16 for bf16 inputs; fp16 inputs keep fp32 for range)."""
     choice = CONFIG["bwd_dqk"]["intra_dtype"]
     if choice not in INTRA_DTYPES:
         raise ValueError(f"CONFIG['bwd_dqk']['intra_dtype'] must be one of {INTRA_DTYPES}, got {choice!r}")
-    return _dot_dtype(dtype) if choice == "input" and dtype == torch.bfloat16 else tl.float32
+    return _scores_dtype(dtype) if choice == "input" else tl.float32
 
 
 def _tiles(K: int, V: int) -> tuple[int, int]:
@@ -199,7 +206,8 @@ def chunk_metala_fwd(q, gate, v, scale, inv_tau, initial_state, output_final_sta
                (q, gate, v, h_local, cdec, S_in, o, q if w_aug is None else w_aug, plan.chunk_start, plan.chunk_len,
                 plan.chunk_seg, scale, inv_tau),
                dict(H=H, K=K, V=V, BT_=BT, BC_=BC, BV=BVo, GATE_LOGITS=gate_logits, DT=_dot_dtype(q.dtype),
-                    DOT_PREC=prec, INTRA_PATH=path, AUG=w_aug is not None, **_launch("fwd_o")))
+                    DOT_PREC=prec, INTRA_DT=_scores_dtype(q.dtype), INTRA_PATH=path, AUG=w_aug is not None,
+                    **_launch("fwd_o")))
     return o, ht, (h_local, cdec, S_in, G)
 
 
@@ -252,7 +260,8 @@ def chunk_metala_bwd(q, gate, v, do, dht, scale, inv_tau, saved, plan: ChunkPlan
                (q, gate, v, do, h_local, cdec, S_in, G, dS_local, Dout, dv, dA, w, da, plan.chunk_start,
                 plan.chunk_len, plan.chunk_seg, scale, inv_tau),
                dict(H=H, K=K, V=V, BT_=BT, BC_=BC, BV=BVv, GATE_LOGITS=gate_logits, DT=DT, DOT_PREC=prec,
-                    STORE_DA=store_dA, INTRA_PATH=path, AUG=aug, DA_ATOMIC=nv > 1, **_launch("bwd_dv")))
+                    STORE_DA=store_dA, INTRA_DT=_scores_dtype(q.dtype), INTRA_PATH=path, AUG=aug, DA_ATOMIC=nv > 1,
+                    **_launch("bwd_dv")))
     tables = (plan.chunk_start, plan.chunk_len, plan.chunk_seg, scale, inv_tau)
     BK_dqk = min(CONFIG["bwd_dqk"]["BK"], K)
     common = dict(

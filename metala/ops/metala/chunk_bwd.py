@@ -124,7 +124,7 @@ def chunk_metala_bwd_kernel_dv(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT_: tl.constexpr, BC_: tl.constexpr, BV: tl.constexpr,
     GATE_LOGITS: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, STORE_DA: tl.constexpr,
-    INTRA_PATH: tl.constexpr, AUG: tl.constexpr, DA_ATOMIC: tl.constexpr,
+    INTRA_DT: tl.constexpr, INTRA_PATH: tl.constexpr, AUG: tl.constexpr, DA_ATOMIC: tl.constexpr,
 ):
     """dv = scale * A^T dO + (k * exp(gam - Gam)) dS, per (chunk, head, V-tile). With STORE_DA (one V-tile
     covering V) it also stores the masked dA = scale * dO v^T (fp32), so the dq/dk kernels need no dO v pass.
@@ -149,7 +149,7 @@ def chunk_metala_bwd_kernel_dv(
     qq = tl.load(q + (tok[:, None] * H + i_h) * K + offs_k[None, :], mask=m_t[:, None], other=0.0).to(tl.float32)
     if AUG:
         a = aug_score(qq, k, w_aug, i_h, offs_k, K)  # now, so that q need not stay live to the end
-    A = intra_scores(qq, k, Gam, gam, o_t, BT_, BC_, DT, DOT_PREC, INTRA_PATH)
+    A = intra_scores(qq, k, Gam, gam, o_t, BT_, BC_, INTRA_DT, DOT_PREC, INTRA_PATH)
     _, dS = load_states(h_local, cdec, S_in, Gseg, dS_local, Dout, i_c, i_h, s, gam, offs_k, offs_v, H, K, V)
     m_tv = m_t[:, None] & (offs_v[None, :] < V)
     dd = tl.load(do + (tok[:, None] * H + i_h) * V + offs_v[None, :], mask=m_tv, other=0.0).to(DT)

@@ -361,10 +361,11 @@ def chunk_metala_fwd_kernel_o(
     scale, inv_tau,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT_: tl.constexpr, BC_: tl.constexpr, BV: tl.constexpr,
-    GATE_LOGITS: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, INTRA_PATH: tl.constexpr,
-    AUG: tl.constexpr,
+    GATE_LOGITS: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, INTRA_DT: tl.constexpr,
+    INTRA_PATH: tl.constexpr, AUG: tl.constexpr,
 ):
-    """o per (chunk, head, V-tile); with AUG also the self-augmentation sigmoid(a v), a = sum_K q w_aug k."""
+    """o per (chunk, head, V-tile); with AUG also the self-augmentation sigmoid(a v), a = sum_K q w_aug k.
+    INTRA_DT: operand type of the intra-chunk scores, whose factors reach exp(SPAN / 2) (fp32 for fp16 inputs)."""
     i_c, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_k = tl.arange(0, K)
     offs_v = i_v * BV + tl.arange(0, BV)
@@ -387,7 +388,7 @@ def chunk_metala_fwd_kernel_o(
     dec = tl.load(cdec + (i_c * H + i_h) * K + offs_k)
     h += tl.exp(dec)[:, None] * tl.load(S_in + (s * H + i_h) * K * V + kv, mask=m_kv, other=0.0)
     acc = tl.dot((qq * tl.exp(Gam)).to(DT), h.to(DT), input_precision=DOT_PREC)
-    A = intra_scores(qq, k, Gam, gam, o_t, BT_, BC_, DT, DOT_PREC, INTRA_PATH)
+    A = intra_scores(qq, k, Gam, gam, o_t, BT_, BC_, INTRA_DT, DOT_PREC, INTRA_PATH)
     vv = tl.load(v + (tok[:, None] * H + i_h) * V + offs_v[None, :], mask=m_t[:, None] & m_kv, other=0.0)
     acc += tl.dot(A.to(DT), vv.to(DT), input_precision=DOT_PREC)
     acc *= scale
