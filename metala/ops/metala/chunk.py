@@ -112,13 +112,14 @@ CONFIG = {
     # (1.086 ms) for a lean dq/dk/dg kernel, which alone took 0.49 ms: its dk/dg tail is latency-bound without any
     # state load (bench/intra_ablation.py; 20261202_h200_kernel_tune_backward_forms.json). One kernel per (chunk,
     # head) for dv, dq and dg together measured 2.06 ms: it spills 0.7-1.1 KB per thread.
-    # intra_dtype: operands of the dq/dk kernels' intra-chunk dA products. "input" (default): the inputs' half type
-    # (bf16 / fp16, fp32 accumulation), as fwd_o and dv use for theirs; "fp32": tf32 on the tensor cores (fp32
-    # inputs: 3xTF32 either way). An earlier kernel (2026-12-01) was wrong with bf16 operands (relative difference
-    # 1.8): a Triton 3.6 miscompile of the direct bf16 form (bench/triton_bf16_dot_repro.py), which
-    # chunk_fwd._dot_intra avoids with the transposed form. H200, with the fused self-augmentation: backward
-    # 1.076 -> 0.995 ms at the 360M shape, 2.055 -> 1.908 at 1.3B (20261205_h200_kernel_tune_aug_new.json); bench.ops
-    # gate passed (dq 0.29 %, dz 0.30 % vs 0.20 % with fp32; limit 0.5 %).
+    # intra_dtype: operands of the dq/dk kernels' intra-chunk dA products. "input" (default): bf16 for bf16 inputs
+    # (fp32 accumulation), as fwd_o and dv use for theirs (`_scores_dtype`: fp16 inputs keep fp32 operands, for
+    # range); "fp32": tf32 on the tensor cores (fp32 inputs: 3xTF32 either way). An earlier kernel (2026-12-01)
+    # was wrong with bf16 operands (relative difference 1.8): a Triton 3.6 miscompile of the direct bf16 form
+    # (bench/triton_bf16_dot_repro.py), which chunk_fwd._dot_intra avoids with the transposed form. H200, with the
+    # fused self-augmentation: backward 1.076 -> 0.995 ms at the 360M shape, 2.055 -> 1.908 at 1.3B
+    # (20261205_h200_kernel_tune_aug_new.json); bench.ops gate passed (dq 0.29 %, dz 0.30 % vs 0.20 % with fp32;
+    # limit 0.5 %).
     # num_warps 8 spills far less (sm_90a compile: 32-76 B a thread vs ~1.7 KB at 4) and was 40-50 % slower.
     "bwd_dqk": {"num_warps": 4, "num_stages": 2, "BK": 32, "BV": 64, "form": "joint", "intra_dtype": "input"},
     "bwd_dq": {"num_warps": 4, "num_stages": 2, "BK": 32},

@@ -272,10 +272,10 @@ def aug_score(qq, k, w_aug, i_h, offs_k, K: tl.constexpr):
 def segment_tokens(chunk_start, chunk_len, first, n):
     """First token and end (exclusive) of the segment of chunks first .. first + n - 1. A segment's chunks are
     consecutive in one document, so chunk j starts at seg_start + j * BT and holds min(BT, seg_end - start) tokens.
-    The forward state pass computes its addresses so instead of loading them from the tables at every step (two
-    dependent global loads at the head of each step of the serial chain): fwd_h 0.124 -> 0.115 ms at the 360M shape,
-    0.243 -> 0.226 ms at 1.3B (H200, 20261205_h200_kernel_tune_aug_{baseline,new}.json). The backward pass (bwd_dh)
-    measured 4-6 % slower with it (0.139 -> 0.145, 0.267 -> 0.283 ms) and keeps the table loads."""
+    The forward state pass computes its chunks' tokens this way rather than loading them from the tables at every
+    step (two dependent global loads at the head of each step of the serial chain): fwd_h 0.124 -> 0.115 ms at the
+    360M shape, 0.243 -> 0.226 ms at 1.3B (H200, 20261205_h200_kernel_tune_aug_{baseline,new}.json). The backward
+    pass (bwd_dh) measured 4-6 % slower with it (0.139 -> 0.145, 0.267 -> 0.283 ms) and keeps the table loads."""
     seg_start = tl.load(chunk_start + first)
     seg_end = tl.load(chunk_start + first + n - 1) + tl.load(chunk_len + first + n - 1)
     return seg_start, seg_end
