@@ -12,6 +12,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import torch
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
@@ -19,7 +20,7 @@ from triton.compiler import ASTSource
 
 from metala.ops.incoming_state import kernel as incoming
 from metala.ops.metala import chunk_bwd, chunk_fwd, fused_recurrent_kernel
-from metala.ops.metala.chunk import CONFIG
+from metala.ops.metala.chunk import _intra_dtype, _scores_dtype
 
 
 def sig(kernel, types: dict[str, str], consts: dict) -> dict:
@@ -68,8 +69,9 @@ def main() -> None:
             scal = {"inv_tau": "fp32", "scale": "fp32", "T": "i32"}
             types = {**ints, **io, **state, **scal}
             BK, BV = min(64, K), min(64, V)
-            # the dq/dk kernels' intra-chunk operand type, as chunk.py launches them (CONFIG["bwd_dqk"])
-            intra_dt = dt if CONFIG["bwd_dqk"]["intra_dtype"] == "input" else tl.float32
+            # the intra-chunk operand types, as chunk.py chooses them for a GPU
+            torch_dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dt_name]
+            intra_dt, scores_dt = _intra_dtype(torch_dt), _scores_dtype(torch_dt)
             common = {"H": 8, "K": K, "V": V}
             jobs = [
                 ("fwd_h", chunk_fwd.chunk_metala_fwd_kernel_h, {**common, "BT_": 64, "BK": BK, "BV": BV,
@@ -77,13 +79,13 @@ def main() -> None:
                 ("fwd_seg", chunk_fwd.chunk_metala_fwd_kernel_seg, {**common, "BK": BK, "BV": BV, "HAS_H0": True,
                  "STORE_HT": True}, 4),
                 ("fwd_o", chunk_fwd.chunk_metala_fwd_kernel_o, {**common, "BT_": 64, "BC_": 16, "BV": BV,
-                 "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec, "INTRA_DT": dt, "AUG": False}, 4),
+                 "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec, "INTRA_DT": scores_dt, "AUG": False}, 4),
                 ("bwd_dh", chunk_bwd.chunk_metala_bwd_kernel_dh, {**common, "BT_": 64, "BK": BK, "BV": BV,
                  "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec}, 4),
                 ("bwd_seg", chunk_bwd.chunk_metala_bwd_kernel_seg, {**common, "BK": BK, "BV": BV, "HAS_DHT": True,
                  "STORE_DH0": True}, 4),
                 ("bwd_dv", chunk_bwd.chunk_metala_bwd_kernel_dv, {**common, "BT_": 64, "BC_": 16, "BV": V,
-                 "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec, "STORE_DA": True, "INTRA_DT": dt, "AUG": False,
+                 "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec, "STORE_DA": True, "INTRA_DT": scores_dt, "AUG": False,
                  "DA_ATOMIC": False}, 4),
                 ("bwd_dqk", chunk_bwd.chunk_metala_bwd_kernel_dqk, {**common, "BT_": 64, "BC_": 16, "BK": min(32, K), "BV": BV,
                  "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec, "INTRA_PREC": prec, "INTRA_DT": intra_dt,

@@ -39,8 +39,9 @@ BC = 16
 SPAN: tl.constexpr = tl.constexpr(float(os.environ.get("METALA_ONE_REFERENCE_SPAN", "60")))
 
 
-# running sums over a chunk's rows: a scan across the program's warps, or a triangular matmul on the tensor cores in
-# 3xTF32 (fp32-accurate, ~1e-6 relative). METALA_CUMSUM (read once, at import) says which sums take the matmul:
+# running sums over a chunk's rows: a scan across the program's warps, or a triangular matmul on the tensor cores,
+# fp32-accurate (`_triangular_dot`: two TF32 products; exact fp32 under the interpreter). METALA_CUMSUM (read
+# once, at import) says which sums take the matmul:
 # "reverse" (the default: the decay gradient's reverse sum in the dq/dk kernels), "all" or "none". H200, 360M shape:
 # the joint dq/dk kernel 0.633 -> 0.585 ms with "all", but every other kernel slower (forward 0.311 -> 0.476 ms;
 # bench/results/20261202_h200_kernel_tune_cumsum_*.json).
@@ -49,7 +50,7 @@ if _CUMSUM not in ("reverse", "all", "none"):
     raise ValueError(f"METALA_CUMSUM must be reverse, all or none, got {_CUMSUM!r}")
 CUMSUM_MATMUL: tl.constexpr = tl.constexpr(_CUMSUM == "all")
 REVCUMSUM_MATMUL: tl.constexpr = tl.constexpr(_CUMSUM in ("all", "reverse"))
-CUMSUM_PREC: tl.constexpr = tl.constexpr("ieee" if os.environ.get("TRITON_INTERPRET", "0") == "1" else "tf32x3")
+CUMSUM_IEEE: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
 @triton.jit
@@ -57,7 +58,7 @@ def _triangular_dot(M, x):
     """M @ x for a 0/1 matrix M, fp32-accurate on the tensor cores: M is exact in TF32, so only x is split, into its
     TF32 head (the low 13 mantissa bits cleared) and the rest: two TF32 products where Triton's 3xTF32 spends three
     (it also splits M, whose low part is zero) and holds M's split parts in registers."""
-    if CUMSUM_PREC == "ieee":
+    if CUMSUM_IEEE:
         out = tl.dot(M, x, input_precision="ieee")
     else:
         hi = (x.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
