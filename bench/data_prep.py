@@ -3,10 +3,11 @@
 For a 32k BPE and a 32k unigram tokenizer trained on the bundled corpus, in one run on the same text:
   - raw encode: `sp.encode(texts)` on one thread (list output, the default) and with numpy output, on texts
     already in memory (no reading, parsing or writing);
-  - our pipeline with 1 and 2 workers (read .jsonl.zst, parse, split, tokenize, write shards + manifest; the
-    default `--encoder auto`: distinct spans encoded once for BPE, whole texts for unigram): tokens/s,
-    tokens/s per worker, and tokens per CPU-second (all processes counted, the reader included);
-  - the plain `datasets` baseline: load_dataset("json") + map(batched, num_proc) + save_to_disk;
+  - our pipeline with 1 worker and with each of `--workers` (read .jsonl.zst, parse, split, tokenize, write shards
+    + manifest; the default `--encoder auto`: distinct spans encoded once for BPE, whole texts for unigram):
+    tokens/s, scaling over 1 worker, and tokens per CPU-second (all processes counted, the reader included);
+  - the plain `datasets` baseline: load_dataset("json") + map(batched, num_proc) + save_to_disk, against ours with
+    as many workers;
   - the packed loader on one core (seq 2048, batch 16).
 Correctness first: the pipeline's shards must hold exactly the raw encoder's tokens (+ EOS) for every document.
 
@@ -16,14 +17,16 @@ manifest: ~0.1 s here), reported beside the end-to-end rate, paired with raw enc
 function is also timed in this process on the same blocks (no worker process, no reader beside it), and ours with
 1 worker runs on the same text as one plain .jsonl (no zstd decompression beside the worker).
 
-Shared and small machines drift by 10-30 % within minutes, so raw encode and our pipeline are measured alternately
-for `--rounds` rounds; the headline ratio is the median over rounds of ours / raw within the same round (raw = the
-faster of the two raw variants in that round). Best against best is reported too.
+Shared and small machines drift by 10-30 % within minutes (the same encode call on this 2-core box ran at 2.7M and
+at 4.8M tokens/s within one minute), so every round brackets ours with 1 worker between two raw encodes, the one
+right before (the faster of the two variants) and one right after (numpy output); the headline ratio is the median
+over rounds of ours / the mean of its two brackets. Best against best is reported too.
 
-Writes bench/results/<yyyymmdd>_cpu_data_prep.json and prints a table.
+Writes bench/results/<yyyymmdd>_cpu_data_prep[_tag].json and prints a table.
 
 Example:
-    python -m bench.data_prep --repeat 4
+    python -m bench.data_prep --repeat 8
+    python -m bench.data_prep --repeat 8 --workers 1,2,4,8 --datasets-procs 8 --tag h200_host   # a bigger host
 """
 
 from __future__ import annotations
@@ -44,6 +47,16 @@ import zstandard
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = [ROOT / "data/demo/00.jsonl.zst", ROOT / "data/demo/01.jsonl.zst"]
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def cpu_seconds() -> float:
@@ -152,6 +165,9 @@ def check_pipeline(model: str, texts: list[str], out: Path, manifest: dict, repe
     return all(np.array_equal(d[:-1], ref[i % len(ref)]) and d[-1] == sp.eos_id() for i, d in enumerate(docs))
 
 
+_DATASETS_SP: dict = {}
+
+
 def datasets_baseline(model: str, plain: Path, out: Path, workers: int) -> dict:
     import datasets
     import sentencepiece as spm
@@ -162,10 +178,11 @@ def datasets_baseline(model: str, plain: Path, out: Path, workers: int) -> dict:
     t0 = time.perf_counter()
     ds = datasets.load_dataset("json", data_files=str(plain), split="train", cache_dir=str(cache))
 
-    def tok(batch, _sp={}):
-        if "sp" not in _sp:
-            _sp["sp"] = spm.SentencePieceProcessor(model_file=model)
-        sp = _sp["sp"]
+    def tok(batch):
+        # one processor per datasets worker process, loaded on its first batch
+        if model not in _DATASETS_SP:
+            _DATASETS_SP[model] = spm.SentencePieceProcessor(model_file=model)
+        sp = _DATASETS_SP[model]
         return {"input_ids": [ids + [sp.eos_id()] for ids in sp.encode(batch["text"])]}
 
     features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("uint16"))})
@@ -193,108 +210,142 @@ def loader_speed(data_dir: Path) -> dict:
     return {"seq_len": 2048, "batch": 16, "tokens_per_s": n / (time.perf_counter() - t0)}
 
 
+def median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
+def measure_tokenizer(model_type: str, model: str, texts: list[str], inputs: list[str], plain: Path, tmp: Path,
+                      args: argparse.Namespace) -> dict:
+    """All rounds for one tokenizer; returns its result row."""
+    workers = sorted(set(args.workers) | {1})
+    runs: dict = {"raw_before": [], "raw_after": [], "datasets": [], "marginal": [], "in_process": [],
+                  "plain_jsonl": [], **{v: [] for v in RAW_VARIANTS}, **{w: [] for w in workers}}
+    for _ in range(args.rounds):
+        # raw encode right before and right after ours with one worker: the box's speed drifts by 10-30 % over
+        # minutes, and the mean of the two brackets is what raw would have done while ours ran
+        before = [raw_encode(model, texts, args.repeat, v) for v in RAW_VARIANTS]
+        for v, r in zip(RAW_VARIANTS, before):
+            runs[v].append(r)
+        runs["raw_before"].append(max(r["tokens_per_s"] for r in before))
+        runs[1].append(pipeline(model, inputs, tmp / "ours-1", 1))
+        after = raw_encode(model, texts, args.repeat, "numpy")
+        runs["numpy"].append(after)
+        runs["raw_after"].append(after["tokens_per_s"])
+        for w in workers[1:]:
+            runs[w].append(pipeline(model, inputs, tmp / f"ours-{w}", w))
+        # the same pipeline on a quarter of the copies: the difference is the steady-state rate, free of the fixed
+        # cost of a run (worker start, tokenizer load, the last shard and manifest), which a run over the Pile pays
+        # once in hours but a few-second benchmark pays in full
+        part = pipeline(model, inputs[: max(1, args.repeat // 4)], tmp / "ours-part", 1)
+        runs["in_process"].append(in_process(model, inputs))
+        # the same text as one plain .jsonl: no zstd decompression in the reader beside the worker
+        runs["plain_jsonl"].append(pipeline(model, [str(plain)], tmp / "ours-plain", 1))
+        full = runs[1][-1]
+        runs["marginal"].append({
+            "tokens_per_s": (full["tokens"] - part["tokens"]) / (full["seconds"] - part["seconds"]),
+            "fixed_seconds": part["seconds"] - part["tokens"] * (full["seconds"] - part["seconds"])
+            / (full["tokens"] - part["tokens"])})
+        if not args.skip_datasets:
+            # every round, like ours: one run of each on a shared small machine is too noisy to compare
+            runs["datasets"].append(datasets_baseline(model, plain, tmp / "hf", args.datasets_procs))
+    bracket = [(b + a) / 2 for b, a in zip(runs["raw_before"], runs["raw_after"])]
+
+    def vs_raw(key: str) -> list[float]:
+        return sorted(runs[key][i]["tokens_per_s"] / bracket[i] for i in range(args.rounds))
+
+    raw = {variant: best_and_median(runs[variant]) for variant in RAW_VARIANTS}
+    pipes = {w: best_and_median(runs[w]) for w in workers}
+    raw_best = max(raw.values(), key=lambda r: r["tokens_per_s"])
+    correct = check_pipeline(model, texts, tmp / "ours-1", pipes[1]["manifest"], args.repeat)
+    base = best_and_median(runs["datasets"]) if runs["datasets"] else None
+    ours_vs_datasets = args.datasets_procs if args.datasets_procs in pipes else None
+    vs_datasets = [] if ours_vs_datasets is None else sorted(
+        runs[ours_vs_datasets][i]["tokens_per_s"] / runs["datasets"][i]["tokens_per_s"]
+        for i in range(len(runs["datasets"])))
+    loader = loader_speed(tmp / "ours-1")
+    for p in pipes.values():
+        p.pop("manifest")
+    paired, marginal, inproc, plain_ratio = vs_raw(1), vs_raw("marginal"), vs_raw("in_process"), vs_raw("plain_jsonl")
+    return {
+        "tokenizer": f"{model_type}-32k", "correct": correct, "raw_encode": raw,
+        "raw_bracket_tokens_per_s": bracket, "ours": [pipes[w] for w in workers],
+        "scaling_vs_1_worker": {str(w): pipes[w]["tokens_per_s"] / pipes[1]["tokens_per_s"] for w in workers},
+        "datasets_map_save_to_disk": base, "datasets_procs": args.datasets_procs, "loader": loader,
+        "ratio_ours1_vs_raw_paired_median": median(paired), "ratio_ours1_vs_raw_paired": paired,
+        "ours1_steady_state": runs["marginal"],
+        "ratio_ours1_steady_state_vs_raw_paired_median": median(marginal),
+        "ratio_ours1_steady_state_vs_raw_paired": marginal,
+        "worker_task_in_process": best_and_median(runs["in_process"]),
+        "ours1_plain_jsonl": {k: v for k, v in best_and_median(runs["plain_jsonl"]).items() if k != "manifest"},
+        "ratio_ours1_plain_jsonl_vs_raw_paired_median": median(plain_ratio),
+        "ratio_ours1_plain_jsonl_vs_raw_paired": plain_ratio,
+        "ratio_worker_task_in_process_vs_raw_paired_median": median(inproc),
+        "ratio_worker_task_in_process_vs_raw_paired": inproc,
+        "ratio_ours1_vs_raw_best": pipes[1]["tokens_per_s"] / raw_best["tokens_per_s"],
+        "ratio_ours1_vs_raw_best_median": pipes[1]["median_tokens_per_s"] / raw_best["median_tokens_per_s"],
+        "ratio_ours1_per_cpu_s_vs_raw_numpy": pipes[1]["tokens_per_cpu_second"] / raw["numpy"]["tokens_per_s"],
+        "ratio_ours_vs_datasets": None if base is None or ours_vs_datasets is None
+        else pipes[ours_vs_datasets]["tokens_per_s"] / base["tokens_per_s"],
+        "ratio_ours_vs_datasets_paired": vs_datasets,
+        "ratio_ours_vs_datasets_paired_median": median(vs_datasets) if vs_datasets else None}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=4, help="copies of the 7.9 MB demo corpus to tokenize")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results")
+    ap.add_argument("--tag", default="", help="suffix of the result file name")
     ap.add_argument("--skip-datasets", action="store_true", help="leave out the datasets.map baseline")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating raw/ours measurement rounds")
+    ap.add_argument("--rounds", type=int, default=5, help="measurement rounds (each brackets ours with raw encode)")
+    ap.add_argument("--workers", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2],
+                    help="worker counts of our pipeline (1 is always run: the ratios against raw use it)")
+    ap.add_argument("--datasets-procs", type=int, default=2,
+                    help="num_proc of the datasets baseline; compared with ours at the same worker count")
+    ap.add_argument("--tokenizers", default="bpe,unigram")
     args = ap.parse_args()
     texts = load_texts()
     rows = []
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
         inputs, plain = build_inputs(tmp, texts, args.repeat)
-        for model_type in ("bpe", "unigram"):
+        for model_type in args.tokenizers.split(","):
             model = train_tokenizer(tmp, model_type)
-            runs: dict = {"list": [], "numpy": [], 1: [], 2: [], "datasets": [], "marginal": [], "in_process": [],
-                          "plain_jsonl": []}
-            for _ in range(args.rounds):
-                for variant in RAW_VARIANTS:
-                    runs[variant].append(raw_encode(model, texts, args.repeat, variant))
-                for w in (1, 2):
-                    runs[w].append(pipeline(model, inputs, tmp / f"ours-{w}", w))
-                # the same pipeline on a quarter of the copies: the difference is the steady-state rate, free of
-                # the fixed cost of a run (worker start, tokenizer load, the last shard and manifest), which a
-                # run over the Pile pays once in hours but a few-second benchmark pays in full
-                part = pipeline(model, inputs[: max(1, args.repeat // 4)], tmp / "ours-part", 1)
-                runs["in_process"].append(in_process(model, inputs))
-                # the same text as one plain .jsonl: no zstd decompression in the reader beside the worker
-                runs["plain_jsonl"].append(pipeline(model, [str(plain)], tmp / "ours-plain", 1))
-                full = runs[1][-1]
-                runs["marginal"].append({
-                    "tokens_per_s": (full["tokens"] - part["tokens"]) / (full["seconds"] - part["seconds"]),
-                    "fixed_seconds": part["seconds"] - part["tokens"] * (full["seconds"] - part["seconds"])
-                    / (full["tokens"] - part["tokens"])})
-                if not args.skip_datasets:
-                    # every round, like ours: one run of each on a shared 2-core machine is too noisy to compare
-                    runs["datasets"].append(datasets_baseline(model, plain, tmp / "hf", 2))
-            raw = {variant: best_and_median(runs[variant]) for variant in RAW_VARIANTS}
-            pipes = [best_and_median(runs[w]) for w in (1, 2)]
-            raw_best = max(raw.values(), key=lambda r: r["tokens_per_s"])
-            paired = sorted(runs[1][i]["tokens_per_s"] / max(runs[v][i]["tokens_per_s"] for v in RAW_VARIANTS)
-                            for i in range(args.rounds))
-            marginal = sorted(runs["marginal"][i]["tokens_per_s"] / max(runs[v][i]["tokens_per_s"] for v in RAW_VARIANTS)
-                              for i in range(args.rounds))
-            inproc = sorted(runs["in_process"][i]["tokens_per_s"] / max(runs[v][i]["tokens_per_s"] for v in RAW_VARIANTS)
-                            for i in range(args.rounds))
-            plain_ratio = sorted(runs["plain_jsonl"][i]["tokens_per_s"]
-                                 / max(runs[v][i]["tokens_per_s"] for v in RAW_VARIANTS) for i in range(args.rounds))
-            correct = check_pipeline(model, texts, tmp / "ours-1", pipes[0]["manifest"], args.repeat)
-            base = best_and_median(runs["datasets"]) if runs["datasets"] else None
-            vs_datasets = sorted(runs[2][i]["tokens_per_s"] / runs["datasets"][i]["tokens_per_s"]
-                                 for i in range(len(runs["datasets"])))
-            loader = loader_speed(tmp / "ours-1")
-            for p in pipes:
-                p.pop("manifest")
-            row = {"tokenizer": f"{model_type}-32k", "correct": correct, "raw_encode": raw, "ours": pipes,
-                   "datasets_map_save_to_disk": base, "loader": loader,
-                   "ratio_ours1_vs_raw_paired_median": paired[len(paired) // 2], "ratio_ours1_vs_raw_paired": paired,
-                   "ours1_steady_state": runs["marginal"],
-                   "ratio_ours1_steady_state_vs_raw_paired_median": marginal[len(marginal) // 2],
-                   "ratio_ours1_steady_state_vs_raw_paired": marginal,
-                   "worker_task_in_process": best_and_median(runs["in_process"]),
-                   "ours1_plain_jsonl": {k: v for k, v in best_and_median(runs["plain_jsonl"]).items() if k != "manifest"},
-                   "ratio_ours1_plain_jsonl_vs_raw_paired_median": plain_ratio[len(plain_ratio) // 2],
-                   "ratio_ours1_plain_jsonl_vs_raw_paired": plain_ratio,
-                   "ratio_worker_task_in_process_vs_raw_paired_median": inproc[len(inproc) // 2],
-                   "ratio_worker_task_in_process_vs_raw_paired": inproc,
-                   "ratio_ours1_vs_raw_best": pipes[0]["tokens_per_s"] / raw_best["tokens_per_s"],
-                   "ratio_ours1_vs_raw_best_median": pipes[0]["median_tokens_per_s"] / raw_best["median_tokens_per_s"],
-                   "ratio_ours1_vs_raw_list": pipes[0]["tokens_per_s"] / raw["list"]["tokens_per_s"],
-                   "ratio_ours1_vs_raw_numpy": pipes[0]["tokens_per_s"] / raw["numpy"]["tokens_per_s"],
-                   "ratio_ours1_per_cpu_s_vs_raw_numpy": pipes[0]["tokens_per_cpu_second"] / raw["numpy"]["tokens_per_s"],
-                   "scaling_2_workers": pipes[1]["tokens_per_s"] / pipes[0]["tokens_per_s"],
-                   "ratio_ours2_vs_datasets2": None if base is None else pipes[1]["tokens_per_s"] / base["tokens_per_s"],
-                   "ratio_ours2_vs_datasets2_paired": vs_datasets,
-                   "ratio_ours2_vs_datasets2_paired_median": vs_datasets[len(vs_datasets) // 2] if vs_datasets else None}
-            rows.append(row)
+            rows.append(measure_tokenizer(model_type, model, texts, inputs, plain, tmp, args))
     result = {"bench": "data_prep", "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                          "python": platform.python_version()},
+              "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()},
               "corpus": {"documents": len(texts) * args.repeat, "repeat": args.repeat}, "rounds": args.rounds,
               "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{time.strftime('%Y%m%d')}_cpu_data_prep.json"
+    tag = f"_{args.tag}" if args.tag else ""
+    path = args.out / f"{time.strftime('%Y%m%d')}_cpu_data_prep{tag}.json"
     path.write_text(json.dumps(result, indent=2))
-    print(f"\n{'tokenizer':<12} {'ok':<5} {'raw list':>10} {'raw numpy':>10} {'ours w=1':>10} {'ours w=2':>10} "
-          f"{'tok/cpu-s':>10} {'datasets':>10} {'loader':>10} {'ours/raw':>9}  (M tokens/s: best of {args.rounds}; ratio: median of rounds)")
+    workers = [o["workers"] for o in rows[0]["ours"]] if rows else []
+    print(f"\n{'tokenizer':<12} {'ok':<5} {'raw list':>9} {'raw numpy':>9} "
+          + " ".join(f"{f'ours w={w}':>9}" for w in workers)
+          + f" {'tok/cpu-s':>9} {'datasets':>9} {'loader':>8} {'ours/raw':>8}"
+          f"  (M tokens/s: best of {args.rounds}; ratio: median of rounds, raw bracketing ours)")
     for r in rows:
         base = r["datasets_map_save_to_disk"]
-        print(f"{r['tokenizer']:<12} {str(r['correct']):<5} {r['raw_encode']['list']['tokens_per_s'] / 1e6:>10.2f} "
-              f"{r['raw_encode']['numpy']['tokens_per_s'] / 1e6:>10.2f} {r['ours'][0]['tokens_per_s'] / 1e6:>10.2f} "
-              f"{r['ours'][1]['tokens_per_s'] / 1e6:>10.2f} {r['ours'][0]['tokens_per_cpu_second'] / 1e6:>10.2f} "
-              f"{(base['tokens_per_s'] / 1e6 if base else float('nan')):>10.2f} {r['loader']['tokens_per_s'] / 1e6:>10.1f} {r['ratio_ours1_vs_raw_paired_median']:>9.3f}")
+        print(f"{r['tokenizer']:<12} {r['correct']!s:<5} {r['raw_encode']['list']['tokens_per_s'] / 1e6:>9.2f} "
+              f"{r['raw_encode']['numpy']['tokens_per_s'] / 1e6:>9.2f} "
+              + " ".join(f"{o['tokens_per_s'] / 1e6:>9.2f}" for o in r["ours"])
+              + f" {r['ours'][0]['tokens_per_cpu_second'] / 1e6:>9.2f} "
+              f"{(base['tokens_per_s'] / 1e6 if base else float('nan')):>9.2f} {r['loader']['tokens_per_s'] / 1e6:>8.1f} "
+              f"{r['ratio_ours1_vs_raw_paired_median']:>8.3f}")
     for r in rows:
-        fixed = sorted(m["fixed_seconds"] for m in r["ours1_steady_state"])
-        print(f"{r['tokenizer']}: ours (1 worker) steady state / raw: paired median "
-              f"{r['ratio_ours1_steady_state_vs_raw_paired_median']:.3f} (fixed cost of a run {fixed[len(fixed) // 2]:.2f} s); "
-              f"the worker's task function in this process / raw: {r['ratio_worker_task_in_process_vs_raw_paired_median']:.3f}; "
-              f"ours (1 worker) on plain .jsonl / raw: {r['ratio_ours1_plain_jsonl_vs_raw_paired_median']:.3f}")
+        fixed = median([m["fixed_seconds"] for m in r["ours1_steady_state"]])
+        print(f"{r['tokenizer']}: ours (1 worker) / raw, paired: {', '.join(f'{x:.3f}' for x in r['ratio_ours1_vs_raw_paired'])}; "
+              f"steady state / raw: median {r['ratio_ours1_steady_state_vs_raw_paired_median']:.3f} (fixed cost of a "
+              f"run {fixed:.2f} s); the worker's task function in this process / raw: "
+              f"{r['ratio_worker_task_in_process_vs_raw_paired_median']:.3f}; ours (1 worker) on plain .jsonl / raw: "
+              f"{r['ratio_ours1_plain_jsonl_vs_raw_paired_median']:.3f}; scaling "
+              + ", ".join(f"w={w}: {x:.2f}x" for w, x in r["scaling_vs_1_worker"].items()))
     for r in rows:
-        if r["ratio_ours2_vs_datasets2"] is not None:
-            print(f"{r['tokenizer']}: ours (2 workers) / datasets.map (num_proc 2): best {r['ratio_ours2_vs_datasets2']:.2f}x,"
-                  f" paired median {r['ratio_ours2_vs_datasets2_paired_median']:.2f}x")
+        if r["ratio_ours_vs_datasets"] is not None:
+            print(f"{r['tokenizer']}: ours ({r['datasets_procs']} workers) / datasets.map (num_proc "
+                  f"{r['datasets_procs']}): best {r['ratio_ours_vs_datasets']:.2f}x, paired median "
+                  f"{r['ratio_ours_vs_datasets_paired_median']:.2f}x")
     print(f"wrote {path}")
     if not all(r["correct"] for r in rows):
         raise SystemExit("correctness check failed: the shards do not hold the raw encoder's tokens")

@@ -34,9 +34,9 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -185,10 +185,12 @@ def _spill_blocks(tasks: Iterator[Task], folder: str) -> Iterator[Task]:
         yield task
 
 
-def _init_worker(model_file: str, sha256: str, cfg: dict) -> None:
-    tok = Tokenizer(model_file)
+def _init_worker(model: str | Tokenizer, sha256: str, cfg: dict) -> None:
+    """`model`: the parent's loaded Tokenizer when the worker is forked (it inherits the object: no second load of
+    the model, ~50 ms of every run's start here), else the model file, loaded and checked against the parent's."""
+    tok = model if isinstance(model, Tokenizer) else Tokenizer(model)
     if tok.sha256 != sha256:
-        raise RuntimeError(f"{model_file} changed while preparing (sha256 {tok.sha256} != {sha256})")
+        raise RuntimeError(f"{model} changed while preparing (sha256 {tok.sha256} != {sha256})")
     _WORKER.update(tok=tok, **cfg)
 
 
@@ -441,8 +443,9 @@ class Preparer:
             else:
                 # before the progress bar: tqdm's monitor thread must not exist when the workers are forked
                 ctx = mp.get_context(cfg.start_method)
-                pool = ctx.Pool(cfg.workers, initializer=_init_worker,
-                                initargs=(str(self.tok.path), self.tok.sha256, worker_cfg))
+                # forked workers inherit the loaded tokenizer; other start methods pickle initargs: the path
+                model = self.tok if cfg.start_method == "fork" else str(self.tok.path)
+                pool = ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(model, self.tok.sha256, worker_cfg))
                 sem = threading.Semaphore(2 * cfg.workers + 2)
                 results = pool.imap(tokenize_task, _spill_blocks(_bounded(tasks, sem, feed_stop), spill_dir),
                                     chunksize=1)

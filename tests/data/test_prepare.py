@@ -86,6 +86,21 @@ def test_deterministic_across_worker_counts_and_start_methods(small_corpus, toke
     assert len(shas[0]) > 2 and all(s == shas[0] for s in shas)
 
 
+def test_worker_init_takes_the_forked_tokenizer_or_loads_and_checks_the_file(tokenizer_model, tmp_path):
+    from data_prep import prepare
+
+    tok = Tokenizer(tokenizer_model)
+    # forked workers get the parent's object itself: no second load
+    prepare._init_worker(tok, tok.sha256, {"encoder": "whole"})
+    assert prepare._WORKER["tok"] is tok and prepare._WORKER["encoder"] == "whole"
+    # spawned workers get the path: loaded afresh, and refused if the file is not the one the parent hashed
+    prepare._init_worker(str(tok.path), tok.sha256, {})
+    assert prepare._WORKER["tok"] is not tok and prepare._WORKER["tok"].sha256 == tok.sha256
+    with pytest.raises(RuntimeError, match="changed while preparing"):
+        prepare._init_worker(str(tok.path), "0" * 64, {})
+    prepare._WORKER.clear()
+
+
 def test_resume_after_interruption(small_corpus, tokenizer_model, tmp_path, monkeypatch):
     inputs, _ = small_corpus
     args = ("--workers", "1", "--val-fraction", "0.05", "--shard-tokens", "30000", "--task-bytes", "20000")
