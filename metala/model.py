@@ -123,6 +123,20 @@ class MetaLAForCausalLM(nn.Module):
         if cu_seqlens is not None:
             check_cu_seqlens(cu_seqlens, input_ids.numel())
 
+    def run_layers(
+        self,
+        h: torch.Tensor,
+        cu_seqlens: torch.Tensor | None = None,
+        cache: MetaLACache | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The block stack, embeddings -> last block's output. `pretrain/parallelize.py` may set a version of it on
+        the instance that runs the same blocks in other compiled pieces (`apply_compile`)."""
+        layer_caches = cache.layers if cache is not None else [None] * len(self.layers)
+        for layer, layer_cache in zip(self.layers, layer_caches):
+            h = layer(h, cu_seqlens=cu_seqlens, cache=layer_cache, attention_mask=attention_mask)
+        return h
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -141,9 +155,7 @@ class MetaLAForCausalLM(nn.Module):
             cu_seqlens = None
         ids = input_ids.reshape(1, B * T) if cu_seqlens is not None else input_ids
         h = self.embed(ids)
-        layer_caches = cache.layers if cache is not None else [None] * len(self.layers)
-        for layer, layer_cache in zip(self.layers, layer_caches):
-            h = layer(h, cu_seqlens=cu_seqlens, cache=layer_cache, attention_mask=attention_mask)
+        h = self.run_layers(h, cu_seqlens, cache, attention_mask)
         h = self.norm(h).view(B, T, -1)
         if cache is not None:
             cache.seen_tokens += T
@@ -168,7 +180,7 @@ class MetaLAForCausalLM(nn.Module):
         return MetaLAOutput(logits=logits, loss=loss_sum / n.clamp(min=1), n_tokens=n)
 
     @classmethod
-    def from_pretrained(cls, path: str, **kwargs: Any) -> "MetaLAForCausalLM":
+    def from_pretrained(cls, path: str, **kwargs: Any) -> MetaLAForCausalLM:
         """Load a folder written by `metala.export.save_pretrained` (config.json + model.safetensors)."""
         from metala.export import from_pretrained
 

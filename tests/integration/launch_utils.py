@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pretrain.distributed import SHUTDOWN_LEAK
+from pretrain.distributed import DEEPSPEED_SHM_PREFIX, SHM_DIR, SHUTDOWN_LEAK
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -36,7 +36,14 @@ def launch(data_dir: Path, out_dir: Path, *overrides: str, ranks: int = 2, recip
                 "METALA_CHECK_SHUTDOWN": "1", **(env or {})}
     cmd = ["bash", str(REPO / "launch/pretrain.sh"), recipe, f"data.dir={data_dir}", f"train.out_dir={out_dir}",
            *TINY, *overrides]
-    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    r = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout, cwd=REPO, check=False)
+    r.master_port = full_env["MASTER_PORT"]
+    return r
+
+
+def shm_left(port: str) -> list[str]:
+    """DeepSpeed shared-memory segments of the run on `port` still in /dev/shm (RAM): none once its ranks are up."""
+    return sorted(p.name for p in SHM_DIR.glob(f"{DEEPSPEED_SHM_PREFIX}_*_{port}_*"))
 
 
 def step_losses(out_dir: Path) -> dict[int, float]:
@@ -53,3 +60,4 @@ def check_ok(r: subprocess.CompletedProcess) -> None:
     """The run exited 0 and every rank freed its process groups (METALA_CHECK_SHUTDOWN, set by `launch`)."""
     assert r.returncode == 0, f"exit {r.returncode}\n--- stdout\n{r.stdout[-4000:]}\n--- stderr\n{r.stderr[-6000:]}"
     assert SHUTDOWN_LEAK not in r.stderr, r.stderr[-6000:]
+    assert shm_left(r.master_port) == []

@@ -14,7 +14,7 @@ import pytest
 
 from pretrain import checkpoint as ckpt
 from pretrain.inspect import main as inspect_main
-from tests.integration.launch_utils import REPO, TINY, check_ok, free_port, launch, step_losses
+from tests.integration.launch_utils import REPO, TINY, check_ok, free_port, launch, shm_left, step_losses
 
 
 def start_background(data_dir, out, *overrides, ranks=2):
@@ -23,8 +23,10 @@ def start_background(data_dir, out, *overrides, ranks=2):
     cmd = ["bash", str(REPO / "launch/pretrain.sh"), "tiny-cpu", f"data.dir={data_dir}", f"train.out_dir={out}",
            *TINY, *overrides]
     # a session of its own, so the whole job can be signalled as a scheduler does
-    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
+    proc.master_port = env["MASTER_PORT"]
+    return proc
 
 
 def wait_for_step(out, step, proc, timeout=240):
@@ -49,6 +51,9 @@ def test_preemption_signal_saves_and_exits(how, demo_data, tmp_path):
     out = tmp_path / "run"
     proc = start_background(demo_data, out, "train.steps=400", "train.save_every=0", "train.eval_every=0")
     wait_for_step(out, 3, proc)
+    # the ranks are up and training: DeepSpeed's shared-memory segments are already unlinked (mapped, nameless),
+    # so however the job ends, killed included, none is left behind in /dev/shm
+    assert shm_left(proc.master_port) == []
     if how == "sigterm-job":
         # a scheduler's kill / preemption: SIGTERM to every process of the job (launchers and ranks)
         os.killpg(os.getpgid(proc.pid), signal.SIGTERM)

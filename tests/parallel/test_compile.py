@@ -28,8 +28,9 @@ def dynamo_counters():
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("fuse_boundaries", [True, False])
 @pytest.mark.parametrize("fuse_self_aug", [True, False])
-def test_compiled_stages_match_eager(fuse_self_aug, dynamo_counters):
+def test_compiled_stages_match_eager(fuse_self_aug, fuse_boundaries, dynamo_counters):
     cfg = MetaLAConfig.from_preset("125m", vocab_size=64, n_layers=3, d_model=64, n_heads=2, attn_backend="chunk",
                                    fuse_self_aug=fuse_self_aug)
     torch.manual_seed(0)
@@ -38,7 +39,7 @@ def test_compiled_stages_match_eager(fuse_self_aug, dynamo_counters):
         for layer in eager.layers:
             layer.mixer.self_aug.w_aug.normal_(0, 0.5)
     compiled = copy.deepcopy(eager)
-    apply_compile(compiled, backend="aot_eager")
+    apply_compile(compiled, backend="aot_eager", fuse_boundaries=fuse_boundaries)
     ids = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(1))
     cu = torch.tensor([0, 13, 50, 80], dtype=torch.int32)
     losses = []
@@ -51,10 +52,13 @@ def test_compiled_stages_match_eager(fuse_self_aug, dynamo_counters):
     for name, p in eager.named_parameters():  # parameter names unchanged by compiling
         assert grads[name].grad is not None, name
         torch.testing.assert_close(grads[name].grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
-    # no graph break anywhere: per block the two stages around the operator (one code object each, shared by the
-    # layers), and the final norm
+    # no graph break anywhere, and one graph per code object, shared by the layers: per block the two stages around
+    # the operator and the final norm; with fused boundaries the first block's pre, the boundary (post_i +
+    # pre_{i+1}, twice here), the last block's post and the final norm
     assert dict(dynamo_counters["graph_break"]) == {}
-    assert dynamo_counters["stats"]["unique_graphs"] == 3
+    assert dynamo_counters["stats"]["unique_graphs"] == (4 if fuse_boundaries else 3)
+    # the boundary runner is installed on the instance only when asked for
+    assert ("run_layers" in vars(compiled)) == fuse_boundaries
 
 
 def test_generation_is_unchanged_by_compiling(dynamo_counters):
@@ -95,3 +99,23 @@ def test_no_gradient_is_restrided_between_graphs(dynamo_counters, monkeypatch):
     ids = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(3))
     model(ids, labels=ids).loss.backward()
     assert restrided == []
+
+
+@pytest.mark.parametrize("activation_checkpointing", [True, False])
+def test_checkpointed_blocks_keep_the_per_block_stack(activation_checkpointing, dynamo_counters):
+    # a boundary graph (post_i + pre_{i+1}) would span two blocks' checkpoints: with checkpointing the trainer keeps
+    # the per-block forward (each block recomputed alone), without it the boundaries are fused
+    from pretrain.config import config_from_dict
+    from pretrain.parallel.layout import ParallelLayout
+    from pretrain.parallelize import parallelize
+
+    cfg = config_from_dict({
+        "name": "t", "model": {"preset": "125m", "vocab_size": 64}, "data": {"dir": "unused", "seq_len": 40},
+        "optim": {"lr": 1e-3},
+        "train": {"steps": 1, "global_batch": 2, "micro_batch": 2, "out_dir": "unused", "compile": True,
+                  "activation_checkpointing": activation_checkpointing},
+    })
+    model = MetaLAForCausalLM(MetaLAConfig.from_preset("125m", vocab_size=64, n_layers=2, d_model=64, n_heads=2,
+                                                       attn_backend="chunk"))
+    model, _ = parallelize(model, cfg, ParallelLayout(1, 0))
+    assert ("run_layers" in vars(model)) == (not activation_checkpointing)
