@@ -7,6 +7,7 @@ parameters, so checkpoint keys stay those of the plain model.
 from __future__ import annotations
 
 import functools
+import types
 from collections.abc import Callable
 
 from torch import nn
@@ -41,14 +42,15 @@ def _post_then_pre(block: nn.Module, nxt: nn.Module, x, o, parts, cu_seqlens):
     return h, MetaLABlock.pre(nxt, h, cu_seqlens)
 
 
-def _boundary_runner(model: nn.Module, boundary: Callable, per_block: Callable) -> Callable:
-    """`model.run_layers` for training: pre_0, then per block the operator and one compiled boundary (post_i +
-    pre_{i+1}), the last block's post alone. Decoding (a cache) and attention masks take the per-block stack."""
+def _boundary_runner(boundary: Callable) -> Callable:
+    """`run_layers` for training, bound to the model: pre_0, then per block the operator and one compiled boundary
+    (post_i + pre_{i+1}), the last block's post alone. Decoding (a cache) and attention masks take the per-block
+    stack. Bound as a method, not closed over the model: a deep copy of the model then runs its own layers."""
 
-    def run_layers(h, cu_seqlens=None, cache=None, attention_mask=None):
+    def run_layers(self, h, cu_seqlens=None, cache=None, attention_mask=None):
         if cache is not None or attention_mask is not None:
-            return per_block(h, cu_seqlens, cache, attention_mask)
-        layers = model.layers
+            return type(self).run_layers(self, h, cu_seqlens, cache, attention_mask)
+        layers = self.layers
         parts = layers[0].pre(h, cu_seqlens)
         for i, layer in enumerate(layers):
             o = layer.mixer.attend(parts, cu_seqlens)
@@ -78,13 +80,19 @@ def apply_compile(model: nn.Module, backend: str = "inductor", fuse_boundaries: 
     without code generation)."""
     import torch
 
+    # each stage compiled once from the class's function and bound to every block as a method: one graph shared by
+    # the layers, and a deep copy of the model (an EMA or evaluation copy) rebinds to its own modules, where a
+    # compiled bound method would keep calling the original's
+    block_type = type(model.layers[0])
+    pre = torch.compile(block_type.pre, backend=backend)
+    post = torch.compile(block_type.post, backend=backend)
     for block in model.layers:
-        block.pre = torch.compile(block.pre, backend=backend)
-        block.post = torch.compile(block.post, backend=backend)
-    model.norm.compile(backend=backend)
+        block.pre = types.MethodType(pre, block)
+        block.post = types.MethodType(post, block)
+    model.norm.forward = types.MethodType(torch.compile(type(model.norm).forward, backend=backend), model.norm)
     if fuse_boundaries and len(model.layers) > 1:
         boundary = torch.compile(_post_then_pre, backend=backend)
-        model.run_layers = _boundary_runner(model, boundary, type(model).run_layers.__get__(model))
+        model.run_layers = types.MethodType(_boundary_runner(boundary), model)
 
 
 def parallelize(model: nn.Module, cfg: TrainConfig, layout: ParallelLayout) -> tuple[nn.Module, SequenceParallel | None]:

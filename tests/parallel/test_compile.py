@@ -119,3 +119,23 @@ def test_checkpointed_blocks_keep_the_per_block_stack(activation_checkpointing, 
                                                        attn_backend="chunk"))
     model, _ = parallelize(model, cfg, ParallelLayout(1, 0))
     assert ("run_layers" in vars(model)) == (not activation_checkpointing)
+
+
+def test_a_deep_copy_runs_its_own_weights(dynamo_counters):
+    # every compiled piece is bound to its module as a method: a copy of the compiled model (an EMA or evaluation
+    # copy, say) computes with its own weights, not the original's
+    cfg = MetaLAConfig.from_preset("125m", vocab_size=64, n_layers=2, d_model=64, n_heads=2, attn_backend="chunk")
+    torch.manual_seed(0)
+    eager = MetaLAForCausalLM(cfg)
+    compiled = copy.deepcopy(eager)
+    apply_compile(compiled, backend="aot_eager")
+    twin = copy.deepcopy(compiled)
+    ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(4))
+    before = compiled(ids).logits.detach()
+    with torch.no_grad():
+        for a, b in zip(twin.parameters(), eager.parameters()):
+            noise = torch.randn(a.shape, generator=torch.Generator().manual_seed(a.numel())) * 0.1
+            a.add_(noise)
+            b.add_(noise)
+    torch.testing.assert_close(twin(ids).logits, eager(ids).logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(compiled(ids).logits, before)
