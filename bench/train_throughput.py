@@ -6,7 +6,8 @@ trainer's own code path against fla GLA and HF Llama (SDPA) of the same size, sa
 
 Harnesses (both are run when asked; each row says which):
   trainer  ours: `pretrain.trainer.build_training_model` + the DeepSpeed engine from `deepspeed_config` (bf16
-           weights with fp32 masters, ZeRO-1, fused torch AdamW, grad clipping), micro-batch = whole step. Peers go
+           weights with fp32 masters, ZeRO-1, fused torch AdamW, grad clipping) + the trainer's non-finite step
+           guard, micro-batch = whole step. Peers go
            through the same DeepSpeed config and optimizer.
   plain    the spec's anchor harness for every model: `model.to(bfloat16)`, `AdamW(fused=True)`, no grad clipping.
 Every run: 32,768 tokens per step (B = 32768 / T), random tokens, 3 warm-up steps, then 8 timed steps between
@@ -19,7 +20,7 @@ finite and near ln(V) for random tokens.
 
 MFU = 6 * N_nonemb * tokens/s / 989 TFLOP/s; N_nonemb counts every matmul weight (all parameters except the input
 embedding lookup, LM head counted once) and leaves out the recurrence / attention-score FLOPs, as the anchors do.
-`--profile` adds a per-op CUDA-time breakdown of one step of ours (torch.profiler) to the JSON.
+`--profile` adds a per-op CUDA-time breakdown of one step of ours (torch.profiler) to the JSON, under each --harness.
 """
 
 from __future__ import annotations
@@ -135,13 +136,19 @@ def make_engine(model, harness: str, cfg=None):
         return step
     import deepspeed
 
+    from pretrain.step_guard import NonFiniteStepGuard
     from pretrain.trainer import deepspeed_config
 
     opt = build_optimizer(model, 3e-4, (0.9, 0.95), 1e-8, 0.1, dev)
+    # the trainer's own skip of non-finite updates (its one host sync a step included)
+    guard = NonFiniteStepGuard(opt, dev)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(cfg, 1, "bf16"))
+    guard.attach(engine.optimizer)
 
     def step(loss_fn, ids, labels, cu):
+        guard.new_step()
         loss = loss_fn(engine, ids, labels, cu)
+        guard.observe_loss(loss)
         engine.backward(loss)
         engine.step()
         return loss.detach()
@@ -255,13 +262,13 @@ def busy_and_span(intervals: list[tuple[float, float]]) -> tuple[float, float]:
     return busy + cur_e - cur_s, last - min(intervals)[0]
 
 
-def profile_ours(preset: str, T: int, B: int, compile_: bool) -> dict:
-    """One step of the plain harness: CUDA time per kernel (top 40), and per PyTorch op and input shapes (top 40:
+def profile_ours(preset: str, T: int, B: int, compile_: bool, harness: str = "plain") -> dict:
+    """One step under `harness`: CUDA time per kernel (top 40), and per PyTorch op and input shapes (top 40:
     which layer's add or copy a generic elementwise kernel is)."""
     from torch.profiler import ProfilerActivity, profile
 
-    model, _, loss_fn, cfg = build_ours(preset, T, B, "plain", compile_, False)
-    step = make_engine(model, "plain")
+    model, _, loss_fn, cfg = build_ours(preset, T, B, harness, compile_, False)
+    step = make_engine(model, harness, cfg)
     ids, labels = random_batch(B, T, 32000, seed=T)
     for _ in range(2):
         step(loss_fn, ids, labels, None)
@@ -301,9 +308,9 @@ def profile_ours(preset: str, T: int, B: int, compile_: bool) -> dict:
                   "cudaMemcpy", "cudaMemcpyAsync")
     syncs = {e.key: e.count for e in prof.key_averages() if e.key in sync_names}
     gpu = {"span_ms": span_ms, "busy_ms": busy, "idle_ms": span_ms - busy, "host_waits": syncs}
-    print(f"profile ({preset}, T={T}): GPU busy {gpu['busy_ms']:.1f} of {span_ms:.1f} ms (idle {gpu['idle_ms']:.1f});"
+    print(f"profile ({preset}, T={T}, {harness}): GPU busy {gpu['busy_ms']:.1f} of {span_ms:.1f} ms (idle {gpu['idle_ms']:.1f});"
           f" host waits {syncs}")
-    print(f"profile ({preset}, T={T}): {total:.1f} ms of kernels in one step; top kernels:")
+    print(f"profile ({preset}, T={T}, {harness}): {total:.1f} ms of kernels in one step; top kernels:")
     for r in kernels[:25]:
         print(f"  {r['cuda_ms']:8.2f} ms {r['calls']:5d}x  {r['op']}")
     print("  top PyTorch ops by input shapes:")
@@ -353,7 +360,7 @@ def row_main(spec: dict) -> None:
     else:
         build = lambda: {"gla": build_gla, "llama": build_llama}[spec["kind"]](preset)  # noqa: E731
     if spec.get("profile"):
-        print("ROW " + json.dumps(profile_ours(preset, T, B, spec.get("compile", False))))
+        print("ROW " + json.dumps(profile_ours(preset, T, B, spec.get("compile", False), h)))
         return
     import contextlib
     import io
@@ -435,11 +442,14 @@ def main() -> int:
                                                            args.row_timeout))
                     save()
             if (args.profile or args.only_profile) and T == int(args.seqlens.split(",")[0]):
-                for comp in [False] + ([True] if args.compile else []):
-                    result["profiles"][f"{preset}-T{T}" + ("-compile" if comp else "")] = run_row_isolated(
-                        {"kind": "ours", "name": "profile", "preset": preset, "T": T, "B": B, "harness": "plain",
-                         "compile": comp, "profile": True}, args.row_timeout)
-                    save()
+                # one profile per harness asked for (the plain one keeps the key it always had), per variant timed
+                for h in harnesses:
+                    for comp in ([] if args.no_eager else [False]) + ([True] if args.compile else []):
+                        key = f"{preset}-T{T}" + ("-compile" if comp else "") + ("" if h == "plain" else f"-{h}")
+                        result["profiles"][key] = run_row_isolated(
+                            {"kind": "ours", "name": "profile", "preset": preset, "T": T, "B": B, "harness": h,
+                             "compile": comp, "profile": True}, args.row_timeout)
+                        save()
     save()
     print(f"wrote {path}; all correct: {all_ok}")
     return 0 if all_ok else 1

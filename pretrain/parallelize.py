@@ -35,11 +35,10 @@ def _post_then_pre(block: nn.Module, nxt: nn.Module, x, o, parts, cu_seqlens):
     """Block i's stage after the operator and block i+1's stage before it, as one function: compiled, the residual
     stream h between them is used inside one graph (by the next block's norm and conv) and leaves it once (as the
     next block's residual input), so its two gradient contributions add inside the compiled backward, fused into
-    the norm's gradient kernel, instead of in a separate elementwise add of autograd's."""
-    from metala.model import MetaLABlock
-
-    h = MetaLABlock.post(block, x, o, parts)
-    return h, MetaLABlock.pre(nxt, h, cu_seqlens)
+    the norm's gradient kernel, instead of in a separate elementwise add of autograd's. The class's functions, not
+    the instances' (compiled) bound stages: dynamo traces the plain code into this one graph."""
+    h = type(block).post(block, x, o, parts)
+    return h, type(nxt).pre(nxt, h, cu_seqlens)
 
 
 def _boundary_runner(boundary: Callable) -> Callable:

@@ -1,0 +1,68 @@
+"""Skip an optimizer update whose loss or gradients are non-finite on any rank (parameters and Adam state untouched)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from pretrain.distributed import comm_device
+
+
+class NonFiniteStepGuard:
+    """Wraps `optimizer.step` (the base optimizer, before DeepSpeed wraps it) so that a step whose loss or gradients
+    are non-finite on any rank changes nothing; every rank takes the same decision (one all-reduce of a flag a step).
+
+    DeepSpeed's ZeRO optimizers step the base optimizer once per parameter group, handing it only that group's flat
+    fp32 partition, after computing the global gradient norm over every group (all-reduced over data-parallel
+    ranks). `attach(engine.optimizer)` lets the guard read that norm, so one bad tensor anywhere skips every group:
+    this is what lets the trainer turn DeepSpeed's own bf16 overflow check off (`pretrain.trainer.deepspeed_config`),
+    which runs ~35 small ops per parameter tensor. Without a norm (nothing attached, or no norm computed) the guard
+    checks the gradients of the group it is handed.
+
+    Per step: `new_step()`, then `observe_loss(loss)` for each micro-batch; `skipped` says whether the update was
+    dropped."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+        self.optimizer = optimizer
+        self.loss_finite = torch.ones((), dtype=torch.bool, device=device)
+        self.skipped = False
+        self._norm_source = None
+        self._decided: bool | None = None  # this step's decision, once taken (ok = True)
+        inner_step = optimizer.step
+
+        def guarded_step(*args, **kwargs):
+            norm = getattr(self._norm_source, "_global_grad_norm", None)
+            if self._decided is None or norm is None:
+                ok = self.loss_finite.clone()
+                if isinstance(norm, torch.Tensor):
+                    # DeepSpeed's norm of every group; it writes -1 where the norm came out inf or NaN
+                    ok &= torch.isfinite(norm) & (norm >= 0)
+                elif norm is not None:
+                    ok &= bool(norm == norm and abs(norm) != float("inf") and norm >= 0)
+                else:
+                    for group in optimizer.param_groups:
+                        for p in group["params"]:
+                            if p.grad is not None:
+                                ok &= torch.isfinite(p.grad).all()
+                flag = (~ok).to(torch.int32).reshape(1).to(comm_device())
+                if dist.is_initialized() and dist.get_world_size() > 1:
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                self._decided = not bool(flag.item())
+            if not self._decided:
+                self.skipped = True
+                return None
+            return inner_step(*args, **kwargs)
+
+        optimizer.step = guarded_step
+
+    def attach(self, engine_optimizer) -> None:
+        """The DeepSpeed optimizer that wraps ours (`engine.optimizer`): its global gradient norm decides."""
+        self._norm_source = engine_optimizer
+
+    def new_step(self) -> None:
+        self.loss_finite.fill_(True)
+        self.skipped = False
+        self._decided = None
+
+    def observe_loss(self, loss: torch.Tensor) -> None:
+        self.loss_finite &= torch.isfinite(loss.detach())

@@ -1,0 +1,63 @@
+"""One CPU process: DeepSpeed ZeRO-1 in bf16 with the trainer's DeepSpeed config (its own overflow check off) and
+the trainer's non-finite step guard. Prints one JSON line of what each step did (tests/integration/test_step_guard.py)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+from metala import MetaLAConfig, MetaLAForCausalLM
+from pretrain.config import config_from_dict
+from pretrain.distributed import init_distributed, shutdown_distributed
+from pretrain.optim import build_optimizer
+from pretrain.step_guard import NonFiniteStepGuard
+from pretrain.trainer import deepspeed_config
+
+
+def main() -> None:
+    device, _, _ = init_distributed()
+    import deepspeed
+
+    cfg = config_from_dict({
+        "name": "guard", "model": {"preset": "tiny"}, "data": {"dir": "unused", "seq_len": 32}, "optim": {"lr": 1e-3},
+        "train": {"steps": 10, "global_batch": 2, "micro_batch": 2, "out_dir": "unused", "zero_stage": 1},
+    })
+    torch.manual_seed(0)
+    model = MetaLAForCausalLM(MetaLAConfig.from_preset("tiny", attn_backend="chunk")).to(torch.bfloat16)
+    opt = build_optimizer(model, 1e-3, (0.9, 0.95), 1e-8, 0.1, device)
+    guard = NonFiniteStepGuard(opt, device)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(cfg, 1, "bf16"))
+    guard.attach(engine.optimizer)
+    ids = torch.randint(0, 512, (2, 32))
+    labels = torch.randint(0, 512, (2, 32))
+    probe = engine.module.layers[0].mixer.q_proj.weight
+
+    def step(fault: str | None) -> dict:
+        before = [p.detach().clone() for p in engine.module.parameters()]
+        guard.new_step()
+        hook = probe.register_hook(lambda g: g * float("inf")) if fault == "inf_grad" else None
+        loss = engine(ids, labels=labels, return_logits=False).loss
+        if fault == "nan_loss":
+            loss = loss * float("nan")
+        guard.observe_loss(loss)
+        engine.backward(loss)
+        engine.step()
+        if hook is not None:
+            hook.remove()
+        changed = any(not torch.equal(a, p.detach()) for a, p in zip(before, engine.module.parameters()))
+        finite = all(bool(torch.isfinite(p).all()) for p in engine.module.parameters())
+        adam_steps = sorted({int(s["step"]) for s in opt.state.values() if "step" in s})
+        return {"fault": fault, "skipped": guard.skipped, "changed": changed, "finite": finite,
+                "adam_steps": adam_steps}
+
+    steps = [step(f) for f in (None, "nan_loss", "inf_grad", None)]
+    print("RESULT " + json.dumps({"check_grad_overflow": engine.optimizer.check_grad_overflow,
+                                  "optimizer": type(engine.optimizer).__name__, "steps": steps}), flush=True)
+    del engine, opt, guard
+    shutdown_distributed(True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
