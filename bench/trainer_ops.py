@@ -48,39 +48,20 @@ def merge(base: dict, change: dict) -> dict:
     return out
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="360m")
-    ap.add_argument("--seq", type=int, default=64, help="tokens per step (the counts do not depend on it)")
-    ap.add_argument("--ds-config", default="{}", type=json.loads)
-    ap.add_argument("--out", type=Path, default=ROOT / "bench/results")
-    ap.add_argument("--tag", default="")
-    args = ap.parse_args()
+def count_ours(cfg, mcfg, device, ids, labels, ds_change: dict) -> tuple[dict, list[float], dict]:
+    """The trainer's engine, guard and DeepSpeed config (with `ds_change`): ops per phase, the training losses and
+    the DeepSpeed config used. Its own function, so that the engine is gone before the process groups are."""
+    import deepspeed
 
-    from bench.train_throughput import train_config
-    from pretrain.distributed import init_distributed
     from pretrain.optim import build_optimizer
     from pretrain.parallel.layout import ParallelLayout
     from pretrain.step_guard import NonFiniteStepGuard
     from pretrain.trainer import build_training_model, deepspeed_config
 
-    device, _, _ = init_distributed()
-    import deepspeed
-
-    cfg = train_config(args.preset, args.seq, 1, False, False)
-    mcfg = cfg.model.build(vocab_size=32000)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 32000, (1, args.seq), generator=g).to(device)
-    labels = torch.randint(0, 32000, (1, args.seq), generator=g).to(device)
-
-    def trained(step, loss_of) -> list[float]:
-        return [float(step()) for _ in range(3)] + [float(loss_of())]
-
-    # ours: the trainer's engine, guard and DeepSpeed config
     model, _ = build_training_model(cfg, mcfg, ParallelLayout(1, 0), device)
     opt = build_optimizer(model, 1e-3, (0.9, 0.95), 1e-8, 0.1, device)
     guard = NonFiniteStepGuard(opt, device)
-    ds_cfg = merge(deepspeed_config(cfg, 1, "bf16"), args.ds_config)
+    ds_cfg = merge(deepspeed_config(cfg, 1, "bf16"), ds_change)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_cfg)
     guard.attach(engine.optimizer)
     state = {}
@@ -99,13 +80,44 @@ def main() -> int:
     losses = trained(ds_step, lambda: engine(ids, labels=labels, return_logits=False).loss.detach())
     if not losses[-1] < losses[0]:
         raise SystemExit(f"DeepSpeed engine did not train on one batch: losses {losses}")
-    t0 = time.perf_counter()
     ours = {"forward": count_ops(forward), "backward": count_ops(lambda: engine.backward(state["loss"])),
             "step": count_ops(engine.step)}
-    host_s = time.perf_counter() - t0
-    del engine, opt, guard, model
+    return ours, losses, ds_cfg
+
+
+def trained(step, loss_of) -> list[float]:
+    """Three steps on one batch, then that batch's loss."""
+    return [float(step()) for _ in range(3)] + [float(loss_of())]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="360m")
+    ap.add_argument("--seq", type=int, default=64, help="tokens per step (the counts do not depend on it)")
+    ap.add_argument("--ds-config", default="{}", type=json.loads)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench/results")
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args()
+
+    import deepspeed
+
+    from bench.train_throughput import train_config
+    from pretrain.distributed import init_distributed
+    from pretrain.parallel.layout import ParallelLayout
+    from pretrain.trainer import build_training_model
+
+    device, _, _ = init_distributed()
+
+    cfg = train_config(args.preset, args.seq, 1, False, False)
+    mcfg = cfg.model.build(vocab_size=32000)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 32000, (1, args.seq), generator=g).to(device)
+    labels = torch.randint(0, 32000, (1, args.seq), generator=g).to(device)
+
+    ours, losses, ds_cfg = count_ours(cfg, mcfg, device, ids, labels, args.ds_config)
 
     # plain: bf16 weights, torch AdamW, the same model
+    state = {}
     model, _ = build_training_model(cfg, mcfg, ParallelLayout(1, 0), device)
     model = model.to(torch.bfloat16)
     popt = torch.optim.AdamW(model.parameters(), lr=1e-3, **({"fused": True} if device.type == "cuda" else {}))
@@ -133,7 +145,7 @@ def main() -> int:
               "device": dev_name, "deepspeed": deepspeed.__version__, "torch": torch.__version__,
               "preset": args.preset, "parameter_tensors": n_tensors, "ds_config": ds_cfg,
               "losses": {"ours": losses, "plain": plain_losses}, "ours": ours, "plain": plain,
-              "profiling_s": host_s}
+              }
     print(f"{args.preset}: {n_tensors} parameter tensors; compute ops per phase (ours / plain):")
     for phase in ("forward", "backward", "step"):
         print(f"  {phase:8s} {ours[phase]['compute_ops']:7d} / {plain[phase]['compute_ops']:7d}   "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -19,18 +21,21 @@ class NonFiniteStepGuard:
     which runs ~35 small ops per parameter tensor. Without a norm (nothing attached, or no norm computed) the guard
     checks the gradients of the group it is handed.
 
-    Per step: `new_step()`, then `observe_loss(loss)` for each micro-batch; `skipped` says whether the update was
-    dropped."""
+    Per step: `new_step()`, then `observe_loss(loss)` for each micro-batch; then `update_dropped`."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
         self.optimizer = optimizer
         self.loss_finite = torch.ones((), dtype=torch.bool, device=device)
         self.skipped = False
+        # whether the wrapped step was called this step (DeepSpeed drops a step on its own overflow checks: fp16
+        # loss scaling, ZeRO-3's invalid norm) and never calls it then
+        self.reached = False
         self._norm_source = None
         self._decided: bool | None = None  # this step's decision, once taken (ok = True)
         inner_step = optimizer.step
 
         def guarded_step(*args, **kwargs):
+            self.reached = True
             norm = getattr(self._norm_source, "_global_grad_norm", None)
             if self._decided is None or norm is None:
                 ok = self.loss_finite.clone()
@@ -38,7 +43,7 @@ class NonFiniteStepGuard:
                     # DeepSpeed's norm of every group; it writes -1 where the norm came out inf or NaN
                     ok &= torch.isfinite(norm) & (norm >= 0)
                 elif norm is not None:
-                    ok &= bool(norm == norm and abs(norm) != float("inf") and norm >= 0)
+                    ok &= bool(math.isfinite(norm) and norm >= 0)
                 else:
                     for group in optimizer.param_groups:
                         for p in group["params"]:
@@ -62,7 +67,14 @@ class NonFiniteStepGuard:
     def new_step(self) -> None:
         self.loss_finite.fill_(True)
         self.skipped = False
+        self.reached = False
         self._decided = None
+
+    @property
+    def update_dropped(self) -> bool:
+        """After the step: the update did not happen, by this guard's decision (the same on every rank) or because
+        DeepSpeed dropped the step before reaching the optimizer. No host sync: both are host flags."""
+        return self.skipped or not self.reached
 
     def observe_loss(self, loss: torch.Tensor) -> None:
         self.loss_finite &= torch.isfinite(loss.detach())

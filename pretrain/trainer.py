@@ -315,16 +315,6 @@ class Trainer:
 
     # --- robustness ---------------------------------------------------------------------------------------
 
-    def _step_was_skipped(self) -> bool:
-        """Same answer on every rank: a non-finite loss anywhere, or a non-finite global gradient norm (on which
-        DeepSpeed's ZeRO optimizers skip the update themselves), or our guard skipped it."""
-        flag = torch.tensor([0 if bool(self.guard.loss_finite) else 1], device=comm_device())
-        if self.world > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        norm = self.engine.get_global_grad_norm()
-        bad_norm = norm is not None and not math.isfinite(float(norm))
-        return bool(flag.item()) or bad_norm or self.guard.skipped
-
     def _install_signal_handlers(self) -> None:
         # close() puts the previous handlers back: one left installed keeps this trainer, its engine and their
         # process groups alive into interpreter teardown (see pretrain.distributed.shutdown_distributed)
@@ -372,7 +362,8 @@ class Trainer:
             self.engine.step()
             losses.append(loss.detach())
         self.step = step
-        self._last_step_skipped = self._step_was_skipped()
+        # decided once for every rank inside the optimizer step (pretrain/step_guard.py): no further host sync here
+        self._last_step_skipped = self.guard.update_dropped
         return torch.stack(losses).float().mean()
 
     @torch.no_grad()

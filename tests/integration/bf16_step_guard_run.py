@@ -16,8 +16,7 @@ from pretrain.step_guard import NonFiniteStepGuard
 from pretrain.trainer import deepspeed_config
 
 
-def main() -> None:
-    device, _, _ = init_distributed()
+def run(device: torch.device) -> dict:
     import deepspeed
 
     cfg = config_from_dict({
@@ -49,13 +48,18 @@ def main() -> None:
         changed = any(not torch.equal(a, p.detach()) for a, p in zip(before, engine.module.parameters()))
         finite = all(bool(torch.isfinite(p).all()) for p in engine.module.parameters())
         adam_steps = sorted({int(s["step"]) for s in opt.state.values() if "step" in s})
-        return {"fault": fault, "skipped": guard.skipped, "changed": changed, "finite": finite,
+        return {"fault": fault, "skipped": guard.update_dropped, "changed": changed, "finite": finite,
                 "adam_steps": adam_steps}
 
     steps = [step(f) for f in (None, "nan_loss", "inf_grad", None)]
-    print("RESULT " + json.dumps({"check_grad_overflow": engine.optimizer.check_grad_overflow,
-                                  "optimizer": type(engine.optimizer).__name__, "steps": steps}), flush=True)
-    del engine, opt, guard
+    return {"check_grad_overflow": engine.optimizer.check_grad_overflow,
+            "optimizer": type(engine.optimizer).__name__, "steps": steps}
+
+
+def main() -> None:
+    device, _, _ = init_distributed()
+    # the engine and its groups go out of scope with run(), before the groups are destroyed
+    print("RESULT " + json.dumps(run(device)), flush=True)
     shutdown_distributed(True)
 
 
