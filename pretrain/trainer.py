@@ -326,9 +326,11 @@ class Trainer:
 
     def _stop_requested(self) -> bool:
         """True on every rank when any rank received SIGTERM / SIGUSR1 (checked at step boundaries)."""
+        if self.world == 1:
+            # no peers to agree with: no device tensor, so no wait for the step's kernels to finish
+            return self._stop_signal is not None
         flag = torch.tensor([1 if self._stop_signal is not None else 0], device=comm_device())
-        if self.world > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
     # --- loop ------------------------------------------------------------------------------------------------

@@ -46,10 +46,13 @@ def trainer_pids(proc):
             if "pretrain.train" in " ".join(p.cmdline())]
 
 
-@pytest.mark.parametrize("how", ["sigterm-job", "sigusr1-ranks"])
+@pytest.mark.parametrize("how", ["sigterm-job", "sigusr1-ranks", "sigusr1-one-rank"])
 def test_preemption_signal_saves_and_exits(how, demo_data, tmp_path):
     out = tmp_path / "run"
-    proc = start_background(demo_data, out, "train.steps=400", "train.save_every=0", "train.eval_every=0")
+    # one rank: the stop flag is read on the host, with no peers to agree with
+    ranks = 1 if how.endswith("one-rank") else 2
+    proc = start_background(demo_data, out, "train.steps=400", "train.save_every=0", "train.eval_every=0",
+                            ranks=ranks)
     wait_for_step(out, 3, proc)
     # the ranks are up and training: DeepSpeed's shared-memory segments are already unlinked (mapped, nameless),
     # so however the job ends, killed included, none is left behind in /dev/shm
@@ -65,12 +68,13 @@ def test_preemption_signal_saves_and_exits(how, demo_data, tmp_path):
     assert "stop signal received" in stdout, stdout[-2000:] + stderr[-2000:]
     state = json.loads((out / "run_state.json").read_text())
     assert state["state"] == "stopped" and 3 <= state["step"] < 400
-    if how == "sigusr1-ranks":
+    if how.startswith("sigusr1"):
         # every rank exited 0, so the launcher does too
         assert proc.returncode == 0
     tag = (out / "checkpoints" / "latest").read_text()
     assert tag == ckpt.tag_for(state["step"]) and ckpt.check_checkpoint(out / "checkpoints" / tag) == ""
-    r = launch(demo_data, out, f"train.steps={state['step'] + 2}", "train.save_every=0", "train.eval_every=0")
+    r = launch(demo_data, out, f"train.steps={state['step'] + 2}", "train.save_every=0", "train.eval_every=0",
+               ranks=ranks)
     check_ok(r)
     assert f"at step {state['step']}" in r.stdout
 
