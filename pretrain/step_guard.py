@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -21,10 +22,15 @@ class NonFiniteStepGuard:
     which runs ~35 small ops per parameter tensor. Without a norm (nothing attached, or no norm computed) the guard
     checks the gradients of the group it is handed.
 
+    The same all-reduce carries `stop_flag()` (a preemption signal on this rank), so that a multi-rank trainer agrees
+    on stopping without a collective and a host wait of its own each step: `stop_agreed` (None until decided).
+
     Per step: `new_step()`, then `observe_loss(loss)` for each micro-batch; then `update_dropped`."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device,
+                 stop_flag: Callable[[], bool] | None = None) -> None:
         self.optimizer = optimizer
+        self.stop_agreed: bool | None = None
         self.loss_finite = torch.ones((), dtype=torch.bool, device=device)
         self.skipped = False
         # whether the wrapped step was called this step (DeepSpeed drops a step on its own overflow checks: fp16
@@ -49,10 +55,13 @@ class NonFiniteStepGuard:
                         for p in group["params"]:
                             if p.grad is not None:
                                 ok &= torch.isfinite(p.grad).all()
-                flag = (~ok).to(torch.int32).reshape(1).to(comm_device())
+                stop = bool(stop_flag()) if stop_flag is not None else False
+                flags = torch.stack([~ok, torch.tensor(stop, device=ok.device)]).to(torch.int32).to(comm_device())
                 if dist.is_initialized() and dist.get_world_size() > 1:
-                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                self._decided = not bool(flag.item())
+                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                bad, stop_any = flags.tolist()
+                self._decided = not bad
+                self.stop_agreed = bool(stop_any)
             if not self._decided:
                 self.skipped = True
                 return None
@@ -69,6 +78,7 @@ class NonFiniteStepGuard:
         self.skipped = False
         self.reached = False
         self._decided = None
+        self.stop_agreed = None
 
     @property
     def update_dropped(self) -> bool:

@@ -147,7 +147,7 @@ class Trainer:
         import deepspeed
 
         self.base_optimizer = optimizer
-        self.guard = NonFiniteStepGuard(optimizer, self.device)
+        self.guard = NonFiniteStepGuard(optimizer, self.device, stop_flag=lambda: self._stop_signal is not None)
         self._last_step_skipped = False
         ds_cfg = deepspeed_config(cfg, self.layout.dp, self.precision)
         self.resume_from = self._plan_resume()
@@ -329,6 +329,9 @@ class Trainer:
         if self.world == 1:
             # no peers to agree with: no device tensor, so no wait for the step's kernels to finish
             return self._stop_signal is not None
+        if self.guard.stop_agreed is not None:
+            # agreed this step in the guard's all-reduce (a signal after it is seen at the next step)
+            return self.guard.stop_agreed
         flag = torch.tensor([1 if self._stop_signal is not None else 0], device=comm_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())

@@ -46,7 +46,7 @@ def trainer_pids(proc):
             if "pretrain.train" in " ".join(p.cmdline())]
 
 
-@pytest.mark.parametrize("how", ["sigterm-job", "sigusr1-ranks", "sigusr1-one-rank"])
+@pytest.mark.parametrize("how", ["sigterm-job", "sigusr1-ranks", "sigusr1-one-of-two", "sigusr1-one-rank"])
 def test_preemption_signal_saves_and_exits(how, demo_data, tmp_path):
     out = tmp_path / "run"
     # one rank: the stop flag is read on the host, with no peers to agree with
@@ -60,6 +60,12 @@ def test_preemption_signal_saves_and_exits(how, demo_data, tmp_path):
     if how == "sigterm-job":
         # a scheduler's kill / preemption: SIGTERM to every process of the job (launchers and ranks)
         os.killpg(os.getpgid(proc.pid), signal.SIGTERM)
+    elif how == "sigusr1-one-of-two":
+        # one rank alone sees the signal: the ranks agree (in the step guard's all-reduce) and stop at one step
+        ranks_by_id = {int(p.environ()["RANK"]): p.pid for p in map(psutil.Process, trainer_pids(proc))
+                       if "RANK" in p.environ()}
+        assert sorted(ranks_by_id) == [0, 1], ranks_by_id
+        os.kill(ranks_by_id[1], signal.SIGUSR1)
     else:
         # SLURM's --signal=USR1@T reaches every task directly
         for pid in trainer_pids(proc):
