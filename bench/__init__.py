@@ -7,3 +7,12 @@ def gpu_tag(name: str) -> str:
         if chip in name:
             return chip.lower()
     return name.replace("NVIDIA", "").strip().replace(" ", "_").lower() or "gpu"
+
+
+def merge_sections(base: dict, change: dict) -> dict:
+    """`base` with `change` applied: a dict-valued section is updated key by key, anything else replaced.
+    {"bf16": {"enabled": True}} + {"bf16": {"check_grad_overflow": True}} keeps bf16 enabled."""
+    out = dict(base)
+    for k, v in change.items():
+        out[k] = {**base[k], **v} if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out

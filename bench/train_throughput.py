@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from bench import gpu_tag
+from bench import gpu_tag, merge_sections
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENS = 32768
@@ -48,6 +48,9 @@ PEER_SIZES = {  # the anchors' peers (performance.md 2.3 / 2.4)
 
 # MetaLAConfig fields over the presets for our rows (--model-overrides), e.g. {"fuse_self_aug": false}
 MODEL_OVERRIDES: dict = {}
+# changes to the trainer's DeepSpeed config for trainer-harness rows (--ds-config), e.g.
+# {"bf16": {"check_grad_overflow": true}}: an A/B of a DeepSpeed setting on one machine in one run
+DS_CONFIG_CHANGES: dict = {}
 
 
 def train_config(preset: str, T: int, B: int, compile_: bool, activation_checkpointing: bool):
@@ -142,7 +145,8 @@ def make_engine(model, harness: str, cfg=None):
     opt = build_optimizer(model, 3e-4, (0.9, 0.95), 1e-8, 0.1, dev)
     # the trainer's own skip of non-finite updates (its one host sync a step included)
     guard = NonFiniteStepGuard(opt, dev)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(cfg, 1, "bf16"))
+    ds_cfg = merge_sections(deepspeed_config(cfg, 1, "bf16"), DS_CONFIG_CHANGES)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_cfg)
     guard.attach(engine.optimizer)
 
     def step(loss_fn, ids, labels, cu):
@@ -329,7 +333,7 @@ def run_row_isolated(spec: dict, timeout_s: float = ROW_TIMEOUT_S) -> dict:
     import subprocess
     import sys
 
-    spec = {**spec, "model_overrides": MODEL_OVERRIDES}
+    spec = {**spec, "model_overrides": MODEL_OVERRIDES, "ds_config": DS_CONFIG_CHANGES}
     try:
         proc = subprocess.run([sys.executable, "-m", "bench.train_throughput", "--row", json.dumps(spec)],
                               capture_output=True, text=True, cwd=ROOT, timeout=timeout_s)
@@ -389,6 +393,8 @@ def main() -> int:
                     help="seconds one row may take, including compile and autotuning (default %(default)s)")
     ap.add_argument("--model-overrides", default="{}", type=json.loads,
                     help='JSON of MetaLAConfig fields for our rows, e.g. \'{"fuse_self_aug": false}\'')
+    ap.add_argument("--ds-config", default="{}", type=json.loads,
+                    help='JSON merged into the trainer harness\'s DeepSpeed config, e.g. \'{"bf16": {"check_grad_overflow": true}}\'')
     ap.add_argument("--tag", default="", help="suffix of the result file name")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results")
     ap.add_argument("--row", help=argparse.SUPPRESS)
@@ -396,14 +402,17 @@ def main() -> int:
     if args.row:
         spec = json.loads(args.row)
         MODEL_OVERRIDES.update(spec.get("model_overrides", {}))
+        DS_CONFIG_CHANGES.update(spec.get("ds_config", {}))
         row_main(spec)
         return 0
     MODEL_OVERRIDES.update(args.model_overrides)
+    DS_CONFIG_CHANGES.update(args.ds_config)
     torch.backends.cuda.matmul.allow_tf32 = True
     gpu = torch.cuda.get_device_name()
     result = {"bench": "train_throughput", "gpu": gpu, "torch": torch.__version__,
               "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "tokens_per_step": TOKENS,
-              "peak_flops": H100_PEAK, "model_overrides": MODEL_OVERRIDES, "gates": {}, "rows": [], "profiles": {}}
+              "peak_flops": H100_PEAK, "model_overrides": MODEL_OVERRIDES,
+              "ds_config_changes": DS_CONFIG_CHANGES, "gates": {}, "rows": [], "profiles": {}}
     all_ok = True
     args.out.mkdir(parents=True, exist_ok=True)
     tag = gpu_tag(gpu)

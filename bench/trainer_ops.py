@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from bench import gpu_tag
+from bench import gpu_tag, merge_sections
 
 ROOT = Path(__file__).resolve().parents[1]
 # ops that only create views or metadata: no kernel
@@ -41,13 +41,6 @@ def count_ops(fn) -> dict:
     return {"ops": sum(counts.values()), "compute_ops": sum(compute.values()), "top": dict(compute.most_common(8))}
 
 
-def merge(base: dict, change: dict) -> dict:
-    out = dict(base)
-    for k, v in change.items():
-        out[k] = {**base[k], **v} if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-    return out
-
-
 def count_ours(cfg, mcfg, device, ids, labels, ds_change: dict) -> tuple[dict, list[float], dict]:
     """The trainer's engine, guard and DeepSpeed config (with `ds_change`): ops per phase, the training losses and
     the DeepSpeed config used. Its own function, so that the engine is gone before the process groups are."""
@@ -61,7 +54,7 @@ def count_ours(cfg, mcfg, device, ids, labels, ds_change: dict) -> tuple[dict, l
     model, _ = build_training_model(cfg, mcfg, ParallelLayout(1, 0), device)
     opt = build_optimizer(model, 1e-3, (0.9, 0.95), 1e-8, 0.1, device)
     guard = NonFiniteStepGuard(opt, device)
-    ds_cfg = merge(deepspeed_config(cfg, 1, "bf16"), ds_change)
+    ds_cfg = merge_sections(deepspeed_config(cfg, 1, "bf16"), ds_change)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_cfg)
     guard.attach(engine.optimizer)
     state = {}

@@ -10,3 +10,13 @@ def test_busy_and_span_merges_overlapping_kernels():
     assert busy_and_span([(7.0, 8.0), (0.0, 4.0), (3.0, 4.0), (2.0, 5.0)]) == (6.0, 8.0)
     assert busy_and_span([(1.0, 2.0)]) == (1.0, 1.0)
     assert busy_and_span([]) == (0.0, 0.0)
+
+
+def test_merge_sections_updates_a_section_key_by_key_and_replaces_the_rest():
+    from bench import merge_sections
+
+    base = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 1}, "gradient_clipping": 1.0}
+    out = merge_sections(base, {"bf16": {"check_grad_overflow": True}, "gradient_clipping": 0.0})
+    assert out == {"bf16": {"enabled": True, "check_grad_overflow": True}, "zero_optimization": {"stage": 1},
+                   "gradient_clipping": 0.0}
+    assert base["bf16"] == {"enabled": True}  # the base is not changed
