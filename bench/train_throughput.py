@@ -137,17 +137,13 @@ def make_engine(model, harness: str, cfg=None):
             return loss.detach()
 
         return step
-    import deepspeed
-
-    from pretrain.step_guard import NonFiniteStepGuard
+    from pretrain.step_guard import initialize_with_guard
     from pretrain.trainer import deepspeed_config
 
     opt = build_optimizer(model, 3e-4, (0.9, 0.95), 1e-8, 0.1, dev)
-    # the trainer's own skip of non-finite updates (its one host sync a step included)
-    guard = NonFiniteStepGuard(opt, dev)
     ds_cfg = merge_sections(deepspeed_config(cfg, 1, "bf16"), DS_CONFIG_CHANGES)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_cfg)
-    guard.attach(engine.optimizer)
+    # with the trainer's own skip of non-finite updates (its one host sync a step included)
+    engine, _, guard = initialize_with_guard(model, opt, ds_cfg, dev)
 
     def step(loss_fn, ids, labels, cu):
         guard.new_step()

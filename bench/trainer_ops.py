@@ -44,19 +44,15 @@ def count_ops(fn) -> dict:
 def count_ours(cfg, mcfg, device, ids, labels, ds_change: dict) -> tuple[dict, list[float], dict]:
     """The trainer's engine, guard and DeepSpeed config (with `ds_change`): ops per phase, the training losses and
     the DeepSpeed config used. Its own function, so that the engine is gone before the process groups are."""
-    import deepspeed
-
     from pretrain.optim import build_optimizer
     from pretrain.parallel.layout import ParallelLayout
-    from pretrain.step_guard import NonFiniteStepGuard
+    from pretrain.step_guard import initialize_with_guard
     from pretrain.trainer import build_training_model, deepspeed_config
 
     model, _ = build_training_model(cfg, mcfg, ParallelLayout(1, 0), device)
     opt = build_optimizer(model, 1e-3, (0.9, 0.95), 1e-8, 0.1, device)
-    guard = NonFiniteStepGuard(opt, device)
     ds_cfg = merge_sections(deepspeed_config(cfg, 1, "bf16"), ds_change)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_cfg)
-    guard.attach(engine.optimizer)
+    engine, _, guard = initialize_with_guard(model, opt, ds_cfg, device)
     state = {}
 
     def forward():

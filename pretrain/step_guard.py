@@ -29,7 +29,6 @@ class NonFiniteStepGuard:
 
     def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device,
                  stop_flag: Callable[[], bool] | None = None) -> None:
-        self.optimizer = optimizer
         self.stop_agreed: bool | None = None
         self.loss_finite = torch.ones((), dtype=torch.bool, device=device)
         self.skipped = False
@@ -88,3 +87,17 @@ class NonFiniteStepGuard:
 
     def observe_loss(self, loss: torch.Tensor) -> None:
         self.loss_finite &= torch.isfinite(loss.detach())
+
+
+def initialize_with_guard(model, optimizer: torch.optim.Optimizer, config: dict, device: torch.device,
+                          stop_flag: Callable[[], bool] | None = None, **initialize_kwargs):
+    """`deepspeed.initialize` with the guard in the order it needs: wrapped around `optimizer` before DeepSpeed wraps
+    it, attached to DeepSpeed's optimizer after (without that, only the fallback per-group check runs).
+    Returns (engine, lr_scheduler, guard)."""
+    import deepspeed
+
+    guard = NonFiniteStepGuard(optimizer, device, stop_flag)
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
+                                                   **initialize_kwargs)
+    guard.attach(engine.optimizer)
+    return engine, scheduler, guard

@@ -27,7 +27,7 @@ from pretrain.metrics import MultiSink, NullSink, build_sinks
 from pretrain.optim import build_optimizer, build_scheduler, lr_multiplier
 from pretrain.parallel.layout import ParallelLayout
 from pretrain.parallelize import parallelize
-from pretrain.step_guard import NonFiniteStepGuard
+from pretrain.step_guard import initialize_with_guard
 
 log = logging.getLogger(__name__)
 
@@ -145,20 +145,16 @@ class Trainer:
         optimizer = build_optimizer(model, cfg.optim.lr, tuple(cfg.optim.betas), cfg.optim.eps,
                                     cfg.optim.weight_decay, self.device)
         scheduler = build_scheduler(optimizer, warmup, t.steps, cfg.optim.min_lr_ratio)
-        import deepspeed
-
         self.base_optimizer = optimizer
-        self.guard = NonFiniteStepGuard(optimizer, self.device, stop_flag=lambda: self._stop_signal is not None)
-        self._last_step_skipped = False
         ds_cfg = deepspeed_config(cfg, self.layout.dp, self.precision)
         self.resume_from = self._plan_resume()
         if self.resume_from is not None and self.resume_from["universal"]:
             # a new layout: DeepSpeed's universal checkpoint re-partitions the fp32 masters and Adam moments
             ds_cfg["checkpoint"] = {"load_universal": True}
         mpu = self.layout if (cfg.parallel.tp > 1 or cfg.parallel.sp > 1) else None
-        self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                                 lr_scheduler=scheduler, config=ds_cfg, mpu=mpu)
-        self.guard.attach(self.engine.optimizer)
+        self.engine, self.scheduler, self.guard = initialize_with_guard(
+            model, optimizer, ds_cfg, self.device, stop_flag=lambda: self._stop_signal is not None,
+            lr_scheduler=scheduler, mpu=mpu)
         self.loader = PackedLoader(self.train_data, t.global_batch, t.micro_batch, self.layout.coords.dp,
                                    self.layout.dp, doc_reset=self.model_config.doc_reset,
                                    mask_eos_label=cfg.data.mask_eos_label)
@@ -368,8 +364,6 @@ class Trainer:
             self.engine.step()
             losses.append(loss.detach())
         self.step = step
-        # decided once for every rank inside the optimizer step (pretrain/step_guard.py): no further host sync here
-        self._last_step_skipped = self.guard.update_dropped
         return torch.stack(losses).float().mean()
 
     @torch.no_grad()
@@ -430,7 +424,8 @@ class Trainer:
         while self.step < stop_at:
             step_loss = self.train_step()
             step = self.step
-            if self._last_step_skipped:
+            # decided once for every rank inside the optimizer step (pretrain/step_guard.py): no host sync here
+            if self.guard.update_dropped:
                 self.skipped_steps += 1
                 self.bad_in_a_row += 1
                 self.print0(f"step {step}: non-finite loss or gradient on some rank; update skipped "

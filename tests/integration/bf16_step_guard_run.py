@@ -12,13 +12,11 @@ from metala import MetaLAConfig, MetaLAForCausalLM
 from pretrain.config import config_from_dict
 from pretrain.distributed import init_distributed, shutdown_distributed
 from pretrain.optim import build_optimizer
-from pretrain.step_guard import NonFiniteStepGuard
+from pretrain.step_guard import initialize_with_guard
 from pretrain.trainer import deepspeed_config
 
 
 def run(device: torch.device) -> dict:
-    import deepspeed
-
     cfg = config_from_dict({
         "name": "guard", "model": {"preset": "tiny"}, "data": {"dir": "unused", "seq_len": 32}, "optim": {"lr": 1e-3},
         "train": {"steps": 10, "global_batch": 2, "micro_batch": 2, "out_dir": "unused", "zero_stage": 1},
@@ -26,9 +24,7 @@ def run(device: torch.device) -> dict:
     torch.manual_seed(0)
     model = MetaLAForCausalLM(MetaLAConfig.from_preset("tiny", attn_backend="chunk")).to(torch.bfloat16)
     opt = build_optimizer(model, 1e-3, (0.9, 0.95), 1e-8, 0.1, device)
-    guard = NonFiniteStepGuard(opt, device)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(cfg, 1, "bf16"))
-    guard.attach(engine.optimizer)
+    engine, _, guard = initialize_with_guard(model, opt, deepspeed_config(cfg, 1, "bf16"), device)
     ids = torch.randint(0, 512, (2, 32))
     labels = torch.randint(0, 512, (2, 32))
     probe = engine.module.layers[0].mixer.q_proj.weight
