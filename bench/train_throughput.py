@@ -2,14 +2,15 @@
 trainer's own code path against fla GLA and HF Llama (SDPA) of the same size, same batch tokens and optimizer.
 
     python -m bench.train_throughput [--presets 360m,1.3b] [--seqlens 2048,8192,16384] [--peers gla,llama]
-                                     [--harness trainer,plain] [--compile] [--profile]
+                                     [--harness trainer,plain] [--compile] [--profile] [--micro-batch N]
 
 Harnesses (both are run when asked; each row says which):
   trainer  ours: `pretrain.trainer.build_training_model` + the DeepSpeed engine from `deepspeed_config` (bf16
            weights with fp32 masters, ZeRO-1, fused torch AdamW, grad clipping) + the trainer's non-finite step
-           guard, micro-batch = whole step. Peers go
-           through the same DeepSpeed config and optimizer.
-  plain    the spec's anchor harness for every model: `model.to(bfloat16)`, `AdamW(fused=True)`, no grad clipping.
+           guard, micro-batch = whole step unless --micro-batch (then DeepSpeed accumulates B / N of them).
+           Peers go through the same DeepSpeed config and optimizer.
+  plain    the spec's anchor harness for every model: `model.to(bfloat16)`, `AdamW(fused=True)`, no grad clipping
+           (with --micro-batch, each micro-batch's loss scaled by N / B before its backward).
 Every run: 32,768 tokens per step (B = 32768 / T), random tokens, 3 warm-up steps, then 8 timed steps between
 `cuda.synchronize()` calls; peak memory is `max_memory_allocated` over the timed steps.
 
@@ -51,6 +52,16 @@ MODEL_OVERRIDES: dict = {}
 # changes to the trainer's DeepSpeed config for trainer-harness rows (--ds-config), e.g.
 # {"bf16": {"check_grad_overflow": true}}: an A/B of a DeepSpeed setting on one machine in one run
 DS_CONFIG_CHANGES: dict = {}
+# sequences per forward/backward (--micro-batch; 0: the whole batch at once): the same tokens per optimizer step,
+# in B / MICRO_BATCH accumulated micro-batches, in every harness (what a model that does not fit at B needs)
+MICRO_BATCH = {"n": 0}
+
+
+def micro_batch(B: int) -> int:
+    n = MICRO_BATCH["n"] or B
+    if B % n:
+        raise SystemExit(f"--micro-batch {n} must divide the batch ({B} sequences)")
+    return n
 
 
 def train_config(preset: str, T: int, B: int, compile_: bool, activation_checkpointing: bool):
@@ -61,7 +72,7 @@ def train_config(preset: str, T: int, B: int, compile_: bool, activation_checkpo
         "model": {"preset": preset, "vocab_size": 32000, **MODEL_OVERRIDES},
         "data": {"dir": "unused", "seq_len": T},
         "optim": {"lr": 3e-4},
-        "train": {"steps": 1000, "global_batch": B, "micro_batch": B, "out_dir": "unused", "precision": "bf16",
+        "train": {"steps": 1000, "global_batch": B, "micro_batch": micro_batch(B), "out_dir": "unused", "precision": "bf16",
                   "zero_stage": 1, "compile": compile_, "activation_checkpointing": activation_checkpointing},
     })
 
@@ -130,8 +141,10 @@ def make_engine(model, harness: str, cfg=None):
         opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
 
         def step(loss_fn, ids, labels, cu):
-            loss = loss_fn(model, ids, labels, cu)
-            loss.backward()
+            n = micro_batch(ids.shape[0])
+            for mb_ids, mb_labels in zip(ids.split(n), labels.split(n)):
+                loss = loss_fn(model, mb_ids, mb_labels, cu)
+                (loss if n == ids.shape[0] else loss * (n / ids.shape[0])).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             return loss.detach()
@@ -147,10 +160,13 @@ def make_engine(model, harness: str, cfg=None):
 
     def step(loss_fn, ids, labels, cu):
         guard.new_step()
-        loss = loss_fn(engine, ids, labels, cu)
-        guard.observe_loss(loss)
-        engine.backward(loss)
-        engine.step()
+        # DeepSpeed accumulates (and scales by 1 / accumulation steps) until the last micro-batch's step
+        n = micro_batch(ids.shape[0])
+        for mb_ids, mb_labels in zip(ids.split(n), labels.split(n)):
+            loss = loss_fn(engine, mb_ids, mb_labels, cu)
+            guard.observe_loss(loss)
+            engine.backward(loss)
+            engine.step()
         return loss.detach()
 
     return step
@@ -183,7 +199,7 @@ def time_model(name: str, build, harness: str, B: int, T: int, cfg=None) -> dict
     losses = [float(x) for x in losses]
     ok = all(math.isfinite(x) for x in losses) and abs(losses[0] - math.log(32000)) < 1.5
     tps = B * T / dt
-    row = {"model": name, "harness": harness, "T": T, "B": B, "tokens_per_step": B * T, "step_s": dt,
+    row = {"model": name, "harness": harness, "T": T, "B": B, "micro_batch": micro_batch(B), "tokens_per_step": B * T, "step_s": dt,
            "tokens_per_s": tps, "mfu": 6 * n * tps / H100_PEAK, "n_nonemb": n,
            "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9, "loss_first": losses[0],
            "loss_last": losses[-1], "loss_ok": ok, "build_and_warmup_s": warm_s}
@@ -329,7 +345,7 @@ def run_row_isolated(spec: dict, timeout_s: float = ROW_TIMEOUT_S) -> dict:
     import subprocess
     import sys
 
-    spec = {**spec, "model_overrides": MODEL_OVERRIDES, "ds_config": DS_CONFIG_CHANGES}
+    spec = {**spec, "model_overrides": MODEL_OVERRIDES, "ds_config": DS_CONFIG_CHANGES, "micro_batch": MICRO_BATCH["n"]}
     try:
         proc = subprocess.run([sys.executable, "-m", "bench.train_throughput", "--row", json.dumps(spec)],
                               capture_output=True, text=True, cwd=ROOT, timeout=timeout_s)
@@ -391,6 +407,8 @@ def main() -> int:
                     help='JSON of MetaLAConfig fields for our rows, e.g. \'{"fuse_self_aug": false}\'')
     ap.add_argument("--ds-config", default="{}", type=json.loads,
                     help='JSON merged into the trainer harness\'s DeepSpeed config, e.g. \'{"bf16": {"check_grad_overflow": true}}\'')
+    ap.add_argument("--micro-batch", type=int, default=0,
+                    help="sequences per forward/backward, accumulated to the full batch (default: all at once)")
     ap.add_argument("--tag", default="", help="suffix of the result file name")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results")
     ap.add_argument("--row", help=argparse.SUPPRESS)
@@ -399,16 +417,18 @@ def main() -> int:
         spec = json.loads(args.row)
         MODEL_OVERRIDES.update(spec.get("model_overrides", {}))
         DS_CONFIG_CHANGES.update(spec.get("ds_config", {}))
+        MICRO_BATCH["n"] = spec.get("micro_batch", 0)
         row_main(spec)
         return 0
     MODEL_OVERRIDES.update(args.model_overrides)
     DS_CONFIG_CHANGES.update(args.ds_config)
+    MICRO_BATCH["n"] = args.micro_batch
     torch.backends.cuda.matmul.allow_tf32 = True
     gpu = torch.cuda.get_device_name()
     result = {"bench": "train_throughput", "gpu": gpu, "torch": torch.__version__,
               "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "tokens_per_step": TOKENS,
               "peak_flops": H100_PEAK, "model_overrides": MODEL_OVERRIDES,
-              "ds_config_changes": DS_CONFIG_CHANGES, "gates": {}, "rows": [], "profiles": {}}
+              "ds_config_changes": DS_CONFIG_CHANGES, "micro_batch": MICRO_BATCH["n"], "gates": {}, "rows": [], "profiles": {}}
     all_ok = True
     args.out.mkdir(parents=True, exist_ok=True)
     tag = gpu_tag(gpu)

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from pretrain.distributed import comm_device
+from pretrain.grad_norm import use_fused_grad_norm
 
 
 class NonFiniteStepGuard:
@@ -92,7 +93,8 @@ class NonFiniteStepGuard:
 def initialize_with_guard(model, optimizer: torch.optim.Optimizer, config: dict, device: torch.device,
                           stop_flag: Callable[[], bool] | None = None, **initialize_kwargs):
     """`deepspeed.initialize` with the guard in the order it needs: wrapped around `optimizer` before DeepSpeed wraps
-    it, attached to DeepSpeed's optimizer after (without that, only the fallback per-group check runs).
+    it, attached to DeepSpeed's optimizer after (without that, only the fallback per-group check runs); ZeRO-1/2's
+    gradient norm, which the guard reads, is swapped for the fused one (`pretrain/grad_norm.py`).
     Returns (engine, lr_scheduler, guard)."""
     import deepspeed
 
@@ -100,4 +102,5 @@ def initialize_with_guard(model, optimizer: torch.optim.Optimizer, config: dict,
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
                                                    **initialize_kwargs)
     guard.attach(engine.optimizer)
+    use_fused_grad_norm(engine.optimizer)
     return engine, scheduler, guard

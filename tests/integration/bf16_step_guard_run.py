@@ -28,6 +28,17 @@ def run(device: torch.device) -> dict:
     ids = torch.randint(0, 512, (2, 32))
     labels = torch.randint(0, 512, (2, 32))
     probe = engine.module.layers[0].mixer.q_proj.weight
+    # every norm DeepSpeed asks for, from the fused swap (pretrain/grad_norm.py) and from its own per-tensor code on
+    # the very same gradients
+    norms = []
+    fused = engine.optimizer.get_grad_norm_direct
+
+    def both_norms(gradients, params, norm_type=2):
+        ours = fused(gradients, params, norm_type)
+        norms.append((float(ours), float(engine.optimizer._per_tensor_grad_norm_direct(gradients, params, norm_type))))
+        return ours
+
+    engine.optimizer.get_grad_norm_direct = both_norms
 
     def step(fault: str | None) -> dict:
         before = [p.detach().clone() for p in engine.module.parameters()]
@@ -44,8 +55,9 @@ def run(device: torch.device) -> dict:
         changed = any(not torch.equal(a, p.detach()) for a, p in zip(before, engine.module.parameters()))
         finite = all(bool(torch.isfinite(p).all()) for p in engine.module.parameters())
         adam_steps = sorted({int(s["step"]) for s in opt.state.values() if "step" in s})
+        step_norms, norms[:] = list(norms), []
         return {"fault": fault, "skipped": guard.update_dropped, "changed": changed, "finite": finite,
-                "adam_steps": adam_steps}
+                "adam_steps": adam_steps, "norms": step_norms}
 
     steps = [step(f) for f in (None, "nan_loss", "inf_grad", None)]
     return {"check_grad_overflow": engine.optimizer.check_grad_overflow,

@@ -46,13 +46,14 @@ def shm_left(port: str) -> list[str]:
     return sorted(p.name for p in SHM_DIR.glob(f"{DEEPSPEED_SHM_PREFIX}_*_{port}_*"))
 
 
-def step_losses(out_dir: Path) -> dict[int, float]:
-    """Train loss per step from metrics.jsonl (a step logged twice, before a kill and after resume, keeps the last)."""
+def step_losses(out_dir: Path, key: str = "train/loss") -> dict[int, float]:
+    """Train loss (or another logged `key`) per step from metrics.jsonl (a step logged twice, before a kill and after
+    resume, keeps the last)."""
     out = {}
     for line in (out_dir / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
-        if row.get("train/loss") is not None:
-            out[row["step"]] = row["train/loss"]
+        if row.get(key) is not None:
+            out[row["step"]] = row[key]
     return out
 
 

@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.integration.launch_utils import REPO, free_port
 
 
@@ -22,6 +24,13 @@ def test_bf16_zero1_skips_the_whole_update_on_a_non_finite_gradient():
     out = json.loads(next(ln for ln in r.stdout.splitlines() if ln.startswith("RESULT "))[7:])
     assert out["optimizer"] == "DeepSpeedZeroOptimizer" and out["check_grad_overflow"] is False
     good, nan_loss, inf_grad, good_again = out["steps"]
+    # the fused gradient norm that the guard reads equals DeepSpeed's per-tensor one on the same gradients (one call
+    # per parameter group), and a non-finite norm comes back as -1 from both
+    for fault, pairs in [(step["fault"], step.pop("norms")) for step in out["steps"]]:
+        assert len(pairs) == 2, (fault, pairs)
+        for ours, theirs in pairs:
+            assert ours == pytest.approx(theirs, rel=1e-6), (fault, pairs)
+        assert (min(theirs for _, theirs in pairs) == -1.0) == (fault is not None), (fault, pairs)
     assert good == {"fault": None, "skipped": False, "changed": True, "finite": True, "adam_steps": [1]}
     # the decay and no-decay groups are stepped separately by DeepSpeed: neither may move
     for bad in (nan_loss, inf_grad):

@@ -44,6 +44,11 @@ def test_zero2_tp_sp_matches_one_process(single, demo_data, tmp_path):
     ref, got = step_losses(single), step_losses(out)
     for step in range(1, 7):
         assert got[step] == pytest.approx(ref[step], rel=1e-5), (step, got[step], ref[step])
+    # the global gradient norm (pretrain/grad_norm.py: TP shards counted on every rank, replicated weights once)
+    ref, got = step_losses(single, "train/grad_norm"), step_losses(out, "train/grad_norm")
+    assert sorted(got) == list(range(1, 7))
+    for step in range(1, 7):
+        assert got[step] == pytest.approx(ref[step], rel=1e-3), (step, got[step], ref[step])
 
 
 def test_bad_layouts_are_refused_before_launch():
