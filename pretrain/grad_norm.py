@@ -47,10 +47,16 @@ def _fused_grad_norm_direct(self, gradients, params, norm_type=2):
     return total
 
 
+_NEEDS = ("get_grad_norm_direct", "model_parallel_rank", "dp_process_group", "_model_parallel_all_reduce", "device")
+
+
 def use_fused_grad_norm(zero_optimizer) -> bool:
     """Swap the per-tensor gradient norm of a DeepSpeed ZeRO-1/2 optimizer (`engine.optimizer`) for the fused one.
     Returns False, changing nothing, for any other optimizer (ZeRO-0/3, DeepSpeed's bf16 or fp16 wrappers)."""
-    if type(zero_optimizer).__name__ != "DeepSpeedZeroOptimizer" or not hasattr(zero_optimizer, "get_grad_norm_direct"):
+    if type(zero_optimizer).__name__ != "DeepSpeedZeroOptimizer":
+        return False
+    # what the fused method reads (DeepSpeed 0.19.8, the pinned version); another version without them keeps its own
+    if not all(hasattr(zero_optimizer, a) for a in _NEEDS):
         return False
     zero_optimizer._per_tensor_grad_norm_direct = zero_optimizer.get_grad_norm_direct
     zero_optimizer.get_grad_norm_direct = types.MethodType(_fused_grad_norm_direct, zero_optimizer)
