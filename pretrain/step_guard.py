@@ -26,6 +26,9 @@ class NonFiniteStepGuard:
     The same all-reduce carries `stop_flag()` (a preemption signal on this rank), so that a multi-rank trainer agrees
     on stopping without a collective and a host wait of its own each step: `stop_agreed` (None until decided).
 
+    With `take_over_clipping(engine.optimizer)` (ZeRO-1/2) the guard also clips the gradients by that norm, on the
+    device, instead of DeepSpeed.
+
     Per step: `new_step()`, then `observe_loss(loss)` for each micro-batch; then `update_dropped`."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device,
@@ -38,6 +41,9 @@ class NonFiniteStepGuard:
         self.reached = False
         self._norm_source = None
         self._decided: bool | None = None  # this step's decision, once taken (ok = True)
+        # gradient clipping taken over from DeepSpeed (`take_over_clipping`): the max norm, and this step's divisor
+        self.clip = 0.0
+        self._clip_divisor: torch.Tensor | None = None
         inner_step = optimizer.step
 
         def guarded_step(*args, **kwargs):
@@ -65,6 +71,16 @@ class NonFiniteStepGuard:
             if not self._decided:
                 self.skipped = True
                 return None
+            if self.clip > 0 and isinstance(norm, torch.Tensor):
+                if self._clip_divisor is None:
+                    # DeepSpeed's own rule, on the device (its version reads the norm on the host once per group)
+                    self._clip_divisor = torch.clamp((norm.float() + 1e-6) / self.clip, min=1.0)
+                if all(group.get("fused") for group in optimizer.param_groups):
+                    # the fused AdamW divides each gradient by it as it reads it: no extra pass over the gradients
+                    optimizer.grad_scale = self._clip_divisor
+                else:
+                    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+                    torch._foreach_div_(grads, self._clip_divisor)
             return inner_step(*args, **kwargs)
 
         optimizer.step = guarded_step
@@ -73,11 +89,25 @@ class NonFiniteStepGuard:
         """The DeepSpeed optimizer that wraps ours (`engine.optimizer`): its global gradient norm decides."""
         self._norm_source = engine_optimizer
 
+    def take_over_clipping(self, engine_optimizer) -> bool:
+        """Clip in the guard instead of in DeepSpeed's ZeRO-1/2 optimizer, with the same rule (divide the gradients
+        by max(1, (norm + 1e-6) / max_norm)). DeepSpeed 0.19's version reads the norm on the host once per
+        parameter group (two waits for the GPU a step) and then multiplies every fp32 gradient in a pass of its
+        own; here the divisor stays on the device and the fused AdamW applies it while it reads the gradients.
+        Only where DeepSpeed hands its global norm to this guard (ZeRO-1/2); elsewhere DeepSpeed keeps clipping."""
+        if type(engine_optimizer).__name__ != "DeepSpeedZeroOptimizer" or engine_optimizer is not self._norm_source:
+            return False
+        if not getattr(engine_optimizer, "clip_grad", 0.0) > 0 or not getattr(engine_optimizer, "compute_grad_norm", True):
+            return False
+        self.clip, engine_optimizer.clip_grad = float(engine_optimizer.clip_grad), 0.0
+        return True
+
     def new_step(self) -> None:
         self.loss_finite.fill_(True)
         self.skipped = False
         self.reached = False
         self._decided = None
+        self._clip_divisor = None
         self.stop_agreed = None
 
     @property
@@ -94,7 +124,8 @@ def initialize_with_guard(model, optimizer: torch.optim.Optimizer, config: dict,
                           stop_flag: Callable[[], bool] | None = None, **initialize_kwargs):
     """`deepspeed.initialize` with the guard in the order it needs: wrapped around `optimizer` before DeepSpeed wraps
     it, attached to DeepSpeed's optimizer after (without that, only the fallback per-group check runs); ZeRO-1/2's
-    gradient norm, which the guard reads, is swapped for the fused one (`pretrain/grad_norm.py`).
+    gradient norm, which the guard reads, is swapped for the fused one (`pretrain/grad_norm.py`), and their clipping
+    moves into the guard (`NonFiniteStepGuard.take_over_clipping`).
     Returns (engine, lr_scheduler, guard)."""
     import deepspeed
 
@@ -103,4 +134,5 @@ def initialize_with_guard(model, optimizer: torch.optim.Optimizer, config: dict,
                                                    **initialize_kwargs)
     guard.attach(engine.optimizer)
     use_fused_grad_norm(engine.optimizer)
+    guard.take_over_clipping(engine.optimizer)
     return engine, scheduler, guard

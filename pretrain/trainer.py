@@ -68,6 +68,8 @@ def deepspeed_config(cfg: TrainConfig, dp: int, precision: str) -> dict:
         "train_batch_size": t.global_batch,
         "train_micro_batch_size_per_gpu": t.micro_batch,
         "gradient_accumulation_steps": per_rank // t.micro_batch,
+        # under ZeRO-1/2 the step guard applies this clip on the device in DeepSpeed's place
+        # (`NonFiniteStepGuard.take_over_clipping`); DeepSpeed still computes the norm that it reads
         "gradient_clipping": o.grad_clip,
         "zero_optimization": {"stage": t.zero_stage},
         # DeepSpeed's own bf16 overflow check runs ~35 small ops per parameter tensor every step (at 360M its optimizer

@@ -1,8 +1,10 @@
 """One CPU process: DeepSpeed ZeRO-1 in bf16 with the trainer's DeepSpeed config (its own overflow check off) and
-the trainer's non-finite step guard. Prints one JSON line of what each step did (tests/integration/test_step_guard.py)."""
+the trainer's non-finite step guard. Prints one JSON line of what each step did, and one of the clipping comparison
+(tests/integration/test_step_guard.py)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 
@@ -11,8 +13,9 @@ import torch
 from metala import MetaLAConfig, MetaLAForCausalLM
 from pretrain.config import config_from_dict
 from pretrain.distributed import init_distributed, shutdown_distributed
-from pretrain.optim import build_optimizer
-from pretrain.step_guard import initialize_with_guard
+from pretrain.grad_norm import use_fused_grad_norm
+from pretrain.optim import build_optimizer, param_groups
+from pretrain.step_guard import NonFiniteStepGuard, initialize_with_guard
 from pretrain.trainer import deepspeed_config
 
 
@@ -64,10 +67,84 @@ def run(device: torch.device) -> dict:
             "optimizer": type(engine.optimizer).__name__, "steps": steps}
 
 
+class HostReads:
+    """Counts reads of tensor values by the host (`bool(t)`, `t.item()`, `t.tolist()`): each is a wait for the GPU
+    there."""
+
+    def __init__(self):
+        self.count = 0
+        self._saved = {}
+
+    def __enter__(self):
+        for name in ("__bool__", "item", "tolist"):
+            original = self._saved[name] = getattr(torch.Tensor, name)
+
+            def counted(t, *a, _original=original, **k):
+                self.count += 1
+                return _original(t, *a, **k)
+
+            setattr(torch.Tensor, name, counted)
+        return self
+
+    def __exit__(self, *exc):
+        for name, original in self._saved.items():
+            setattr(torch.Tensor, name, original)
+
+
+def clipping(device: torch.device) -> dict:
+    """Three engines from the same weights on the same batches, clipping active (max norm 0.5): DeepSpeed clipping
+    as it comes, and the guard's take-over with a plain and with a fused AdamW. Their weights after three steps, and
+    the host reads in each `engine.step()`."""
+    import deepspeed
+
+    cfg = config_from_dict({
+        "name": "clip", "model": {"preset": "tiny"}, "data": {"dir": "unused", "seq_len": 32},
+        "optim": {"lr": 1e-3, "grad_clip": 0.5},
+        "train": {"steps": 10, "global_batch": 2, "micro_batch": 2, "out_dir": "unused", "zero_stage": 1},
+    })
+    torch.manual_seed(0)
+    init = MetaLAForCausalLM(MetaLAConfig.from_preset("tiny", attn_backend="chunk")).to(torch.bfloat16)
+    batches = [(torch.randint(0, 512, (2, 32)), torch.randint(0, 512, (2, 32))) for _ in range(3)]
+    out = {}
+    for name in ("deepspeed", "guard", "guard_fused"):
+        model = copy.deepcopy(init)
+        opt = build_optimizer(model, 1e-3, (0.9, 0.95), 1e-8, 0.1, device)
+        if name == "guard_fused":
+            opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, fused=True)
+        if name == "deepspeed":
+            guard = NonFiniteStepGuard(opt, device)
+            engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(cfg, 1, "bf16"))
+            guard.attach(engine.optimizer)
+            use_fused_grad_norm(engine.optimizer)
+        else:
+            engine, _, guard = initialize_with_guard(model, opt, deepspeed_config(cfg, 1, "bf16"), device)
+        reads, norms = [], []
+        start = torch.cat([g.detach().flatten().clone() for g in engine.optimizer.single_partition_of_fp32_groups])
+        for ids, labels in batches:
+            guard.new_step()
+            loss = engine(ids, labels=labels, return_logits=False).loss
+            guard.observe_loss(loss)
+            engine.backward(loss)
+            with HostReads() as hr:
+                engine.step()
+            reads.append(hr.count)
+            norms.append(float(engine.optimizer._global_grad_norm))
+        # the fp32 master weights (DeepSpeed's flat partitions), finer than the bf16 copies the model holds
+        masters = torch.cat([g.detach().flatten() for g in engine.optimizer.single_partition_of_fp32_groups])
+        out[name] = {"clip_in_guard": guard.clip, "deepspeed_clip": engine.optimizer.clip_grad, "host_reads": reads,
+                     "norms": norms, "masters": masters, "change": float((masters - start).abs().max())}
+    ref = out["deepspeed"].pop("masters")
+    for name in ("guard", "guard_fused"):
+        w = out[name].pop("masters")
+        out[name]["max_master_diff"] = float((w - ref).abs().max())
+    return out
+
+
 def main() -> None:
     device, _, _ = init_distributed()
     # the engine and its groups go out of scope with run(), before the groups are destroyed
     print("RESULT " + json.dumps(run(device)), flush=True)
+    print("CLIPPING " + json.dumps(clipping(device)), flush=True)
     shutdown_distributed(True)
 
 

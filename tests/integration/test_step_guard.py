@@ -14,14 +14,23 @@ import pytest
 from tests.integration.launch_utils import REPO, free_port
 
 
-def test_bf16_zero1_skips_the_whole_update_on_a_non_finite_gradient():
+@pytest.fixture(scope="module")
+def helper_output() -> list[str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port()),
            "PYTHONWARNINGS": "ignore::FutureWarning"}
     env.pop("RANK", None)
     r = subprocess.run([sys.executable, "-m", "tests.integration.bf16_step_guard_run"], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    out = json.loads(next(ln for ln in r.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+    return r.stdout.splitlines()
+
+
+def result(lines: list[str], tag: str) -> dict:
+    return json.loads(next(ln for ln in lines if ln.startswith(tag + " "))[len(tag) + 1:])
+
+
+def test_bf16_zero1_skips_the_whole_update_on_a_non_finite_gradient(helper_output):
+    out = result(helper_output, "RESULT")
     assert out["optimizer"] == "DeepSpeedZeroOptimizer" and out["check_grad_overflow"] is False
     good, nan_loss, inf_grad, good_again = out["steps"]
     # the fused gradient norm that the guard reads equals DeepSpeed's per-tensor one on the same gradients (one call
@@ -36,3 +45,21 @@ def test_bf16_zero1_skips_the_whole_update_on_a_non_finite_gradient():
     for bad in (nan_loss, inf_grad):
         assert bad["skipped"] and not bad["changed"] and bad["finite"] and bad["adam_steps"] == [1], bad
     assert good_again == {"fault": None, "skipped": False, "changed": True, "finite": True, "adam_steps": [2]}
+
+
+def test_clipping_taken_over_from_deepspeed_gives_its_update_without_its_host_reads(helper_output):
+    # DeepSpeed ZeRO-1 clips by reading the norm on the host once per parameter group and multiplying the gradients;
+    # the guard divides them by the same factor on the device (inside the fused AdamW, or in one foreach pass)
+    out = result(helper_output, "CLIPPING")
+    ds, plain, fused = out["deepspeed"], out["guard"], out["guard_fused"]
+    assert ds["deepspeed_clip"] == 0.5 and ds["clip_in_guard"] == 0.0
+    for ours in (plain, fused):
+        assert ours["deepspeed_clip"] == 0.0 and ours["clip_in_guard"] == 0.5
+        # the clip was active (norms ~4.5 against 0.5) and the weights moved; unclipped they differ by ~2e-3
+        assert min(ours["norms"]) > 1.0 and ours["change"] > 1e-3
+        assert ours["norms"] == pytest.approx(ds["norms"], rel=1e-6)
+        assert ours["max_master_diff"] < 1e-6, ours
+    # host reads of tensor values in one engine.step(): the guard's own decision alone with the fused AdamW (the
+    # plain AdamW reads its step counters on the CPU); DeepSpeed's clipping adds one per parameter group
+    assert fused["host_reads"] == [1, 1, 1]
+    assert [d - p for d, p in zip(ds["host_reads"], plain["host_reads"])] == [2, 2, 2]
