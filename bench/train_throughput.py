@@ -153,7 +153,7 @@ def make_engine(model, harness: str, cfg=None):
     from pretrain.step_guard import initialize_with_guard
     from pretrain.trainer import deepspeed_config
 
-    opt = build_optimizer(model, 3e-4, (0.9, 0.95), 1e-8, 0.1, dev)
+    opt = build_optimizer(model, 3e-4, (0.9, 0.95), 1e-8, 0.1)
     ds_cfg = merge_sections(deepspeed_config(cfg, 1, "bf16"), DS_CONFIG_CHANGES)
     # with the trainer's own skip of non-finite updates (its one host sync a step included)
     engine, _, guard = initialize_with_guard(model, opt, ds_cfg, dev)

@@ -50,7 +50,7 @@ def count_ours(cfg, mcfg, device, ids, labels, ds_change: dict) -> tuple[dict, l
     from pretrain.trainer import build_training_model, deepspeed_config
 
     model, _ = build_training_model(cfg, mcfg, ParallelLayout(1, 0), device)
-    opt = build_optimizer(model, 1e-3, (0.9, 0.95), 1e-8, 0.1, device)
+    opt = build_optimizer(model, 1e-3, (0.9, 0.95), 1e-8, 0.1)
     ds_cfg = merge_sections(deepspeed_config(cfg, 1, "bf16"), ds_change)
     engine, _, guard = initialize_with_guard(model, opt, ds_cfg, device)
     state = {}

@@ -33,10 +33,11 @@ def lr_multiplier(step: int, warmup: int, total: int, min_ratio: float) -> float
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: nn.Module, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
-                    device: torch.device) -> torch.optim.Optimizer:
-    kwargs = {"fused": True} if device.type == "cuda" else {}
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, **kwargs)
+def build_optimizer(model: nn.Module, lr: float, betas: tuple[float, float], eps: float,
+                    weight_decay: float) -> torch.optim.Optimizer:
+    # fused on every device (torch has a CPU kernel too): one kernel per step, and the step guard's skip and clip
+    # ride on its `found_inf` / `grad_scale` (pretrain/step_guard.py), so CPU tests run the GPU's code path
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, fused=True)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, warmup: int, total: int, min_ratio: float):

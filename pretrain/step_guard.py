@@ -26,6 +26,11 @@ class NonFiniteStepGuard:
     The same all-reduce carries `stop_flag()` (a preemption signal on this rank), so that a multi-rank trainer agrees
     on stopping without a collective and a host wait of its own each step: `stop_agreed` (None until decided).
 
+    With DeepSpeed's norm on the device and a fused AdamW (the trainer's optimizer) nothing in the step waits for the
+    device: the flags go to the AdamW as its `found_inf` (its kernel then leaves parameters, moments and step
+    counters alone), and the host reads them only when asked (`update_dropped`, `stop_agreed`), by which time the
+    optimizer's kernels are queued behind them. Otherwise the guard reads its decision before stepping.
+
     With `take_over_clipping(engine.optimizer)` (ZeRO-1/2) the guard also clips the gradients by that norm, on the
     device, instead of DeepSpeed.
 
@@ -33,14 +38,16 @@ class NonFiniteStepGuard:
 
     def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device,
                  stop_flag: Callable[[], bool] | None = None) -> None:
-        self.stop_agreed: bool | None = None
         self.loss_finite = torch.ones((), dtype=torch.bool, device=device)
-        self.skipped = False
         # whether the wrapped step was called this step (DeepSpeed drops a step on its own overflow checks: fp16
         # loss scaling, ZeRO-3's invalid norm) and never calls it then
         self.reached = False
         self._norm_source = None
-        self._decided: bool | None = None  # this step's decision, once taken (ok = True)
+        # this step's [bad, stop] flags, all-reduced (on the device until read), and their host values once read
+        self._flags: torch.Tensor | None = None
+        self._bad: bool | None = None
+        self._stop: bool | None = None
+        self._found_inf: torch.Tensor | None = None
         # gradient clipping taken over from DeepSpeed (`take_over_clipping`): the max norm, and this step's divisor
         self.clip = 0.0
         self._clip_divisor: torch.Tensor | None = None
@@ -49,7 +56,11 @@ class NonFiniteStepGuard:
         def guarded_step(*args, **kwargs):
             self.reached = True
             norm = getattr(self._norm_source, "_global_grad_norm", None)
-            if self._decided is None or norm is None:
+            fused = all(group.get("fused") for group in optimizer.param_groups)
+            # DeepSpeed's global norm on the device and a fused AdamW: the skip happens on the device (its
+            # `found_inf`), and the host reads the flags only when the trainer asks, after the step is enqueued
+            on_device = isinstance(norm, torch.Tensor) and fused
+            if self._flags is None or norm is None:
                 ok = self.loss_finite.clone()
                 if isinstance(norm, torch.Tensor):
                     # DeepSpeed's norm of every group; it writes -1 where the norm came out inf or NaN
@@ -65,17 +76,22 @@ class NonFiniteStepGuard:
                 flags = torch.stack([~ok, torch.tensor(stop, device=ok.device)]).to(torch.int32).to(comm_device())
                 if dist.is_initialized() and dist.get_world_size() > 1:
                     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                bad, stop_any = flags.tolist()
-                self._decided = not bad
-                self.stop_agreed = bool(stop_any)
-            if not self._decided:
-                self.skipped = True
+                self._flags, self._bad = flags, None
+                if not on_device:
+                    self._read_flags()
+            if on_device:
+                if self._found_inf is None:
+                    device = optimizer.param_groups[0]["params"][0].device
+                    self._found_inf = self._flags[0].to(device=device, dtype=torch.float32)
+                # the fused AdamW leaves parameters, moments and step counters alone where this is 1
+                optimizer.found_inf = self._found_inf
+            elif self._bad:
                 return None
             if self.clip > 0 and isinstance(norm, torch.Tensor):
                 if self._clip_divisor is None:
                     # DeepSpeed's own rule, on the device (its version reads the norm on the host once per group)
                     self._clip_divisor = torch.clamp((norm.float() + 1e-6) / self.clip, min=1.0)
-                if all(group.get("fused") for group in optimizer.param_groups):
+                if fused:
                     # the fused AdamW divides each gradient by it as it reads it: no extra pass over the gradients
                     optimizer.grad_scale = self._clip_divisor
                 else:
@@ -84,6 +100,11 @@ class NonFiniteStepGuard:
             return inner_step(*args, **kwargs)
 
         optimizer.step = guarded_step
+
+    def _read_flags(self) -> None:
+        """The host values of this step's flags (a wait for the device where they are still on it)."""
+        bad, stop = self._flags.tolist()
+        self._bad, self._stop = bool(bad), bool(stop)
 
     def attach(self, engine_optimizer) -> None:
         """The DeepSpeed optimizer that wraps ours (`engine.optimizer`): its global gradient norm decides."""
@@ -104,17 +125,30 @@ class NonFiniteStepGuard:
 
     def new_step(self) -> None:
         self.loss_finite.fill_(True)
-        self.skipped = False
         self.reached = False
-        self._decided = None
+        self._flags = self._bad = self._stop = None
+        self._found_inf = None
         self._clip_divisor = None
-        self.stop_agreed = None
 
     @property
     def update_dropped(self) -> bool:
         """After the step: the update did not happen, by this guard's decision (the same on every rank) or because
-        DeepSpeed dropped the step before reaching the optimizer. No host sync: both are host flags."""
-        return self.skipped or not self.reached
+        DeepSpeed dropped the step before reaching the optimizer. Where the skip happened on the device this reads
+        the flags: the optimizer's kernels are already enqueued behind them, so the device keeps working meanwhile."""
+        if not self.reached:
+            return True
+        if self._bad is None:
+            self._read_flags()
+        return self._bad
+
+    @property
+    def stop_agreed(self) -> bool | None:
+        """Whether any rank asked to stop, agreed in this step's all-reduce (None where the step never got there)."""
+        if self._flags is None:
+            return None
+        if self._bad is None:
+            self._read_flags()
+        return self._stop
 
     def observe_loss(self, loss: torch.Tensor) -> None:
         self.loss_finite &= torch.isfinite(loss.detach())

@@ -145,7 +145,7 @@ class Trainer:
         warmup = cfg.warmup_steps()
         self.warmup = warmup
         optimizer = build_optimizer(model, cfg.optim.lr, tuple(cfg.optim.betas), cfg.optim.eps,
-                                    cfg.optim.weight_decay, self.device)
+                                    cfg.optim.weight_decay)
         scheduler = build_scheduler(optimizer, warmup, t.steps, cfg.optim.min_lr_ratio)
         self.base_optimizer = optimizer
         ds_cfg = deepspeed_config(cfg, self.layout.dp, self.precision)

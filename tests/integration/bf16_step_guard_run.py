@@ -19,54 +19,6 @@ from pretrain.step_guard import NonFiniteStepGuard, initialize_with_guard
 from pretrain.trainer import deepspeed_config
 
 
-def run(device: torch.device) -> dict:
-    cfg = config_from_dict({
-        "name": "guard", "model": {"preset": "tiny"}, "data": {"dir": "unused", "seq_len": 32}, "optim": {"lr": 1e-3},
-        "train": {"steps": 10, "global_batch": 2, "micro_batch": 2, "out_dir": "unused", "zero_stage": 1},
-    })
-    torch.manual_seed(0)
-    model = MetaLAForCausalLM(MetaLAConfig.from_preset("tiny", attn_backend="chunk")).to(torch.bfloat16)
-    opt = build_optimizer(model, 1e-3, (0.9, 0.95), 1e-8, 0.1, device)
-    engine, _, guard = initialize_with_guard(model, opt, deepspeed_config(cfg, 1, "bf16"), device)
-    ids = torch.randint(0, 512, (2, 32))
-    labels = torch.randint(0, 512, (2, 32))
-    probe = engine.module.layers[0].mixer.q_proj.weight
-    # every norm DeepSpeed asks for, from the fused swap (pretrain/grad_norm.py) and from its own per-tensor code on
-    # the very same gradients
-    norms = []
-    fused = engine.optimizer.get_grad_norm_direct
-
-    def both_norms(gradients, params, norm_type=2):
-        ours = fused(gradients, params, norm_type)
-        norms.append((float(ours), float(engine.optimizer._per_tensor_grad_norm_direct(gradients, params, norm_type))))
-        return ours
-
-    engine.optimizer.get_grad_norm_direct = both_norms
-
-    def step(fault: str | None) -> dict:
-        before = [p.detach().clone() for p in engine.module.parameters()]
-        guard.new_step()
-        hook = probe.register_hook(lambda g: g * float("inf")) if fault == "inf_grad" else None
-        loss = engine(ids, labels=labels, return_logits=False).loss
-        if fault == "nan_loss":
-            loss = loss * float("nan")
-        guard.observe_loss(loss)
-        engine.backward(loss)
-        engine.step()
-        if hook is not None:
-            hook.remove()
-        changed = any(not torch.equal(a, p.detach()) for a, p in zip(before, engine.module.parameters()))
-        finite = all(bool(torch.isfinite(p).all()) for p in engine.module.parameters())
-        adam_steps = sorted({int(s["step"]) for s in opt.state.values() if "step" in s})
-        step_norms, norms[:] = list(norms), []
-        return {"fault": fault, "skipped": guard.update_dropped, "changed": changed, "finite": finite,
-                "adam_steps": adam_steps, "norms": step_norms}
-
-    steps = [step(f) for f in (None, "nan_loss", "inf_grad", None)]
-    return {"check_grad_overflow": engine.optimizer.check_grad_overflow,
-            "optimizer": type(engine.optimizer).__name__, "steps": steps}
-
-
 class HostReads:
     """Counts reads of tensor values by the host (`bool(t)`, `t.item()`, `t.tolist()`): each is a wait for the GPU
     there."""
@@ -91,6 +43,65 @@ class HostReads:
             setattr(torch.Tensor, name, original)
 
 
+def run(device: torch.device, fused_adamw: bool) -> dict:
+    cfg = config_from_dict({
+        "name": "guard", "model": {"preset": "tiny"}, "data": {"dir": "unused", "seq_len": 32}, "optim": {"lr": 1e-3},
+        "train": {"steps": 10, "global_batch": 2, "micro_batch": 2, "out_dir": "unused", "zero_stage": 1},
+    })
+    torch.manual_seed(0)
+    model = MetaLAForCausalLM(MetaLAConfig.from_preset("tiny", attn_backend="chunk")).to(torch.bfloat16)
+    if fused_adamw:  # the trainer's optimizer: the guard's skip then happens on the device (found_inf)
+        opt = build_optimizer(model, 1e-3, (0.9, 0.95), 1e-8, 0.1)
+    else:
+        opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
+    engine, _, guard = initialize_with_guard(model, opt, deepspeed_config(cfg, 1, "bf16"), device)
+    ids = torch.randint(0, 512, (2, 32))
+    labels = torch.randint(0, 512, (2, 32))
+    probe = engine.module.layers[0].mixer.q_proj.weight
+    # every norm DeepSpeed asks for, from the fused swap (pretrain/grad_norm.py) and from its own per-tensor code on
+    # the very same gradients
+    norms = []
+    fused = engine.optimizer.get_grad_norm_direct
+
+    def both_norms(gradients, params, norm_type=2):
+        ours = fused(gradients, params, norm_type)
+        norms.append((float(ours), float(engine.optimizer._per_tensor_grad_norm_direct(gradients, params, norm_type))))
+        return ours
+
+    engine.optimizer.get_grad_norm_direct = both_norms
+
+    def state() -> list[torch.Tensor]:
+        # the bf16 weights, DeepSpeed's fp32 masters and the Adam moments
+        moments = [v for st in opt.state.values() for k, v in st.items() if k in ("exp_avg", "exp_avg_sq")]
+        return [t.detach().clone() for t in (*engine.module.parameters(),
+                                             *engine.optimizer.single_partition_of_fp32_groups, *moments)]
+
+    def step(fault: str | None) -> dict:
+        before = state()
+        guard.new_step()
+        hook = probe.register_hook(lambda g: g * float("inf")) if fault == "inf_grad" else None
+        loss = engine(ids, labels=labels, return_logits=False).loss
+        if fault == "nan_loss":
+            loss = loss * float("nan")
+        guard.observe_loss(loss)
+        engine.backward(loss)
+        with HostReads() as reads:
+            engine.step()
+        if hook is not None:
+            hook.remove()
+        after = state()
+        changed = len(after) != len(before) or any(not torch.equal(a, b) for a, b in zip(before, after))
+        finite = all(bool(torch.isfinite(p).all()) for p in engine.module.parameters())
+        adam_steps = sorted({int(s["step"]) for s in opt.state.values() if "step" in s})
+        step_norms, norms[:] = list(norms), []
+        return {"fault": fault, "skipped": guard.update_dropped, "changed": changed, "finite": finite,
+                "adam_steps": adam_steps, "norms": step_norms, "host_reads": reads.count}
+
+    steps = [step(f) for f in (None, "nan_loss", "inf_grad", None)]
+    return {"check_grad_overflow": engine.optimizer.check_grad_overflow,
+            "optimizer": type(engine.optimizer).__name__, "steps": steps}
+
+
 def clipping(device: torch.device) -> dict:
     """Three engines from the same weights on the same batches, clipping active (max norm 0.5): DeepSpeed clipping
     as it comes, and the guard's take-over with a plain and with a fused AdamW. Their weights after three steps, and
@@ -108,9 +119,10 @@ def clipping(device: torch.device) -> dict:
     out = {}
     for name in ("deepspeed", "guard", "guard_fused"):
         model = copy.deepcopy(init)
-        opt = build_optimizer(model, 1e-3, (0.9, 0.95), 1e-8, 0.1, device)
         if name == "guard_fused":
-            opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, fused=True)
+            opt = build_optimizer(model, 1e-3, (0.9, 0.95), 1e-8, 0.1)
+        else:
+            opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
         if name == "deepspeed":
             guard = NonFiniteStepGuard(opt, device)
             engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(cfg, 1, "bf16"))
@@ -143,7 +155,7 @@ def clipping(device: torch.device) -> dict:
 def main() -> None:
     device, _, _ = init_distributed()
     # the engine and its groups go out of scope with run(), before the groups are destroyed
-    print("RESULT " + json.dumps(run(device)), flush=True)
+    print("RESULT " + json.dumps({"plain": run(device, False), "fused": run(device, True)}), flush=True)
     print("CLIPPING " + json.dumps(clipping(device)), flush=True)
     shutdown_distributed(True)
 
