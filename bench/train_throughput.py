@@ -155,7 +155,7 @@ def make_engine(model, harness: str, cfg=None):
 
     opt = build_optimizer(model, 3e-4, (0.9, 0.95), 1e-8, 0.1)
     ds_cfg = merge_sections(deepspeed_config(cfg, 1, "bf16"), DS_CONFIG_CHANGES)
-    # with the trainer's own skip of non-finite updates (its one host sync a step included)
+    # with the trainer's own skip of non-finite updates and clipping (pretrain/step_guard.py)
     engine, _, guard = initialize_with_guard(model, opt, ds_cfg, dev)
 
     def step(loss_fn, ids, labels, cu):
@@ -167,6 +167,8 @@ def make_engine(model, harness: str, cfg=None):
             guard.observe_loss(loss)
             engine.backward(loss)
             engine.step()
+        # the trainer reads the guard's decision after each step (its bookkeeping of skipped steps): so does this
+        guard.update_dropped  # noqa: B018
         return loss.detach()
 
     return step
