@@ -3,6 +3,7 @@ trainer's own code path against fla GLA and HF Llama (SDPA) of the same size, sa
 
     python -m bench.train_throughput [--presets 360m,1.3b] [--seqlens 2048,8192,16384] [--peers gla,llama]
                                      [--harness trainer,plain] [--compile] [--profile] [--micro-batch N]
+                                     [--doc-len N]
 
 Harnesses (both are run when asked; each row says which):
   trainer  ours: `pretrain.trainer.build_training_model` + the DeepSpeed engine from `deepspeed_config` (bf16
@@ -11,7 +12,8 @@ Harnesses (both are run when asked; each row says which):
            Peers go through the same DeepSpeed config and optimizer.
   plain    the spec's anchor harness for every model: `model.to(bfloat16)`, `AdamW(fused=True)`, no grad clipping
            (with --micro-batch, each micro-batch's loss scaled by N / B before its backward).
-Every run: 32,768 tokens per step (B = 32768 / T), random tokens, 3 warm-up steps, then 8 timed steps between
+Every run: 32,768 tokens per step (B = 32768 / T), random tokens (packed into documents of mean length N with
+cu_seqlens under --doc-len; otherwise no boundaries), 3 warm-up steps, then 8 timed steps between
 `cuda.synchronize()` calls; peak memory is `max_memory_allocated` over the timed steps.
 
 Correctness gate (a model that fails it gets no time; the script exits non-zero): ours at the bench preset, one
@@ -55,6 +57,36 @@ DS_CONFIG_CHANGES: dict = {}
 # sequences per forward/backward (--micro-batch; 0: the whole batch at once): the same tokens per optimizer step,
 # in B / MICRO_BATCH accumulated micro-batches, in every harness (what a model that does not fit at B needs)
 MICRO_BATCH = {"n": 0}
+# mean document length in tokens (--doc-len; 0: no boundaries): each step's batch then packs documents like the
+# trainer's loader, with `cu_seqlens` moved to the GPU as the trainer moves it (a fresh tensor every step, so the
+# operator plans its chunks every step, as in training). The peers ignore the boundaries.
+DOC_LEN = {"n": 0}
+
+
+def doc_boundaries(B: int, T: int, mean_len: int, seed: int) -> torch.Tensor:
+    """cu_seqlens over the B * T flattened tokens: every row starts a document, and documents of exponentially
+    distributed length (mean `mean_len`, at least 1 token) follow each other within a row."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    starts = []
+    for row in range(B):
+        pos, end = row * T, (row + 1) * T
+        while pos < end:
+            starts.append(pos)
+            pos += max(1, int(rng.exponential(mean_len)))
+    return torch.tensor([*starts, B * T], dtype=torch.int32)
+
+
+def step_boundaries(cu_host: torch.Tensor | None) -> torch.Tensor | None:
+    """This step's boundaries on the GPU, moved the way `pretrain.trainer.Trainer._to_device` moves them."""
+    if cu_host is None:
+        return None
+    from metala.ops.utils.chunk_plan import remember_host_boundaries
+
+    cu = cu_host.pin_memory().to("cuda", non_blocking=True)
+    remember_host_boundaries(cu, cu_host)
+    return cu
 
 
 def micro_batch(B: int) -> int:
@@ -187,21 +219,23 @@ def time_model(name: str, build, harness: str, B: int, T: int, cfg=None) -> dict
     model, n, loss_fn, *_ = build()
     step = make_engine(model, harness, cfg)
     ids, labels = random_batch(B, T, 32000, seed=T)
+    cu_host = doc_boundaries(B, T, DOC_LEN["n"], seed=T) if DOC_LEN["n"] else None
     losses = []
     for _ in range(WARMUP):
-        losses.append(step(loss_fn, ids, labels, None))
+        losses.append(step(loss_fn, ids, labels, step_boundaries(cu_host)))
     torch.cuda.synchronize()
     warm_s = time.time() - t_build
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(TIMED):
-        losses.append(step(loss_fn, ids, labels, None))
+        losses.append(step(loss_fn, ids, labels, step_boundaries(cu_host)))
     torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / TIMED
     losses = [float(x) for x in losses]
     ok = all(math.isfinite(x) for x in losses) and abs(losses[0] - math.log(32000)) < 1.5
     tps = B * T / dt
-    row = {"model": name, "harness": harness, "T": T, "B": B, "micro_batch": micro_batch(B), "tokens_per_step": B * T, "step_s": dt,
+    row = {"model": name, "harness": harness, "T": T, "B": B, "micro_batch": micro_batch(B),
+           "documents_per_step": 0 if cu_host is None else len(cu_host) - 1, "tokens_per_step": B * T, "step_s": dt,
            "tokens_per_s": tps, "mfu": 6 * n * tps / H100_PEAK, "n_nonemb": n,
            "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9, "loss_first": losses[0],
            "loss_last": losses[-1], "loss_ok": ok, "build_and_warmup_s": warm_s}
@@ -288,15 +322,16 @@ def profile_ours(preset: str, T: int, B: int, compile_: bool, harness: str = "pl
     model, _, loss_fn, cfg = build_ours(preset, T, B, harness, compile_, False)
     step = make_engine(model, harness, cfg)
     ids, labels = random_batch(B, T, 32000, seed=T)
+    cu_host = doc_boundaries(B, T, DOC_LEN["n"], seed=T) if DOC_LEN["n"] else None
     for _ in range(2):
-        step(loss_fn, ids, labels, None)
+        step(loss_fn, ids, labels, step_boundaries(cu_host))
     torch.cuda.synchronize()
     # GPU-only first (little host overhead): the step's GPU idle time; then with host ops and shapes for attribution
     with profile(activities=[ProfilerActivity.CUDA]) as prof_gpu:
-        step(loss_fn, ids, labels, None)
+        step(loss_fn, ids, labels, step_boundaries(cu_host))
         torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
-        step(loss_fn, ids, labels, None)
+        step(loss_fn, ids, labels, step_boundaries(cu_host))
         torch.cuda.synchronize()
 
     def device_ms(e) -> float:
@@ -347,7 +382,8 @@ def run_row_isolated(spec: dict, timeout_s: float = ROW_TIMEOUT_S) -> dict:
     import subprocess
     import sys
 
-    spec = {**spec, "model_overrides": MODEL_OVERRIDES, "ds_config": DS_CONFIG_CHANGES, "micro_batch": MICRO_BATCH["n"]}
+    spec = {**spec, "model_overrides": MODEL_OVERRIDES, "ds_config": DS_CONFIG_CHANGES, "micro_batch": MICRO_BATCH["n"],
+            "doc_len": DOC_LEN["n"]}
     try:
         proc = subprocess.run([sys.executable, "-m", "bench.train_throughput", "--row", json.dumps(spec)],
                               capture_output=True, text=True, cwd=ROOT, timeout=timeout_s)
@@ -411,6 +447,9 @@ def main() -> int:
                     help='JSON merged into the trainer harness\'s DeepSpeed config, e.g. \'{"bf16": {"check_grad_overflow": true}}\'')
     ap.add_argument("--micro-batch", type=int, default=0,
                     help="sequences per forward/backward, accumulated to the full batch (default: all at once)")
+    ap.add_argument("--doc-len", type=int, default=0,
+                    help="pack documents of this mean length (tokens) into each step's batch, with cu_seqlens as the "
+                         "trainer passes them (default: no boundaries)")
     ap.add_argument("--tag", default="", help="suffix of the result file name")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results")
     ap.add_argument("--row", help=argparse.SUPPRESS)
@@ -420,17 +459,21 @@ def main() -> int:
         MODEL_OVERRIDES.update(spec.get("model_overrides", {}))
         DS_CONFIG_CHANGES.update(spec.get("ds_config", {}))
         MICRO_BATCH["n"] = spec.get("micro_batch", 0)
+        DOC_LEN["n"] = spec.get("doc_len", 0)
         row_main(spec)
         return 0
     MODEL_OVERRIDES.update(args.model_overrides)
     DS_CONFIG_CHANGES.update(args.ds_config)
     MICRO_BATCH["n"] = args.micro_batch
+    DOC_LEN["n"] = args.doc_len
+    if args.doc_len and args.micro_batch:
+        raise SystemExit("--doc-len and --micro-batch together are not supported (boundaries span the whole batch)")
     torch.backends.cuda.matmul.allow_tf32 = True
     gpu = torch.cuda.get_device_name()
     result = {"bench": "train_throughput", "gpu": gpu, "torch": torch.__version__,
               "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "tokens_per_step": TOKENS,
               "peak_flops": H100_PEAK, "model_overrides": MODEL_OVERRIDES,
-              "ds_config_changes": DS_CONFIG_CHANGES, "micro_batch": MICRO_BATCH["n"], "gates": {}, "rows": [], "profiles": {}}
+              "ds_config_changes": DS_CONFIG_CHANGES, "micro_batch": MICRO_BATCH["n"], "doc_len": DOC_LEN["n"], "gates": {}, "rows": [], "profiles": {}}
     all_ok = True
     args.out.mkdir(parents=True, exist_ok=True)
     tag = gpu_tag(gpu)

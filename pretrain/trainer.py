@@ -18,6 +18,7 @@ import torch.distributed as dist
 import yaml
 
 from metala import MetaLAConfig, MetaLAForCausalLM
+from metala.ops.utils.chunk_plan import remember_host_boundaries
 from pretrain import checkpoint as ckpt
 from pretrain.config import ConfigError, TrainConfig
 from pretrain.data import DataError, PackedDataset, PackedLoader, iter_eval_batches, load_manifest
@@ -338,7 +339,20 @@ class Trainer:
     # --- loop ------------------------------------------------------------------------------------------------
 
     def _to_device(self, mb: dict) -> dict:
-        return {k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in mb.items()}
+        cuda = self.device.type == "cuda"
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            # a copy from pageable host memory makes the host wait for the stream's queued work (the previous
+            # micro-batch's backward, the last step's optimizer) before it starts; from pinned memory it is queued
+            # behind that work instead, and the host runs on to enqueue the forward
+            return t.pin_memory().to(self.device, non_blocking=True) if cuda else t.to(self.device)
+
+        out = {k: (move(v) if isinstance(v, torch.Tensor) else v) for k, v in mb.items()}
+        if isinstance(mb.get("cu_seqlens"), torch.Tensor):
+            # the operator plans its chunks from the document boundaries on the host: hand it this copy, so that
+            # the forward reads nothing back from the device
+            remember_host_boundaries(out["cu_seqlens"], mb["cu_seqlens"])
+        return out
 
     def _forward_loss(self, mb: dict) -> torch.Tensor:
         """This rank's loss of a micro-batch. Under sequence parallelism: its slice's token-loss sum over the whole
@@ -532,4 +546,4 @@ class Trainer:
             log.warning("releasing the DeepSpeed engine failed: %s", e)
 
 
-__all__ = ["Trainer", "TrainingDiverged", "DataError", "deepspeed_config", "pad_vocab"]
+__all__ = ["DataError", "Trainer", "TrainingDiverged", "deepspeed_config", "pad_vocab"]

@@ -20,3 +20,16 @@ def test_merge_sections_updates_a_section_key_by_key_and_replaces_the_rest():
     assert out == {"bf16": {"enabled": True, "check_grad_overflow": True}, "zero_optimization": {"stage": 1},
                    "gradient_clipping": 0.0}
     assert base["bf16"] == {"enabled": True}  # the base is not changed
+
+
+def test_doc_boundaries_pack_documents_into_rows_like_the_loader():
+    from bench.train_throughput import doc_boundaries, step_boundaries
+
+    B, T = 4, 2048
+    cu = doc_boundaries(B, T, 500, seed=0)
+    assert cu.dtype.is_floating_point is False and cu[0] == 0 and cu[-1] == B * T
+    assert bool((cu[1:] > cu[:-1]).all())
+    # every row starts a document (no document crosses a row), and the lengths average about the mean asked for
+    assert set(range(0, B * T, T)) <= set(cu.tolist())
+    assert 300 < (B * T) / (len(cu) - 1) < 700
+    assert step_boundaries(None) is None

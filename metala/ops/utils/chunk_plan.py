@@ -8,7 +8,10 @@ over the segments of each document composes their states exactly (decay-aware), 
 seg_chunks + segments-per-document instead of T / C.
 
 Tables are int32 on the kernels' device and cached: per (B, T) for dense input, per `cu_seqlens` tensor object
-for packed input (one host read of the boundaries per tensor, shared by every layer of a forward pass).
+for packed input (one host read of the boundaries per tensor, shared by every layer of a forward pass). A caller
+that already holds the boundaries on the host (a trainer moving its batches to the GPU) hands them over with
+`remember_host_boundaries`, and the plan then reads nothing back from the device: that read would make the host
+wait for the queued work in the middle of the forward pass.
 """
 
 from __future__ import annotations
@@ -61,15 +64,40 @@ def _tables(lengths: np.ndarray, chunk_size: int, seg_chunks: int) -> dict[str, 
     }
 
 
+def _to_device(table: np.ndarray, device: torch.device) -> torch.Tensor:
+    host = torch.from_numpy(table.astype(np.int32))
+    if device.type == "cuda":
+        # from pinned memory the copy queues behind the stream's work instead of waiting for it
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
 def make_plan(lengths: np.ndarray, chunk_size: int, seg_chunks: int, device: torch.device) -> ChunkPlan:
     t = _tables(np.asarray(lengths), chunk_size, seg_chunks)
-    dev = {k: torch.from_numpy(v.astype(np.int32)).to(device) for k, v in t.items()}
+    dev = {k: _to_device(v, device) for k, v in t.items()}
     return ChunkPlan(chunk_size=chunk_size, seg_chunks=seg_chunks, n_docs=len(lengths),
                      n_chunks=len(t["chunk_start"]), n_segs=len(t["seg_first_chunk"]), **dev)
 
 
 _DENSE: dict[tuple, ChunkPlan] = {}
 _VARLEN: dict[int, tuple[weakref.ref, int, tuple, ChunkPlan]] = {}
+_HOST_BOUNDARIES: dict[int, tuple[weakref.ref, int, np.ndarray]] = {}
+
+
+def remember_host_boundaries(cu_seqlens: torch.Tensor, host: torch.Tensor | np.ndarray) -> None:
+    """The values of `cu_seqlens` (on the device), which the caller holds on the host as `host`: plans for that
+    tensor object are built from them (until it is modified in place) instead of reading it back."""
+    if len(_HOST_BOUNDARIES) > 64:
+        _HOST_BOUNDARIES.clear()
+    values = np.asarray(host.detach().cpu() if isinstance(host, torch.Tensor) else host, dtype=np.int64)
+    _HOST_BOUNDARIES[id(cu_seqlens)] = (weakref.ref(cu_seqlens), cu_seqlens._version, values)
+
+
+def _host_boundaries(cu_seqlens: torch.Tensor) -> np.ndarray:
+    known = _HOST_BOUNDARIES.get(id(cu_seqlens))
+    if known is not None and known[0]() is cu_seqlens and known[1] == cu_seqlens._version:
+        return known[2]
+    return cu_seqlens.detach().to("cpu", torch.int64).numpy()
 
 
 def default_seg_chunks(n_chunks_per_doc: int, n_docs: int, n_heads: int, n_value_tiles: int) -> int:
@@ -95,8 +123,7 @@ def plan_for(
     cfg = (chunk_size, seg_chunks, str(device))
     if entry is not None and entry[0]() is cu_seqlens and entry[1] == cu_seqlens._version and entry[2] == cfg:
         return entry[3]
-    lengths = torch.diff(cu_seqlens.detach().to("cpu", torch.int64)).numpy()
-    plan = make_plan(lengths, chunk_size, seg_chunks, device)
+    plan = make_plan(np.diff(_host_boundaries(cu_seqlens)), chunk_size, seg_chunks, device)
     if len(_VARLEN) > 64:
         _VARLEN.clear()
     _VARLEN[id(cu_seqlens)] = (weakref.ref(cu_seqlens), cu_seqlens._version, cfg, plan)
