@@ -55,6 +55,8 @@ class NonFiniteStepGuard:
 
         def guarded_step(*args, **kwargs):
             self.reached = True
+            # set below for this call only: nothing of an earlier step may linger on the optimizer
+            optimizer.found_inf = optimizer.grad_scale = None
             norm = getattr(self._norm_source, "_global_grad_norm", None)
             fused = all(group.get("fused") for group in optimizer.param_groups)
             # DeepSpeed's global norm on the device and a fused AdamW: the skip happens on the device (its
