@@ -78,15 +78,18 @@ def doc_boundaries(B: int, T: int, mean_len: int, seed: int) -> torch.Tensor:
     return torch.tensor([*starts, B * T], dtype=torch.int32)
 
 
+def run_boundaries(B: int, T: int) -> torch.Tensor | None:
+    """The host boundaries every step of a run uses (None without --doc-len)."""
+    return doc_boundaries(B, T, DOC_LEN["n"], seed=T) if DOC_LEN["n"] else None
+
+
 def step_boundaries(cu_host: torch.Tensor | None) -> torch.Tensor | None:
     """This step's boundaries on the GPU, moved the way `pretrain.trainer.Trainer._to_device` moves them."""
     if cu_host is None:
         return None
-    from metala.ops.utils.chunk_plan import remember_host_boundaries
+    from metala.ops.utils.chunk_plan import boundaries_to_device
 
-    cu = cu_host.pin_memory().to("cuda", non_blocking=True)
-    remember_host_boundaries(cu, cu_host)
-    return cu
+    return boundaries_to_device(cu_host, torch.device("cuda"))
 
 
 def micro_batch(B: int) -> int:
@@ -219,7 +222,7 @@ def time_model(name: str, build, harness: str, B: int, T: int, cfg=None) -> dict
     model, n, loss_fn, *_ = build()
     step = make_engine(model, harness, cfg)
     ids, labels = random_batch(B, T, 32000, seed=T)
-    cu_host = doc_boundaries(B, T, DOC_LEN["n"], seed=T) if DOC_LEN["n"] else None
+    cu_host = run_boundaries(B, T)
     losses = []
     for _ in range(WARMUP):
         losses.append(step(loss_fn, ids, labels, step_boundaries(cu_host)))
@@ -322,7 +325,7 @@ def profile_ours(preset: str, T: int, B: int, compile_: bool, harness: str = "pl
     model, _, loss_fn, cfg = build_ours(preset, T, B, harness, compile_, False)
     step = make_engine(model, harness, cfg)
     ids, labels = random_batch(B, T, 32000, seed=T)
-    cu_host = doc_boundaries(B, T, DOC_LEN["n"], seed=T) if DOC_LEN["n"] else None
+    cu_host = run_boundaries(B, T)
     for _ in range(2):
         step(loss_fn, ids, labels, step_boundaries(cu_host))
     torch.cuda.synchronize()

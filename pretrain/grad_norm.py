@@ -50,10 +50,15 @@ def _fused_grad_norm_direct(self, gradients, params, norm_type=2):
 _NEEDS = ("get_grad_norm_direct", "model_parallel_rank", "dp_process_group", "_model_parallel_all_reduce", "device")
 
 
+def is_zero_1_2(engine_optimizer) -> bool:
+    """Whether DeepSpeed's optimizer is its ZeRO-1/2 one (not ZeRO-3's, nor its bf16 / fp16 wrappers)."""
+    return type(engine_optimizer).__name__ == "DeepSpeedZeroOptimizer"
+
+
 def use_fused_grad_norm(zero_optimizer) -> bool:
     """Swap the per-tensor gradient norm of a DeepSpeed ZeRO-1/2 optimizer (`engine.optimizer`) for the fused one.
     Returns False, changing nothing, for any other optimizer (ZeRO-0/3, DeepSpeed's bf16 or fp16 wrappers)."""
-    if type(zero_optimizer).__name__ != "DeepSpeedZeroOptimizer":
+    if not is_zero_1_2(zero_optimizer):
         return False
     # what the fused method reads (DeepSpeed 0.19.8, the pinned version); another version without them keeps its own
     if not all(hasattr(zero_optimizer, a) for a in _NEEDS):

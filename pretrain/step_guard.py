@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from pretrain.distributed import comm_device
-from pretrain.grad_norm import use_fused_grad_norm
+from pretrain.grad_norm import is_zero_1_2, use_fused_grad_norm
 
 
 class NonFiniteStepGuard:
@@ -104,9 +104,10 @@ class NonFiniteStepGuard:
         optimizer.step = guarded_step
 
     def _read_flags(self) -> None:
-        """The host values of this step's flags (a wait for the device where they are still on it)."""
-        bad, stop = self._flags.tolist()
-        self._bad, self._stop = bool(bad), bool(stop)
+        """The host values of this step's flags, once (a wait for the device where they are still on it)."""
+        if self._bad is None:
+            bad, stop = self._flags.tolist()
+            self._bad, self._stop = bool(bad), bool(stop)
 
     def attach(self, engine_optimizer) -> None:
         """The DeepSpeed optimizer that wraps ours (`engine.optimizer`): its global gradient norm decides."""
@@ -118,7 +119,7 @@ class NonFiniteStepGuard:
         parameter group (two waits for the GPU a step) and then multiplies every fp32 gradient in a pass of its
         own; here the divisor stays on the device and the fused AdamW applies it while it reads the gradients.
         Only where DeepSpeed hands its global norm to this guard (ZeRO-1/2); elsewhere DeepSpeed keeps clipping."""
-        if type(engine_optimizer).__name__ != "DeepSpeedZeroOptimizer" or engine_optimizer is not self._norm_source:
+        if not is_zero_1_2(engine_optimizer) or engine_optimizer is not self._norm_source:
             return False
         if not getattr(engine_optimizer, "clip_grad", 0.0) > 0 or not getattr(engine_optimizer, "compute_grad_norm", True):
             return False
@@ -139,8 +140,7 @@ class NonFiniteStepGuard:
         the flags: the optimizer's kernels are already enqueued behind them, so the device keeps working meanwhile."""
         if not self.reached:
             return True
-        if self._bad is None:
-            self._read_flags()
+        self._read_flags()
         return self._bad
 
     @property
@@ -148,8 +148,7 @@ class NonFiniteStepGuard:
         """Whether any rank asked to stop, agreed in this step's all-reduce (None where the step never got there)."""
         if self._flags is None:
             return None
-        if self._bad is None:
-            self._read_flags()
+        self._read_flags()
         return self._stop
 
     def observe_loss(self, loss: torch.Tensor) -> None:

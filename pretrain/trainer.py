@@ -18,7 +18,7 @@ import torch.distributed as dist
 import yaml
 
 from metala import MetaLAConfig, MetaLAForCausalLM
-from metala.ops.utils.chunk_plan import remember_host_boundaries
+from metala.ops.utils.chunk_plan import boundaries_to_device, host_to_device
 from pretrain import checkpoint as ckpt
 from pretrain.config import ConfigError, TrainConfig
 from pretrain.data import DataError, PackedDataset, PackedLoader, iter_eval_batches, load_manifest
@@ -339,20 +339,10 @@ class Trainer:
     # --- loop ------------------------------------------------------------------------------------------------
 
     def _to_device(self, mb: dict) -> dict:
-        cuda = self.device.type == "cuda"
-
-        def move(t: torch.Tensor) -> torch.Tensor:
-            # a copy from pageable host memory makes the host wait for the stream's queued work (the previous
-            # micro-batch's backward, the last step's optimizer) before it starts; from pinned memory it is queued
-            # behind that work instead, and the host runs on to enqueue the forward
-            return t.pin_memory().to(self.device, non_blocking=True) if cuda else t.to(self.device)
-
-        out = {k: (move(v) if isinstance(v, torch.Tensor) else v) for k, v in mb.items()}
-        if isinstance(mb.get("cu_seqlens"), torch.Tensor):
-            # the operator plans its chunks from the document boundaries on the host: hand it this copy, so that
-            # the forward reads nothing back from the device
-            remember_host_boundaries(out["cu_seqlens"], mb["cu_seqlens"])
-        return out
+        # no host wait on the way in (pinned copies), and the operator plans its chunks from this host copy of the
+        # document boundaries instead of reading them back in the middle of the forward pass
+        return {k: ((boundaries_to_device if k == "cu_seqlens" else host_to_device)(v, self.device)
+                    if isinstance(v, torch.Tensor) else v) for k, v in mb.items()}
 
     def _forward_loss(self, mb: dict) -> torch.Tensor:
         """This rank's loss of a micro-batch. Under sequence parallelism: its slice's token-loss sum over the whole
@@ -440,7 +430,8 @@ class Trainer:
         while self.step < stop_at:
             step_loss = self.train_step()
             step = self.step
-            # decided once for every rank inside the optimizer step (pretrain/step_guard.py): no host sync here
+            # decided once for every rank in the optimizer step (pretrain/step_guard.py); read here, with the
+            # optimizer's kernels already queued behind the flags
             if self.guard.update_dropped:
                 self.skipped_steps += 1
                 self.bad_in_a_row += 1

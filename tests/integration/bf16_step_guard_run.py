@@ -43,18 +43,28 @@ class HostReads:
             setattr(torch.Tensor, name, original)
 
 
-def run(device: torch.device, fused_adamw: bool) -> dict:
+def ds_config(grad_clip: float) -> dict:
+    """The trainer's DeepSpeed config for this tiny run: ZeRO-1, bf16."""
     cfg = config_from_dict({
-        "name": "guard", "model": {"preset": "tiny"}, "data": {"dir": "unused", "seq_len": 32}, "optim": {"lr": 1e-3},
+        "name": "guard", "model": {"preset": "tiny"}, "data": {"dir": "unused", "seq_len": 32},
+        "optim": {"lr": 1e-3, "grad_clip": grad_clip},
         "train": {"steps": 10, "global_batch": 2, "micro_batch": 2, "out_dir": "unused", "zero_stage": 1},
     })
+    return deepspeed_config(cfg, 1, "bf16")
+
+
+def adamw(model: torch.nn.Module, fused: bool) -> torch.optim.Optimizer:
+    """The trainer's optimizer (fused: the guard's skip and clip then happen on the device), or a plain AdamW."""
+    if fused:
+        return build_optimizer(model, 1e-3, (0.9, 0.95), 1e-8, 0.1)
+    return torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
+
+
+def run(device: torch.device, fused_adamw: bool) -> dict:
     torch.manual_seed(0)
     model = MetaLAForCausalLM(MetaLAConfig.from_preset("tiny", attn_backend="chunk")).to(torch.bfloat16)
-    if fused_adamw:  # the trainer's optimizer: the guard's skip then happens on the device (found_inf)
-        opt = build_optimizer(model, 1e-3, (0.9, 0.95), 1e-8, 0.1)
-    else:
-        opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
-    engine, _, guard = initialize_with_guard(model, opt, deepspeed_config(cfg, 1, "bf16"), device)
+    opt = adamw(model, fused_adamw)
+    engine, _, guard = initialize_with_guard(model, opt, ds_config(1.0), device)
     ids = torch.randint(0, 512, (2, 32))
     labels = torch.randint(0, 512, (2, 32))
     probe = engine.module.layers[0].mixer.q_proj.weight
@@ -108,28 +118,21 @@ def clipping(device: torch.device) -> dict:
     the host reads in each `engine.step()`."""
     import deepspeed
 
-    cfg = config_from_dict({
-        "name": "clip", "model": {"preset": "tiny"}, "data": {"dir": "unused", "seq_len": 32},
-        "optim": {"lr": 1e-3, "grad_clip": 0.5},
-        "train": {"steps": 10, "global_batch": 2, "micro_batch": 2, "out_dir": "unused", "zero_stage": 1},
-    })
+    config = ds_config(0.5)
     torch.manual_seed(0)
     init = MetaLAForCausalLM(MetaLAConfig.from_preset("tiny", attn_backend="chunk")).to(torch.bfloat16)
     batches = [(torch.randint(0, 512, (2, 32)), torch.randint(0, 512, (2, 32))) for _ in range(3)]
     out = {}
     for name in ("deepspeed", "guard", "guard_fused"):
         model = copy.deepcopy(init)
-        if name == "guard_fused":
-            opt = build_optimizer(model, 1e-3, (0.9, 0.95), 1e-8, 0.1)
-        else:
-            opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
+        opt = adamw(model, fused=name == "guard_fused")
         if name == "deepspeed":
             guard = NonFiniteStepGuard(opt, device)
-            engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(cfg, 1, "bf16"))
+            engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
             guard.attach(engine.optimizer)
             use_fused_grad_norm(engine.optimizer)
         else:
-            engine, _, guard = initialize_with_guard(model, opt, deepspeed_config(cfg, 1, "bf16"), device)
+            engine, _, guard = initialize_with_guard(model, opt, config, device)
         reads, norms = [], []
         start = torch.cat([g.detach().flatten().clone() for g in engine.optimizer.single_partition_of_fp32_groups])
         for ids, labels in batches:

@@ -64,17 +64,17 @@ def _tables(lengths: np.ndarray, chunk_size: int, seg_chunks: int) -> dict[str, 
     }
 
 
-def _to_device(table: np.ndarray, device: torch.device) -> torch.Tensor:
-    host = torch.from_numpy(table.astype(np.int32))
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without a host wait: a copy from pageable memory makes the host wait for the
+    stream's queued work before it starts; from pinned memory it is queued behind that work instead."""
     if device.type == "cuda":
-        # from pinned memory the copy queues behind the stream's work instead of waiting for it
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def make_plan(lengths: np.ndarray, chunk_size: int, seg_chunks: int, device: torch.device) -> ChunkPlan:
     t = _tables(np.asarray(lengths), chunk_size, seg_chunks)
-    dev = {k: _to_device(v, device) for k, v in t.items()}
+    dev = {k: host_to_device(torch.from_numpy(v.astype(np.int32)), device) for k, v in t.items()}
     return ChunkPlan(chunk_size=chunk_size, seg_chunks=seg_chunks, n_docs=len(lengths),
                      n_chunks=len(t["chunk_start"]), n_segs=len(t["seg_first_chunk"]), **dev)
 
@@ -91,6 +91,14 @@ def remember_host_boundaries(cu_seqlens: torch.Tensor, host: torch.Tensor | np.n
         _HOST_BOUNDARIES.clear()
     values = np.asarray(host.detach().cpu() if isinstance(host, torch.Tensor) else host, dtype=np.int64)
     _HOST_BOUNDARIES[id(cu_seqlens)] = (weakref.ref(cu_seqlens), cu_seqlens._version, values)
+
+
+def boundaries_to_device(cu_host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`cu_seqlens` moved to `device` the way a trainer should: without a host wait, and remembered, so that its
+    plan reads nothing back."""
+    cu = host_to_device(cu_host, device)
+    remember_host_boundaries(cu, cu_host)
+    return cu
 
 
 def _host_boundaries(cu_seqlens: torch.Tensor) -> np.ndarray:
