@@ -51,6 +51,8 @@ PEER_SIZES = {  # the anchors' peers (performance.md 2.3 / 2.4)
 
 # MetaLAConfig fields over the presets for our rows (--model-overrides), e.g. {"fuse_self_aug": false}
 MODEL_OVERRIDES: dict = {}
+# TrainConfig `train` fields over the benchmark's for our rows (--train-overrides), e.g. {"compile_memory_budget": 0.9}
+TRAIN_OVERRIDES: dict = {}
 # changes to the trainer's DeepSpeed config for trainer-harness rows (--ds-config), e.g.
 # {"bf16": {"check_grad_overflow": true}}: an A/B of a DeepSpeed setting on one machine in one run
 DS_CONFIG_CHANGES: dict = {}
@@ -108,7 +110,8 @@ def train_config(preset: str, T: int, B: int, compile_: bool, activation_checkpo
         "data": {"dir": "unused", "seq_len": T},
         "optim": {"lr": 3e-4},
         "train": {"steps": 1000, "global_batch": B, "micro_batch": micro_batch(B), "out_dir": "unused", "precision": "bf16",
-                  "zero_stage": 1, "compile": compile_, "activation_checkpointing": activation_checkpointing},
+                  "zero_stage": 1, "compile": compile_, "activation_checkpointing": activation_checkpointing,
+                  **TRAIN_OVERRIDES},
     })
 
 
@@ -272,7 +275,8 @@ def gate(preset: str, compiled: bool = False) -> dict:
         if backend == "compiled":
             from pretrain.parallelize import apply_compile
 
-            apply_compile(m)
+            apply_compile(m, memory_budget=TRAIN_OVERRIDES.get("compile_memory_budget", 1.0),
+                          mode=TRAIN_OVERRIDES.get("compile_mode", "default"))
         with torch.no_grad():  # non-zero w_aug so the self-augmentation path is exercised
             gen = torch.Generator().manual_seed(0)
             for layer in m.layers:
@@ -385,7 +389,7 @@ def run_row_isolated(spec: dict, timeout_s: float = ROW_TIMEOUT_S) -> dict:
     import subprocess
     import sys
 
-    spec = {**spec, "model_overrides": MODEL_OVERRIDES, "ds_config": DS_CONFIG_CHANGES, "micro_batch": MICRO_BATCH["n"],
+    spec = {**spec, "model_overrides": MODEL_OVERRIDES, "train_overrides": TRAIN_OVERRIDES, "ds_config": DS_CONFIG_CHANGES, "micro_batch": MICRO_BATCH["n"],
             "doc_len": DOC_LEN["n"]}
     try:
         proc = subprocess.run([sys.executable, "-m", "bench.train_throughput", "--row", json.dumps(spec)],
@@ -446,6 +450,8 @@ def main() -> int:
                     help="seconds one row may take, including compile and autotuning (default %(default)s)")
     ap.add_argument("--model-overrides", default="{}", type=json.loads,
                     help='JSON of MetaLAConfig fields for our rows, e.g. \'{"fuse_self_aug": false}\'')
+    ap.add_argument("--train-overrides", default="{}", type=json.loads,
+                    help='JSON of the train section for our rows, e.g. \'{"compile_memory_budget": 0.9}\'')
     ap.add_argument("--ds-config", default="{}", type=json.loads,
                     help='JSON merged into the trainer harness\'s DeepSpeed config, e.g. \'{"bf16": {"check_grad_overflow": true}}\'')
     ap.add_argument("--micro-batch", type=int, default=0,
@@ -460,12 +466,14 @@ def main() -> int:
     if args.row:
         spec = json.loads(args.row)
         MODEL_OVERRIDES.update(spec.get("model_overrides", {}))
+        TRAIN_OVERRIDES.update(spec.get("train_overrides", {}))
         DS_CONFIG_CHANGES.update(spec.get("ds_config", {}))
         MICRO_BATCH["n"] = spec.get("micro_batch", 0)
         DOC_LEN["n"] = spec.get("doc_len", 0)
         row_main(spec)
         return 0
     MODEL_OVERRIDES.update(args.model_overrides)
+    TRAIN_OVERRIDES.update(args.train_overrides)
     DS_CONFIG_CHANGES.update(args.ds_config)
     MICRO_BATCH["n"] = args.micro_batch
     DOC_LEN["n"] = args.doc_len
@@ -475,7 +483,7 @@ def main() -> int:
     gpu = torch.cuda.get_device_name()
     result = {"bench": "train_throughput", "gpu": gpu, "torch": torch.__version__,
               "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "tokens_per_step": TOKENS,
-              "peak_flops": H100_PEAK, "model_overrides": MODEL_OVERRIDES,
+              "peak_flops": H100_PEAK, "model_overrides": MODEL_OVERRIDES, "train_overrides": TRAIN_OVERRIDES,
               "ds_config_changes": DS_CONFIG_CHANGES, "micro_batch": MICRO_BATCH["n"], "doc_len": DOC_LEN["n"], "gates": {}, "rows": [], "profiles": {}}
     all_ok = True
     args.out.mkdir(parents=True, exist_ok=True)

@@ -62,7 +62,8 @@ def _boundary_runner(boundary: Callable) -> Callable:
     return run_layers
 
 
-def apply_compile(model: nn.Module, backend: str = "inductor", fuse_boundaries: bool = True) -> None:
+def apply_compile(model: nn.Module, backend: str = "inductor", fuse_boundaries: bool = True,
+                  memory_budget: float = 1.0, mode: str = "default") -> None:
     """torch.compile the stages of each block around the recurrent operator, in place (parameter names unchanged):
     `pre` (norm, short conv, projections) and `post` (head norm, gate, output projection, residuals, SwiGLU) are each
     one whole graph, where Inductor fuses the norms, the conv taps and the epilogues; the Triton recurrence runs
@@ -76,21 +77,32 @@ def apply_compile(model: nn.Module, backend: str = "inductor", fuse_boundaries: 
     apart: autograd's add of the residual stream's two gradients, one elementwise pass over [B, T, D] a layer
     (2.2 ms a step at the 1.3B shape on an H200), moves into the compiled backward. The blocks' own compiled
     stages stay for decoding. `backend`: torch.compile's (tests use "aot_eager": the same graphs and autograd,
-    without code generation)."""
+    without code generation).
+
+    `memory_budget` < 1 (`train.compile_memory_budget`) sets torch's activation memory budget for the graphs compiled
+    from here on, process-wide (compiling is lazy, at the first call, so a scoped setting would be gone by then): the
+    partitioner then recomputes elementwise outputs in the backward rather than saving them. `mode`
+    (`train.compile_mode`): torch.compile's, e.g. "max-autotune-no-cudagraphs" (Triton GEMM templates, autotuned,
+    with the elementwise work fused into their epilogues)."""
     import torch
+    import torch._functorch.config as functorch_config
+
+    functorch_config.activation_memory_budget = memory_budget
+    # non-Inductor backends (the tests' "aot_eager") take no mode
+    kw = {} if mode == "default" else {"mode": mode}
 
     # each stage compiled once from the class's function and bound to every block as a method: one graph shared by
     # the layers, and a deep copy of the model (an EMA or evaluation copy) rebinds to its own modules, where a
     # compiled bound method would keep calling the original's
     block_type = type(model.layers[0])
-    pre = torch.compile(block_type.pre, backend=backend)
-    post = torch.compile(block_type.post, backend=backend)
+    pre = torch.compile(block_type.pre, backend=backend, **kw)
+    post = torch.compile(block_type.post, backend=backend, **kw)
     for block in model.layers:
         block.pre = types.MethodType(pre, block)
         block.post = types.MethodType(post, block)
-    model.norm.forward = types.MethodType(torch.compile(type(model.norm).forward, backend=backend), model.norm)
+    model.norm.forward = types.MethodType(torch.compile(type(model.norm).forward, backend=backend, **kw), model.norm)
     if fuse_boundaries and len(model.layers) > 1:
-        boundary = torch.compile(_post_then_pre, backend=backend)
+        boundary = torch.compile(_post_then_pre, backend=backend, **kw)
         model.run_layers = types.MethodType(_boundary_runner(boundary), model)
 
 
@@ -105,5 +117,6 @@ def parallelize(model: nn.Module, cfg: TrainConfig, layout: ParallelLayout) -> t
         apply_activation_checkpointing(model)
     if cfg.train.compile:
         # checkpointed blocks keep their per-block forward: the boundary graphs would span two checkpoints
-        apply_compile(model, fuse_boundaries=not cfg.train.activation_checkpointing)
+        apply_compile(model, fuse_boundaries=not cfg.train.activation_checkpointing,
+                      memory_budget=cfg.train.compile_memory_budget, mode=cfg.train.compile_mode)
     return model, sp
