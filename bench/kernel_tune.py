@@ -36,7 +36,7 @@ W_AUG: torch.Tensor | None = None
 
 def run(q, z, v, do, B, T, seg):
     plan = C.plan_for(B, T, None, C.BT, seg, q.device)
-    o, _, saved = C.chunk_metala_fwd(q, z, v, q.shape[-1] ** -0.5, 1 / 16, None, False, plan, True, W_AUG)
+    o, _, _, saved = C.chunk_metala_fwd(q, z, v, q.shape[-1] ** -0.5, 1 / 16, None, False, plan, True, W_AUG)
     dq, dz, dv, _, dw = C.chunk_metala_bwd(q, z, v, do, None, q.shape[-1] ** -0.5, 1 / 16, saved, plan, True, False,
                                            W_AUG)
     return plan, saved, (o, dq, dz, dv) + (() if dw is None else (dw,))

@@ -62,6 +62,9 @@ class MetaLAConfig:
     # runtime choice: hand the self-augmentation to the operator, which fuses it into its Triton kernels (the
     # PyTorch backends add the same fp32 term after the recurrence); False runs it as a separate module
     fuse_self_aug: bool = True
+    # runtime choice: with the fused self-augmentation and bf16 inputs, the Triton operator returns its fp32 output as
+    # two bf16 halves (metala.ops.metala.SplitOutput), so that its gradient comes back in bf16
+    split_op_output: bool = True
     # positions per cross-entropy chunk in the training loss (0 = one pass); bounds fp32 logit memory
     loss_chunk_size: int = 0
     # free-form provenance (e.g. the preset name); never read by the model
@@ -90,8 +93,9 @@ class MetaLAConfig:
             raise ValueError(f"init_scheme must be one of {_INIT_SCHEMES}, got {self.init_scheme!r}")
         if self.attn_backend not in _ATTN_BACKENDS:
             raise ValueError(f"attn_backend must be one of {_ATTN_BACKENDS}, got {self.attn_backend!r}")
-        if not isinstance(self.fuse_self_aug, bool):
-            raise ValueError(f"fuse_self_aug must be true or false, got {self.fuse_self_aug!r}")
+        for flag in ("fuse_self_aug", "split_op_output"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
         if self.qk_dim % self.n_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must divide qk_dim ({self.qk_dim})")
         if self.d_model % self.n_heads:

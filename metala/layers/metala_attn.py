@@ -15,7 +15,7 @@ from metala.cache import LayerCache
 from metala.config import MetaLAConfig
 from metala.modules.conv import NoConv, ShortConv
 from metala.modules.norm import head_layer_norm
-from metala.ops.metala.api import metala_attn_from_logits
+from metala.ops.metala.api import SplitOutput, metala_attn_from_logits
 from metala.ops.metala.naive import naive_self_augmentation
 
 
@@ -112,6 +112,7 @@ class MetaLAAttention(nn.Module):
         self.o_proj = nn.Linear(d, d, bias=False)
         self.self_aug = SelfAugmentation(H, self.head_qk_dim, config.decay_normalizer) if config.self_aug else NoSelfAugmentation()
         self.fuse_self_aug = config.fuse_self_aug and config.self_aug
+        self.split_op_output = config.split_op_output
         # the operator; sequence parallelism swaps in a state-passing version (pretrain/parallel/sequence.py)
         self.attn_fn = metala_attn_from_logits
 
@@ -169,6 +170,8 @@ class MetaLAAttention(nn.Module):
             cu_seqlens=cu_seqlens,
             backend=self.backend,
             w_aug=self.self_aug.w_aug if self.fuse_self_aug else None,
+            # during training only: decoding keeps the plain output
+            split_output=self.split_op_output and cache is None,
         )
         if cache is not None:
             cache.state, cache.conv_state = final_state, parts.conv_state
@@ -176,6 +179,8 @@ class MetaLAAttention(nn.Module):
 
     def finish(self, o: torch.Tensor, parts: MixerParts) -> torch.Tensor:
         """Self-augmentation (when not fused), head norm, output gate and projection -> [B, T, D]."""
+        if isinstance(o, SplitOutput):
+            o = o.merge()  # here, in the compiled graph: fused into the head norm's read
         B, T = o.shape[:2]
         if not self.fuse_self_aug:
             o = self.self_aug(o, parts.q, parts.z, parts.k, parts.v)

@@ -154,7 +154,9 @@ class SequenceParallel:
 
     def attn_fn(self, base):
         def attn(q, z, v, *, decay_normalizer, k=None, scale=None, initial_state=None, output_final_state=False,
-                 cu_seqlens=None, backend="auto", w_aug=None):
+                 cu_seqlens=None, backend="auto", w_aug=None, split_output=False):
+            # split_output is moot here: the self-augmentation stays out of the operator under SP (below), so its
+            # output is in the inputs' dtype already
             if initial_state is not None or output_final_state:
                 raise ValueError("sequence parallelism is for training; decode without it")
             c = self.ctx

@@ -362,6 +362,44 @@ def test_fused_self_augmentation_varlen_and_bf16():
     assert_close("dw_aug bf16", torch.autograd.grad((o_r * do).sum(), [wb])[0], dw_b, 2e-2)
 
 
+def test_split_output_is_the_fp32_output_with_a_bf16_gradient():
+    """split_output: the fused fp32 output of bf16 inputs as two bf16 halves. Their sum is the fp32 output to ~2^-17
+    of each value; only the first half carries a gradient, and the backward then computes from dO rounded to bf16:
+    the same gradients as the fp32 output's backward given that rounded dO."""
+    from metala.ops.metala import SplitOutput
+
+    lengths = [63, 70, 2]
+    cu = torch.tensor([0] + lengths, device=DEVICE).cumsum(0).to(torch.int32)
+    T = sum(lengths)
+    q, z, v, _ = inputs(1, T, 2, 16, 32, dtype=torch.bfloat16)
+    w = (torch.randn(2, 16, device=DEVICE) * 0.05).bfloat16().requires_grad_()
+    do = torch.randn(1, T, 2, 32, device=DEVICE)
+    o, _ = metala_attn_from_logits(q, z, v, cu_seqlens=cu, backend="triton", w_aug=w)
+    so, _ = metala_attn_from_logits(q, z, v, cu_seqlens=cu, backend="triton", w_aug=w, split_output=True)
+    assert isinstance(so, SplitOutput) and o.dtype == torch.float32
+    assert so.hi.dtype == so.lo.dtype == torch.bfloat16 and not so.lo.requires_grad
+    merged = so.merge()
+    # the first half is the output rounded to nearest on GPUs (the CPU interpreter's bf16 conversion truncates,
+    # whatever the rounding asked for): within one bf16 step of it either way
+    assert ((so.hi.float() - o).abs() <= o.abs() * 2.0**-7).all()
+    if DEVICE == "cuda":
+        assert torch.equal(so.hi, o.bfloat16())
+    # rounded to nearest, each half's error is at most half a step: 2^-9 of the value, then 2^-9 of the remainder
+    assert ((merged - o).abs() <= o.abs() * (2.0**-16 if DEVICE == "cuda" else 2.0**-14)).all()
+    assert (merged - o).abs().max() < (so.hi.float() - o).abs().max() / 32  # the second half adds 5+ bits
+    do_bf16 = do.bfloat16().float()
+    names = ("dq", "dz", "dv", "dw_aug")
+    for name, a, b in zip(names, torch.autograd.grad((o * do_bf16).sum(), [q, z, v, w]),
+                          torch.autograd.grad((merged * do).sum(), [q, z, v, w])):
+        assert a.dtype == b.dtype
+        assert_close(name, a.float(), b.float(), FP32_RATIO)
+    # fp32 inputs (and every path without the fused term) return the output as it is
+    q32, z32, v32, _ = inputs(1, 8, 2, 16, 16)
+    out, _ = metala_attn_from_logits(q32, z32, v32, backend="triton", w_aug=torch.zeros(32, device=DEVICE),
+                                     split_output=True)
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float32
+
+
 def test_bad_self_augmentation_weight_is_an_error():
     q, z, v, _ = inputs(1, 8, 2, 16, 16)
     for bad, match in ((torch.zeros(31), r"\[H \* K\] = \[32\]"), (torch.zeros(4, 8), r"\[H, K\] = \[2, 16\]"),
@@ -397,3 +435,37 @@ def test_model_with_fused_self_augmentation_matches_the_module(backend):
     assert_close("loss", outs[0][0], outs[1][0], FP32_RATIO)
     for (name, _), a, b in zip(models[0].named_parameters(), outs[0][1], outs[1][1]):
         assert_close(name, a, b, 1e-4)
+
+
+def test_model_with_split_operator_output():
+    """config.split_op_output: in a bf16 model the layer gets a SplitOutput from the operator and merges it in
+    `finish`. Against the same model in fp32, its loss and gradients are as close as those of the bf16 model that
+    takes the fp32 output (the two differ by the output's ~2^-17 and the gradient's bf16 rounding)."""
+    from metala import MetaLAConfig, MetaLAForCausalLM, next_token_labels
+    from metala.ops.metala import SplitOutput
+    from tests.utils import err_ratio
+
+    lengths = [40, 1, 30]
+    ids = torch.randint(0, 512, (1, sum(lengths)), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(0))
+    cu = torch.tensor([0] + lengths, device=DEVICE).cumsum(0).to(torch.int32)
+    outs, kinds = {}, []
+    for name, split, dtype in (("fp32", True, torch.float32), ("bf16", False, torch.bfloat16),
+                               ("bf16 split", True, torch.bfloat16)):
+        torch.manual_seed(0)
+        cfg = MetaLAConfig.from_preset("tiny", attn_backend="triton", split_op_output=split)
+        m = MetaLAForCausalLM(cfg).to(DEVICE)
+        for layer in m.layers:
+            torch.manual_seed(1)
+            torch.nn.init.normal_(layer.mixer.self_aug.w_aug, 0, 0.05)
+        m = m.to(dtype)
+        attend = m.layers[0].mixer.attend
+        m.layers[0].mixer.attend = lambda *a, _f=attend, **k: kinds.append(type(r := _f(*a, **k))) or r
+        out = m(ids, labels=next_token_labels(ids), cu_seqlens=cu)
+        outs[name] = [out.loss.float()] + [g.float() for g in torch.autograd.grad(out.loss, list(m.parameters()))]
+    assert kinds == [torch.Tensor, torch.Tensor, SplitOutput]
+    names = ["loss"] + [n for n, _ in m.named_parameters()]
+    for i, name in enumerate(names):
+        ref = outs["fp32"][i]
+        plain, split = err_ratio(ref, outs["bf16"][i]), err_ratio(ref, outs["bf16 split"][i])
+        print(f"{name}: bf16 {plain:.3e}, bf16 split {split:.3e}")
+        assert split <= 1.25 * plain + 2e-3, (name, plain, split)

@@ -1,5 +1,6 @@
 from metala.ops.metala.api import (
     BACKENDS,
+    SplitOutput,
     check_metala_args,
     metala_attn,
     metala_attn_from_logits,
@@ -11,6 +12,7 @@ from metala.ops.metala.naive import naive_chunk_metala, naive_parallel_metala, n
 
 __all__ = [
     "BACKENDS",
+    "SplitOutput",
     "check_metala_args",
     "fused_recurrent_metala",
     "metala_attn",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -24,6 +24,20 @@ BACKENDS: dict[str, Backend] = {
     "recurrent": fused_recurrent_metala,
 }
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class SplitOutput(NamedTuple):
+    """The operator's fp32 output as two bf16 tensors, `hi` (the output rounded) and `lo` (the remainder, rounded):
+    hi + lo keeps ~16 of fp32's 24 mantissa bits (relative error ~2^-17, against 2^-9 for hi alone). Only `hi`
+    carries a gradient, which is the whole output's: the operator's backward then reads dO in bf16, and the caller's
+    backward writes it in bf16, half the bytes of an fp32 gradient. `merge()` is the fp32 output; call it where the
+    output is consumed (inside a compiled graph, where it fuses into the consumer)."""
+
+    hi: torch.Tensor
+    lo: torch.Tensor
+
+    def merge(self) -> torch.Tensor:
+        return self.hi.float() + self.lo.float()
 
 
 def triton_usable(device: torch.device) -> bool:
@@ -213,7 +227,8 @@ def metala_attn_from_logits(
     cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
     w_aug: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    split_output: bool = False,
+) -> tuple[torch.Tensor | SplitOutput, torch.Tensor | None]:
     """`metala_attn` from the gate logits z: g = logsigmoid(z) / decay_normalizer.
 
     On the Triton path the log-decay, the key and dz are computed inside the kernels from z (no fp32 g tensor is
@@ -223,7 +238,8 @@ def metala_attn_from_logits(
     a = sum_K q w_aug k (paper Eq. 22). The chunked Triton path fuses it into its output and backward kernels;
     every other path adds `naive_self_augmentation` in fp32 after the operator. The output is then fp32 (as the
     layer's unfused o + term): rounded to bf16, o + ~0.5 would keep little of the recurrent part's precision, which
-    is what the head norm keeps after centring.
+    is what the head norm keeps after centring. `split_output`: where the Triton kernels produce that fp32 output
+    from bf16 inputs, return it as a `SplitOutput` (its gradient comes back in bf16); everywhere else a tensor.
     """
     check_w_aug(w_aug, q)
     needs_grad = torch.is_grad_enabled() and any(
@@ -234,7 +250,8 @@ def metala_attn_from_logits(
         from metala.ops.metala.chunk import chunk_metala_from_logits
 
         return chunk_metala_from_logits(q, z, v, decay_normalizer, scale=scale, initial_state=initial_state,
-                                        output_final_state=output_final_state, cu_seqlens=cu_seqlens, w_aug=w_aug)
+                                        output_final_state=output_final_state, cu_seqlens=cu_seqlens, w_aug=w_aug,
+                                        split_output=split_output)
     g = None
     if k is None and name == "triton_recurrent":
         from metala.ops.metala.fused_recurrent import fused_recurrent_metala_triton

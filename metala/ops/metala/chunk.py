@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from metala.ops.metala.api import BACKENDS, check_metala_args, check_w_aug
+from metala.ops.metala.api import BACKENDS, SplitOutput, check_metala_args, check_w_aug
 from metala.ops.metala.chunk_bwd import (
     chunk_metala_bwd_kernel_dh,
     chunk_metala_bwd_kernel_dkg,
@@ -174,7 +174,9 @@ def _launch(name: str) -> dict:
 
 
 def chunk_metala_fwd(q, gate, v, scale, inv_tau, initial_state, output_final_state, plan: ChunkPlan,
-                     gate_logits: bool, w_aug: torch.Tensor | None = None):
+                     gate_logits: bool, w_aug: torch.Tensor | None = None, split: bool = False):
+    """(o, o_lo, ht, saved): with `split` (w_aug and bf16 inputs only) the fp32 output comes as o + o_lo, two bf16
+    tensors; o_lo is None otherwise."""
     T, H, K = q.shape
     V = v.shape[-1]
     BK, BV = _tiles(K, V)
@@ -200,16 +202,19 @@ def chunk_metala_fwd(q, gate, v, scale, inv_tau, initial_state, output_final_sta
                 **_launch("seg")))
     # with the self-augmentation the output is fp32, as the unfused layer's o + term: in bf16, rounding o + ~0.5 would
     # cost the small recurrent part (what the head norm keeps after centring) most of its precision
-    o = torch.empty_like(v, dtype=torch.float32 if w_aug is not None else v.dtype)
+    if split and (w_aug is None or q.dtype != torch.bfloat16):
+        raise ValueError("a split output is the fp32 output (w_aug given) of bf16 inputs")
+    o = torch.empty_like(v, dtype=torch.float32 if w_aug is not None and not split else v.dtype)
+    o_lo = torch.empty_like(o) if split else None
     BVo = _bv("fwd_o", V)
     for path in _intra_paths("fwd_o"):
         launch(chunk_metala_fwd_kernel_o, (plan.n_chunks, H, triton.cdiv(V, BVo)),
-               (q, gate, v, h_local, cdec, S_in, o, q if w_aug is None else w_aug, plan.chunk_start, plan.chunk_len,
-                plan.chunk_seg, scale, inv_tau),
+               (q, gate, v, h_local, cdec, S_in, o, o if o_lo is None else o_lo, q if w_aug is None else w_aug,
+                plan.chunk_start, plan.chunk_len, plan.chunk_seg, scale, inv_tau),
                dict(H=H, K=K, V=V, BT_=BT, BC_=BC, BV=BVo, GATE_LOGITS=gate_logits, DT=_dot_dtype(q.dtype),
                     DOT_PREC=prec, INTRA_DT=_scores_dtype(q.dtype), INTRA_PATH=path, AUG=w_aug is not None,
-                    **_launch("fwd_o")))
-    return o, ht, (h_local, cdec, S_in, G)
+                    SPLIT=split, **_launch("fwd_o")))
+    return o, o_lo, ht, (h_local, cdec, S_in, G)
 
 
 def chunk_metala_bwd(q, gate, v, do, dht, scale, inv_tau, saved, plan: ChunkPlan, gate_logits: bool,
@@ -287,20 +292,29 @@ def chunk_metala_bwd(q, gate, v, do, dht, scale, inv_tau, saved, plan: ChunkPlan
 
 
 class ChunkMetaLAFunction(torch.autograd.Function):
+    """Outputs (o, o_lo, ht). With `split`, o_lo holds the remainder of the fp32 output rounded into o (bf16); it
+    carries no gradient (o + o_lo has o's gradient), so the backward receives dO in bf16: half the bytes that the
+    state-gradient, dv and dq/dk kernels read, and half what the caller's backward writes."""
+
     @staticmethod
-    def forward(ctx, q, gate, v, scale, inv_tau, initial_state, output_final_state, plan, gate_logits, w_aug):
+    def forward(ctx, q, gate, v, scale, inv_tau, initial_state, output_final_state, plan, gate_logits, w_aug, split):
         B, T, H, K = q.shape
         flat = [t.reshape(B * T, H, t.shape[-1]).contiguous() for t in (q, gate, v)]
         h0 = initial_state.contiguous() if initial_state is not None else None
         w = w_aug.reshape(H, K).contiguous() if w_aug is not None else None
-        o, ht, saved = chunk_metala_fwd(*flat, scale, inv_tau, h0, output_final_state, plan, gate_logits, w)
+        o, o_lo, ht, saved = chunk_metala_fwd(*flat, scale, inv_tau, h0, output_final_state, plan, gate_logits, w,
+                                              split)
         ctx.save_for_backward(*flat, *saved, *(() if w is None else (w,)))
         ctx.meta = (B, T, scale, inv_tau, plan, gate_logits, initial_state is not None,
                     None if w_aug is None else (w_aug.shape, w_aug.dtype))
-        return o.view(B, T, H, v.shape[-1]), ht
+        shape = (B, T, H, v.shape[-1])
+        if o_lo is not None:
+            o_lo = o_lo.view(shape)
+            ctx.mark_non_differentiable(o_lo)
+        return o.view(shape), o_lo, ht
 
     @staticmethod
-    def backward(ctx, do, dht):
+    def backward(ctx, do, do_lo, dht):
         q, gate, v, *saved = ctx.saved_tensors
         B, T, scale, inv_tau, plan, gate_logits, has_h0, aug = ctx.meta
         w = saved.pop() if aug is not None else None
@@ -312,7 +326,7 @@ class ChunkMetaLAFunction(torch.autograd.Function):
         shape = (B, T, H)
         dw = dw.reshape(aug[0]).to(aug[1]) if aug is not None else None
         return (dq.view(*shape, -1), dgate.view(*shape, -1), dv.view(*shape, -1), None, None, dh0, None, None,
-                None, dw)
+                None, dw, None)
 
 
 def _plan(q: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None, seg_chunks: int | None) -> ChunkPlan:
@@ -367,7 +381,9 @@ def chunk_metala(
     # a Python float: an int scale would be specialised (and the launch cache keyed) on its value
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     plan = _plan(q, v, cu_seqlens, seg_chunks)
-    return ChunkMetaLAFunction.apply(q, g, v, scale, 1.0, initial_state, output_final_state, plan, False, w_aug)
+    o, _, ht = ChunkMetaLAFunction.apply(q, g, v, scale, 1.0, initial_state, output_final_state, plan, False, w_aug,
+                                         False)
+    return o, ht
 
 
 def chunk_metala_from_logits(
@@ -381,9 +397,12 @@ def chunk_metala_from_logits(
     cu_seqlens: torch.Tensor | None = None,
     seg_chunks: int | None = None,
     w_aug: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    split_output: bool = False,
+) -> tuple[torch.Tensor | SplitOutput, torch.Tensor | None]:
     """As `chunk_metala`, from the gate logits z (any float dtype): g = logsigmoid(z) / decay_normalizer, and the
-    key, the cumulative sums and dz are all computed in fp32 inside the kernels (no g tensor is ever stored)."""
+    key, the cumulative sums and dz are all computed in fp32 inside the kernels (no g tensor is ever stored).
+    `split_output` (with w_aug and bf16 inputs; ignored otherwise): the fp32 output as a `SplitOutput` of two bf16
+    tensors, whose gradient then comes back in bf16 (api.py `SplitOutput`)."""
     if z.shape != q.shape:
         raise ValueError(f"z must have the shape of q {tuple(q.shape)}, got {tuple(z.shape)}")
     if not z.is_floating_point():
@@ -394,8 +413,10 @@ def chunk_metala_from_logits(
     # a Python float: an int scale would be specialised (and the launch cache keyed) on its value
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     plan = _plan(q, v, cu_seqlens, seg_chunks)
-    return ChunkMetaLAFunction.apply(q, z, v, scale, 1.0 / float(decay_normalizer), initial_state, output_final_state,
-                                     plan, True, w_aug)
+    split = split_output and w_aug is not None and q.dtype == torch.bfloat16
+    o, o_lo, ht = ChunkMetaLAFunction.apply(q, z, v, scale, 1.0 / float(decay_normalizer), initial_state,
+                                            output_final_state, plan, True, w_aug, split)
+    return (SplitOutput(o, o_lo) if split else o), ht
 
 
 def _as_g_like(z: torch.Tensor) -> torch.Tensor:

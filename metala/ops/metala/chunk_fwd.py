@@ -357,16 +357,17 @@ def chunk_metala_fwd_kernel_seg(
 
 @triton.jit
 def chunk_metala_fwd_kernel_o(
-    q, gate, v, h_local, cdec, S_in, o, w_aug,
+    q, gate, v, h_local, cdec, S_in, o, o_lo, w_aug,
     chunk_start, chunk_len, chunk_seg,
     scale, inv_tau,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT_: tl.constexpr, BC_: tl.constexpr, BV: tl.constexpr,
     GATE_LOGITS: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, INTRA_DT: tl.constexpr,
-    INTRA_PATH: tl.constexpr, AUG: tl.constexpr,
+    INTRA_PATH: tl.constexpr, AUG: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """o per (chunk, head, V-tile); with AUG also the self-augmentation sigmoid(a v), a = sum_K q w_aug k.
-    INTRA_DT: operand type of the intra-chunk scores, whose factors reach exp(SPAN / 2) (fp32 for fp16 inputs)."""
+    INTRA_DT: operand type of the intra-chunk scores, whose factors reach exp(SPAN / 2) (fp32 for fp16 inputs).
+    SPLIT: the fp32 result as two bf16 tensors, o (rounded) and o_lo (the rounding's remainder, rounded)."""
     i_c, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_k = tl.arange(0, K)
     offs_v = i_v * BV + tl.arange(0, BV)
@@ -395,5 +396,8 @@ def chunk_metala_fwd_kernel_o(
     acc *= scale
     if AUG:
         acc += tl.sigmoid(aug_score(qq, k, w_aug, i_h, offs_k, K)[:, None] * vv.to(tl.float32))
-    tl.store(o + (tok[:, None] * H + i_h) * V + offs_v[None, :], acc.to(o.dtype.element_ty),
-             mask=m_t[:, None] & m_kv)
+    p_o = (tok[:, None] * H + i_h) * V + offs_v[None, :]
+    hi = acc.to(o.dtype.element_ty, fp_downcast_rounding="rtne" if SPLIT else None)
+    tl.store(o + p_o, hi, mask=m_t[:, None] & m_kv)
+    if SPLIT:
+        tl.store(o_lo + p_o, (acc - hi.to(tl.float32)).to(o_lo.dtype.element_ty), mask=m_t[:, None] & m_kv)
