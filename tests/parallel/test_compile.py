@@ -162,14 +162,18 @@ def _graph_capturing_backend(backward_graphs: list):
 def _saved_bytes_and_matmuls(backward_graphs: list) -> tuple[int, int]:
     """Bytes of the activations the forward graphs hand to their backward (every backward input but the incoming
     gradients and the weights), and the matrix products the backward graphs run."""
+    def is_activation(node) -> bool:
+        val = node.meta.get("val")
+        if node.op != "placeholder" or node.name.startswith("tangents") or not isinstance(val, torch.Tensor):
+            return False
+        # weights are 2-D [out, in] (or the conv's [D, 1, k]); activations carry the batch and time dims
+        return val.dim() >= 3 and val.shape[0] != 64 or val.dim() == 2 and val.shape[0] == 2 * 128
+
     saved = matmuls = 0
     for gm in backward_graphs:
         for node in gm.graph.nodes:
-            val = node.meta.get("val")
-            if node.op == "placeholder" and not node.name.startswith("tangents") and isinstance(val, torch.Tensor):
-                # weights are 2-D [out, in] (or the conv's [D, 1, k]); activations carry the batch and time dims
-                if val.dim() >= 3 and val.shape[0] != 64 or val.dim() == 2 and val.shape[0] == 2 * 128:
-                    saved += val.numel() * val.element_size()
+            if is_activation(node):
+                saved += node.meta["val"].numel() * node.meta["val"].element_size()
             if node.op == "call_function" and node.target in (torch.ops.aten.mm.default, torch.ops.aten.bmm.default,
                                                               torch.ops.aten.addmm.default):
                 matmuls += 1
