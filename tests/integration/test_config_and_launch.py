@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pretrain.config import ConfigError, load_config
 from pretrain.optim import lr_multiplier
@@ -31,6 +32,13 @@ def test_dry_run_every_recipe(recipe):
     assert r.returncode == 0, r.stderr
     assert "dry run: configuration is valid" in r.stdout
     assert "tokens/step" in r.stdout and f"{gpus} ranks = DP {gpus} x SP 1 x TP 1" in r.stdout
+    # what the run compiles and what it keeps for the backward, as the recipe sets it
+    recipe_train = yaml.safe_load((REPO / f"launch/configs/{recipe}.yaml").read_text())["train"]
+    if recipe_train.get("compile"):
+        budget = recipe_train.get("compile_memory_budget", 1.0)
+        assert f"torch.compile (mode default, activation memory budget {budget:g})" in r.stdout
+    else:
+        assert "eager (train.compile=false)" in r.stdout
 
 
 def test_dry_run_reports_an_impossible_batch():
