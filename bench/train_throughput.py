@@ -94,6 +94,20 @@ def step_boundaries(cu_host: torch.Tensor | None) -> torch.Tensor | None:
     return boundaries_to_device(cu_host, torch.device("cuda"))
 
 
+def options() -> dict:
+    """The run's option globals, as handed to each row's process (`run_row_isolated`)."""
+    return {"model_overrides": MODEL_OVERRIDES, "train_overrides": TRAIN_OVERRIDES, "ds_config": DS_CONFIG_CHANGES,
+            "micro_batch": MICRO_BATCH["n"], "doc_len": DOC_LEN["n"]}
+
+
+def set_options(opts: dict) -> None:
+    MODEL_OVERRIDES.update(opts.get("model_overrides", {}))
+    TRAIN_OVERRIDES.update(opts.get("train_overrides", {}))
+    DS_CONFIG_CHANGES.update(opts.get("ds_config", {}))
+    MICRO_BATCH["n"] = opts.get("micro_batch", 0)
+    DOC_LEN["n"] = opts.get("doc_len", 0)
+
+
 def micro_batch(B: int) -> int:
     n = MICRO_BATCH["n"] or B
     if B % n:
@@ -124,7 +138,6 @@ def n_nonemb(model: torch.nn.Module, embed: torch.nn.Embedding, head_tied: bool)
 
 
 def build_ours(preset: str, T: int, B: int, harness: str, compile_: bool, ac: bool):
-    from metala import MetaLAForCausalLM
     from pretrain.parallel.layout import ParallelLayout
     from pretrain.trainer import build_training_model
 
@@ -275,8 +288,10 @@ def gate(preset: str, compiled: bool = False) -> dict:
         if backend == "compiled":
             from pretrain.parallelize import apply_compile
 
-            apply_compile(m, memory_budget=TRAIN_OVERRIDES.get("compile_memory_budget", 1.0),
-                          mode=TRAIN_OVERRIDES.get("compile_mode", "default"))
+            # the budget and mode the timed rows get (--train-overrides), resolved by the trainer's own config (its
+            # batch fields are those of a timed row at this T; only the compile fields are read)
+            t = train_config(preset, T, TOKENS // T, True, False).train
+            apply_compile(m, memory_budget=t.compile_memory_budget, mode=t.compile_mode)
         with torch.no_grad():  # non-zero w_aug so the self-augmentation path is exercised
             gen = torch.Generator().manual_seed(0)
             for layer in m.layers:
@@ -389,8 +404,7 @@ def run_row_isolated(spec: dict, timeout_s: float = ROW_TIMEOUT_S) -> dict:
     import subprocess
     import sys
 
-    spec = {**spec, "model_overrides": MODEL_OVERRIDES, "train_overrides": TRAIN_OVERRIDES, "ds_config": DS_CONFIG_CHANGES, "micro_batch": MICRO_BATCH["n"],
-            "doc_len": DOC_LEN["n"]}
+    spec = {**spec, **options()}
     try:
         proc = subprocess.run([sys.executable, "-m", "bench.train_throughput", "--row", json.dumps(spec)],
                               capture_output=True, text=True, cwd=ROOT, timeout=timeout_s)
@@ -465,18 +479,11 @@ def main() -> int:
     args = ap.parse_args()
     if args.row:
         spec = json.loads(args.row)
-        MODEL_OVERRIDES.update(spec.get("model_overrides", {}))
-        TRAIN_OVERRIDES.update(spec.get("train_overrides", {}))
-        DS_CONFIG_CHANGES.update(spec.get("ds_config", {}))
-        MICRO_BATCH["n"] = spec.get("micro_batch", 0)
-        DOC_LEN["n"] = spec.get("doc_len", 0)
+        set_options(spec)
         row_main(spec)
         return 0
-    MODEL_OVERRIDES.update(args.model_overrides)
-    TRAIN_OVERRIDES.update(args.train_overrides)
-    DS_CONFIG_CHANGES.update(args.ds_config)
-    MICRO_BATCH["n"] = args.micro_batch
-    DOC_LEN["n"] = args.doc_len
+    set_options({"model_overrides": args.model_overrides, "train_overrides": args.train_overrides,
+                 "ds_config": args.ds_config, "micro_batch": args.micro_batch, "doc_len": args.doc_len})
     if args.doc_len and args.micro_batch:
         raise SystemExit("--doc-len and --micro-batch together are not supported (boundaries span the whole batch)")
     torch.backends.cuda.matmul.allow_tf32 = True
