@@ -30,7 +30,6 @@ def _counted(p: torch.Tensor, model_parallel_rank: int) -> bool:
 def _fused_grad_norm_direct(self, gradients, params, norm_type=2):
     if float(norm_type) != 2.0:
         return self._per_tensor_grad_norm_direct(gradients, params, norm_type)
-    from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
     from deepspeed.runtime.zero.utils import get_norm_dtype
 
     unpadded = [g for g in gradients if not getattr(g, "_zero_padding", False)]
@@ -43,8 +42,9 @@ def _fused_grad_norm_direct(self, gradients, params, norm_type=2):
     dist.all_reduce(sum_sq, op=dist.ReduceOp.SUM, group=self.dp_process_group)
     self._model_parallel_all_reduce(tensor=sum_sq, op=dist.ReduceOp.SUM)
     total = sum_sq.sqrt()
-    mask_nan_or_inf_with_val_inplace(total, device=self.device)
-    return total
+    # -1 where the norm is inf or NaN, as DeepSpeed's `mask_nan_or_inf_with_val_inplace`, but on the device: that
+    # helper makes its -1 on the host and fills with a tensor value, two waits for the GPU per parameter group
+    return torch.where(torch.isfinite(total), total, -1.0)
 
 
 _NEEDS = ("get_grad_norm_direct", "model_parallel_rank", "dp_process_group", "_model_parallel_all_reduce", "device")

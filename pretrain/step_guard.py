@@ -75,7 +75,8 @@ class NonFiniteStepGuard:
                             if p.grad is not None:
                                 ok &= torch.isfinite(p.grad).all()
                 stop = bool(stop_flag()) if stop_flag is not None else False
-                flags = torch.stack([~ok, torch.tensor(stop, device=ok.device)]).to(torch.int32).to(comm_device())
+                # the stop flag filled in on the device: a host tensor copied there would wait for the GPU
+                flags = torch.stack([~ok, torch.full_like(ok, stop)]).to(torch.int32).to(comm_device())
                 if dist.is_initialized() and dist.get_world_size() > 1:
                     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
                 self._flags, self._bad = flags, None

@@ -83,6 +83,10 @@ def deepspeed_config(cfg: TrainConfig, dp: int, precision: str) -> dict:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31,
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer (on by default, and unread: the trainer times its own steps) synchronises the
+        # device at the start of every forward and the end of every step, so the GPU drained its queue and waited
+        # for the host to launch the next forward each step
+        "timers": {"throughput": {"enabled": False}},
     }
 
 

@@ -19,28 +19,43 @@ from pretrain.step_guard import NonFiniteStepGuard, initialize_with_guard
 from pretrain.trainer import deepspeed_config
 
 
-class HostReads:
-    """Counts reads of tensor values by the host (`bool(t)`, `t.item()`, `t.tolist()`): each is a wait for the GPU
-    there."""
+class DeviceWaits:
+    """Counts what waits for the GPU on a CUDA device, in code that runs here on the CPU: reads of tensor values by
+    the host (`bool(t)`, `t.item()`, `t.tolist()`), tensors made from host data on a device (`torch.tensor(x,
+    device=...)`: a copy from pageable memory, in stream order), `masked_fill_` with a tensor value (CUDA reads it on
+    the host) and DeepSpeed's accelerator `synchronize` (its throughput timer's, unless the config turns it off)."""
+
+    # > 0 while the test's own instrumentation runs (DeepSpeed's per-tensor norm, computed for comparison)
+    paused = 0
 
     def __init__(self):
         self.count = 0
-        self._saved = {}
+        self._saved = []
+
+    def _count_calls(self, owner, name, when=lambda *a, **k: True):
+        original = getattr(owner, name)
+        self._saved.append((owner, name, original))
+
+        def counted(*a, **k):
+            if not DeviceWaits.paused and when(*a, **k):
+                self.count += 1
+            return original(*a, **k)
+
+        setattr(owner, name, counted)
 
     def __enter__(self):
+        from deepspeed.accelerator import get_accelerator
+
         for name in ("__bool__", "item", "tolist"):
-            original = self._saved[name] = getattr(torch.Tensor, name)
-
-            def counted(t, *a, _original=original, **k):
-                self.count += 1
-                return _original(t, *a, **k)
-
-            setattr(torch.Tensor, name, counted)
+            self._count_calls(torch.Tensor, name)
+        self._count_calls(torch, "tensor", lambda *a, **k: k.get("device") is not None)
+        self._count_calls(torch.Tensor, "masked_fill_", lambda t, mask, value: isinstance(value, torch.Tensor))
+        self._count_calls(get_accelerator(), "synchronize")
         return self
 
     def __exit__(self, *exc):
-        for name, original in self._saved.items():
-            setattr(torch.Tensor, name, original)
+        for owner, name, original in reversed(self._saved):
+            setattr(owner, name, original)
 
 
 def ds_config(grad_clip: float) -> dict:
@@ -75,7 +90,12 @@ def run(device: torch.device, fused_adamw: bool) -> dict:
 
     def both_norms(gradients, params, norm_type=2):
         ours = fused(gradients, params, norm_type)
-        norms.append((float(ours), float(engine.optimizer._per_tensor_grad_norm_direct(gradients, params, norm_type))))
+        DeviceWaits.paused += 1
+        try:
+            theirs = engine.optimizer._per_tensor_grad_norm_direct(gradients, params, norm_type)
+            norms.append((float(ours), float(theirs)))
+        finally:
+            DeviceWaits.paused -= 1
         return ours
 
     engine.optimizer.get_grad_norm_direct = both_norms
@@ -95,7 +115,7 @@ def run(device: torch.device, fused_adamw: bool) -> dict:
             loss = loss * float("nan")
         guard.observe_loss(loss)
         engine.backward(loss)
-        with HostReads() as reads:
+        with DeviceWaits() as waits:
             engine.step()
         if hook is not None:
             hook.remove()
@@ -105,7 +125,7 @@ def run(device: torch.device, fused_adamw: bool) -> dict:
         adam_steps = sorted({int(s["step"]) for s in opt.state.values() if "step" in s})
         step_norms, norms[:] = list(norms), []
         return {"fault": fault, "skipped": guard.update_dropped, "changed": changed, "finite": finite,
-                "adam_steps": adam_steps, "norms": step_norms, "host_reads": reads.count}
+                "adam_steps": adam_steps, "norms": step_norms, "device_waits": waits.count}
 
     steps = [step(f) for f in (None, "nan_loss", "inf_grad", None)]
     return {"check_grad_overflow": engine.optimizer.check_grad_overflow,
@@ -115,7 +135,7 @@ def run(device: torch.device, fused_adamw: bool) -> dict:
 def clipping(device: torch.device) -> dict:
     """Three engines from the same weights on the same batches, clipping active (max norm 0.5): DeepSpeed clipping
     as it comes, and the guard's take-over with a plain and with a fused AdamW. Their weights after three steps, and
-    the host reads in each `engine.step()`."""
+    what waits for the device in each `engine.step()`."""
     import deepspeed
 
     config = ds_config(0.5)
@@ -133,20 +153,20 @@ def clipping(device: torch.device) -> dict:
             use_fused_grad_norm(engine.optimizer)
         else:
             engine, _, guard = initialize_with_guard(model, opt, config, device)
-        reads, norms = [], []
+        waits, norms = [], []
         start = torch.cat([g.detach().flatten().clone() for g in engine.optimizer.single_partition_of_fp32_groups])
         for ids, labels in batches:
             guard.new_step()
             loss = engine(ids, labels=labels, return_logits=False).loss
             guard.observe_loss(loss)
             engine.backward(loss)
-            with HostReads() as hr:
+            with DeviceWaits() as dw:
                 engine.step()
-            reads.append(hr.count)
+            waits.append(dw.count)
             norms.append(float(engine.optimizer._global_grad_norm))
         # the fp32 master weights (DeepSpeed's flat partitions), finer than the bf16 copies the model holds
         masters = torch.cat([g.detach().flatten() for g in engine.optimizer.single_partition_of_fp32_groups])
-        out[name] = {"clip_in_guard": guard.clip, "deepspeed_clip": engine.optimizer.clip_grad, "host_reads": reads,
+        out[name] = {"clip_in_guard": guard.clip, "deepspeed_clip": engine.optimizer.clip_grad, "device_waits": waits,
                      "norms": norms, "masters": masters, "change": float((masters - start).abs().max())}
     ref = out["deepspeed"].pop("masters")
     for name in ("guard", "guard_fused"):

@@ -43,10 +43,11 @@ def test_bf16_zero1_skips_the_whole_update_on_a_non_finite_gradient(helper_outpu
         for ours, theirs in pairs:
             assert ours == pytest.approx(theirs, rel=1e-6), (fault, pairs)
         assert (min(theirs for _, theirs in pairs) == -1.0) == (fault is not None), (fault, pairs)
-    reads = [step.pop("host_reads") for step in out["steps"]]
+    waits = [step.pop("device_waits") for step in out["steps"]]
     if adamw == "fused":
-        # nothing in engine.step() waits for the device: the flags are read after it, by `update_dropped`
-        assert reads == [0, 0, 0, 0]
+        # nothing in engine.step() waits for the device (no host read, no host tensor copied there, no DeepSpeed
+        # synchronize): the flags are read after it, by `update_dropped`
+        assert waits == [0, 0, 0, 0]
     assert good == {"fault": None, "skipped": False, "changed": True, "finite": True, "adam_steps": [1]}
     # the decay and no-decay groups are stepped separately by DeepSpeed: neither may move (weights, fp32 masters,
     # Adam moments), and the Adam step counter stays
@@ -67,7 +68,7 @@ def test_clipping_taken_over_from_deepspeed_gives_its_update_without_its_host_re
         assert min(ours["norms"]) > 1.0 and ours["change"] > 1e-3
         assert ours["norms"] == pytest.approx(ds["norms"], rel=1e-6)
         assert ours["max_master_diff"] < 1e-6, ours
-    # host reads of tensor values in one engine.step(): none with the fused AdamW (the plain AdamW reads its step
-    # counters on the CPU, and the guard reads its decision there); DeepSpeed's clipping adds one per parameter group
-    assert fused["host_reads"] == [0, 0, 0]
-    assert [d - p for d, p in zip(ds["host_reads"], plain["host_reads"])] == [2, 2, 2]
+    # waits for the device in one engine.step(): none with the fused AdamW (the plain AdamW reads its step counters
+    # on the CPU, and the guard reads its decision there); DeepSpeed's clipping adds a host read per parameter group
+    assert fused["device_waits"] == [0, 0, 0]
+    assert [d - p for d, p in zip(ds["device_waits"], plain["device_waits"])] == [2, 2, 2]
