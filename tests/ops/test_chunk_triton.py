@@ -400,6 +400,46 @@ def test_split_output_is_the_fp32_output_with_a_bf16_gradient():
     assert isinstance(out, torch.Tensor) and out.dtype == torch.float32
 
 
+class _ZeroFills(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the shapes of the tensors that ops fill with zeros (what autograd makes for an output's missing
+    gradient when the Function asks it to)."""
+
+    FILLS = ("aten.zeros.", "aten.zeros_like.", "aten.zero_.", "aten.new_zeros.", "aten.fill_.")
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if str(func).startswith(self.FILLS) and isinstance(out, torch.Tensor):
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+def test_outputs_without_a_gradient_get_no_zero_gradient():
+    """The split's remainder carries no gradient: the backward is handed nothing for it (before, autograd made a
+    [B, T, H, V] tensor of zeros every layer). With only the final state differentiated, the output's gradient is
+    zero, as in the reference."""
+    q, z, v, h0 = inputs(1, 70, 2, 16, 32, dtype=torch.bfloat16)
+    w = (torch.randn(2, 16, device=DEVICE) * 0.05).bfloat16()
+    so, _ = metala_attn_from_logits(q, z, v, backend="triton", w_aug=w, split_output=True)
+    loss = (so.merge() * torch.randn(so.hi.shape, device=DEVICE)).sum()
+    with _ZeroFills() as fills:
+        loss.backward()
+    assert q.grad is not None
+    assert tuple(so.lo.shape) not in fills.shapes, fills.shapes
+    # only the final state: the operator's backward runs with a zero dO of its own
+    q, z, v, h0 = inputs(1, 70, 2, 16, 32)
+    dht = torch.randn(1, 2, 16, 32, device=DEVICE)
+    ref = torch.autograd.grad((reference(q, z, v, h0)[1] * dht).sum(), [z, v, h0])
+    _, ht = metala_attn_from_logits(q, z, v, initial_state=h0, output_final_state=True, backend="triton")
+    dq, *tst = torch.autograd.grad((ht * dht).sum(), [q, z, v, h0])
+    assert not dq.any()  # queries only read the state
+    for name, a, b in zip(("dz", "dv", "dh0"), ref, tst):
+        assert_close(name, a, b, FP32_RATIO)
+
+
 def test_bad_self_augmentation_weight_is_an_error():
     q, z, v, _ = inputs(1, 8, 2, 16, 16)
     for bad, match in ((torch.zeros(31), r"\[H \* K\] = \[32\]"), (torch.zeros(4, 8), r"\[H, K\] = \[2, 16\]"),

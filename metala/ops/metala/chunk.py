@@ -112,6 +112,10 @@ CONFIG = {
     # (1.086 ms) for a lean dq/dk/dg kernel, which alone took 0.49 ms: its dk/dg tail is latency-bound without any
     # state load (bench/intra_ablation.py; 20261202_h200_kernel_tune_backward_forms.json). One kernel per (chunk,
     # head) for dv, dq and dg together measured 2.06 ms: it spills 0.7-1.1 KB per thread.
+    # Register relief that did not pay (H100, 2026-12-06, `bench.kernel_tune --aug`, twice each against the code
+    # without it, 20261206_h100_kernel_tune_aug_s15_*.json): the masked dA cast to bf16 once before its two products
+    # (spills 50 -> 32 B) took the joint kernel 0.552 -> 0.569 ms at 360M and 1.076 -> 1.099 ms at 1.3B; the reverse
+    # running sum as three bf16 products instead of two TF32 ones on top of it, 0.568 / 1.100 ms.
     # intra_dtype: operands of the dq/dk kernels' intra-chunk dA products. "input" (default): bf16 for bf16 inputs
     # (fp32 accumulation), as fwd_o and dv use for theirs (`_scores_dtype`: fp16 inputs keep fp32 operands, for
     # range); "fp32": tf32 on the tensor cores (fp32 inputs: 3xTF32 either way). An earlier kernel (2026-12-01)
@@ -311,6 +315,10 @@ class ChunkMetaLAFunction(torch.autograd.Function):
         if o_lo is not None:
             o_lo = o_lo.view(shape)
             ctx.mark_non_differentiable(o_lo)
+        # outputs without a gradient reach the backward as None, not as zeros made for it: the split's remainder
+        # (a [B, T, H, V] fill every layer) and an unused final state (the state-gradient pass then starts at zero)
+        ctx.set_materialize_grads(False)
+        ctx.o_meta = (shape, o.dtype)
         return o.view(shape), o_lo, ht
 
     @staticmethod
@@ -319,6 +327,9 @@ class ChunkMetaLAFunction(torch.autograd.Function):
         B, T, scale, inv_tau, plan, gate_logits, has_h0, aug = ctx.meta
         w = saved.pop() if aug is not None else None
         H = q.shape[1]
+        if do is None:  # only the final state was differentiated
+            shape, dtype = ctx.o_meta
+            do = torch.zeros(shape, device=q.device, dtype=dtype)
         do = do.reshape(B * T, H, do.shape[-1]).contiguous()
         dht = dht.contiguous() if dht is not None else None
         dq, dgate, dv, dh0, dw = chunk_metala_bwd(q, gate, v, do, dht, scale, inv_tau, saved, plan, gate_logits,
