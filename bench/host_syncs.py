@@ -37,6 +37,7 @@ def main() -> int:
     sites: collections.Counter = collections.Counter()
 
     def record(message, category, filename, lineno, file=None, line=None):
+        # the debug mode's warnings ("called a synchronizing CUDA operation"); any other warning is not a wait
         if "synchroniz" not in str(message):
             return
         frames = [f for f in traceback.extract_stack()[:-1] if "warnings" not in f.filename]

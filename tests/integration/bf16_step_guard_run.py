@@ -49,7 +49,8 @@ class DeviceWaits:
         for name in ("__bool__", "item", "tolist"):
             self._count_calls(torch.Tensor, name)
         self._count_calls(torch, "tensor", lambda *a, **k: k.get("device") is not None)
-        self._count_calls(torch.Tensor, "masked_fill_", lambda t, mask, value: isinstance(value, torch.Tensor))
+        self._count_calls(torch.Tensor, "masked_fill_",
+                          lambda t, mask, value=None, **k: isinstance(k.get("value", value), torch.Tensor))
         self._count_calls(get_accelerator(), "synchronize")
         return self
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from metala.ops import metala_attn, naive_recurrent_metala
 from metala.ops.metala import metala_attn_from_logits
@@ -400,7 +401,7 @@ def test_split_output_is_the_fp32_output_with_a_bf16_gradient():
     assert isinstance(out, torch.Tensor) and out.dtype == torch.float32
 
 
-class _ZeroFills(torch.utils._python_dispatch.TorchDispatchMode):
+class _ZeroFills(TorchDispatchMode):
     """Records the shapes of the tensors that ops fill with zeros (what autograd makes for an output's missing
     gradient when the Function asks it to)."""
 
