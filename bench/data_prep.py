@@ -8,7 +8,8 @@ For a 32k BPE and a 32k unigram tokenizer trained on the bundled corpus, in one 
     tokens/s, scaling over 1 worker, and tokens per CPU-second (all processes counted, the reader included);
   - the plain `datasets` baseline: load_dataset("json") + map(batched, num_proc) + save_to_disk, against ours with
     as many workers;
-  - the packed loader on one core (seq 2048, batch 16).
+  - the packed loader on one core (seq 2048, batch 16);
+  - raw encode beside a busy core (a spinning process) against alone: how much the machine's cores slow each other.
 Correctness first: the pipeline's shards must hold exactly the raw encoder's tokens (+ EOS) for every document.
 
 Steady state: ours with 1 worker also runs on a quarter of the copies in every round; (tokens difference) /
@@ -107,6 +108,28 @@ def raw_encode(model: str, texts: list[str], repeat: int, variant: str) -> dict:
     for _ in range(repeat):
         n += sum(len(x) for x in sp.encode(texts, num_threads=1, **RAW_VARIANTS[variant]))
     return {"tokens": n, "tokens_per_s": n / (time.perf_counter() - t0)}
+
+
+def raw_beside_busy_core(model: str, texts: list[str], repeat: int, pairs: int = 3) -> dict:
+    """Raw encode alone and with a process spinning beside it (`while True: pass`, nothing shared with the
+    encoder), alternating: how much a busy second core slows this one. On a machine whose cores are independent
+    the ratio is ~1; below 1, every process beside a worker (the reader, the writer, a second worker) costs the
+    worker that much while it runs."""
+    import subprocess
+    import sys
+
+    alone, busy = [], []
+    for _ in range(pairs):
+        alone.append(raw_encode(model, texts, repeat, "list")["tokens_per_s"])
+        spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            time.sleep(0.2)
+            busy.append(raw_encode(model, texts, repeat, "list")["tokens_per_s"])
+        finally:
+            spinner.kill()
+            spinner.wait()
+    return {"alone_tokens_per_s": alone, "beside_busy_core_tokens_per_s": busy,
+            "ratio_median": median([b / a for a, b in zip(alone, busy)])}
 
 
 def in_process(model: str, inputs: list[str]) -> dict:
@@ -264,6 +287,7 @@ def measure_tokenizer(model_type: str, model: str, texts: list[str], inputs: lis
         runs[ours_vs_datasets][i]["tokens_per_s"] / runs["datasets"][i]["tokens_per_s"]
         for i in range(len(runs["datasets"])))
     loader = loader_speed(tmp / "ours-1")
+    contention = raw_beside_busy_core(model, texts, args.repeat)
     for p in pipes.values():
         p.pop("manifest")
     paired, marginal, inproc, plain_ratio = vs_raw(1), vs_raw("marginal"), vs_raw("in_process"), vs_raw("plain_jsonl")
@@ -272,6 +296,7 @@ def measure_tokenizer(model_type: str, model: str, texts: list[str], inputs: lis
         "raw_bracket_tokens_per_s": bracket, "ours": [pipes[w] for w in workers],
         "scaling_vs_1_worker": {str(w): pipes[w]["tokens_per_s"] / pipes[1]["tokens_per_s"] for w in workers},
         "datasets_map_save_to_disk": base, "datasets_procs": args.datasets_procs, "loader": loader,
+        "raw_encode_beside_a_busy_core": contention,
         "ratio_ours1_vs_raw_paired_median": median(paired), "ratio_ours1_vs_raw_paired": paired,
         "ours1_steady_state": runs["marginal"],
         "ratio_ours1_steady_state_vs_raw_paired_median": median(marginal),
@@ -341,6 +366,10 @@ def main() -> None:
               f"{r['ratio_worker_task_in_process_vs_raw_paired_median']:.3f}; ours (1 worker) on plain .jsonl / raw: "
               f"{r['ratio_ours1_plain_jsonl_vs_raw_paired_median']:.3f}; scaling "
               + ", ".join(f"w={w}: {x:.2f}x" for w, x in r["scaling_vs_1_worker"].items()))
+    for r in rows:
+        c = r["raw_encode_beside_a_busy_core"]
+        print(f"{r['tokenizer']}: raw encode beside a busy core / alone: median {c['ratio_median']:.2f} "
+              f"({', '.join(f'{b / 1e6:.2f}M / {a / 1e6:.2f}M' for a, b in zip(c['alone_tokens_per_s'], c['beside_busy_core_tokens_per_s']))})")
     for r in rows:
         if r["ratio_ours_vs_datasets"] is not None:
             print(f"{r['tokenizer']}: ours ({r['datasets_procs']} workers) / datasets.map (num_proc "
