@@ -27,12 +27,9 @@ def main() -> int:
     if not torch.cuda.is_available():
         raise SystemExit("bench.host_syncs needs a CUDA device (the sync debug mode watches CUDA calls)")
 
-    from bench.train_throughput import train_config
+    # the trainer harness of bench.train_throughput: the trainer's model, DeepSpeed engine and step guard
+    from bench.train_throughput import build_ours, make_engine, random_batch
     from pretrain.distributed import init_distributed
-    from pretrain.optim import build_optimizer
-    from pretrain.parallel.layout import ParallelLayout
-    from pretrain.step_guard import initialize_with_guard
-    from pretrain.trainer import build_training_model, deepspeed_config
 
     sites: collections.Counter = collections.Counter()
 
@@ -44,22 +41,14 @@ def main() -> int:
         sites[" <- ".join(f"{f.filename.split('site-packages/')[-1]}:{f.lineno}:{f.name}"
                           for f in frames[-6:][::-1])] += 1
 
-    device, _, _ = init_distributed()
-    cfg = train_config(args.preset, args.seq, 2, False, False)
-    model_config = cfg.model.build(vocab_size=32000)
-    model, _ = build_training_model(cfg, model_config, ParallelLayout(1, 0), device)
-    opt = build_optimizer(model, 1e-3, (0.9, 0.95), 1e-8, 0.1)
-    engine, _, guard = initialize_with_guard(model, opt, deepspeed_config(cfg, 1, "bf16"), device)
-    ids = torch.randint(0, 32000, (2, args.seq), device=device)
-    labels = torch.randint(0, 32000, (2, args.seq), device=device)
+    init_distributed()  # a world of one, as the trainer sets it up (DeepSpeed would otherwise look for MPI)
+    model, _, loss_fn, cfg = build_ours(args.preset, args.seq, 2, "trainer", False, False)
+    train_step = make_engine(model, "trainer", cfg)
+    ids, labels = random_batch(2, args.seq, 32000, seed=0)
 
-    def step() -> bool:
-        guard.new_step()
-        loss = engine(ids, labels=labels, return_logits=False).loss
-        guard.observe_loss(loss)
-        engine.backward(loss)
-        engine.step()
-        return guard.update_dropped
+    def step() -> None:
+        # forward, backward, engine.step() and the read of the guard's decision, as the trainer's loop does
+        train_step(loss_fn, ids, labels, None)
 
     # past DeepSpeed's and the allocator's first-step work
     for _ in range(3):

@@ -177,6 +177,11 @@ def _launch(name: str) -> dict:
     return {k: v for k, v in CONFIG[name].items() if k in ("num_warps", "num_stages")}
 
 
+def _splittable(q: torch.Tensor, w_aug: torch.Tensor | None) -> bool:
+    """Whether the output can come split (`SplitOutput`): it is fp32 (the fused self-augmentation) from bf16 inputs."""
+    return w_aug is not None and q.dtype == torch.bfloat16
+
+
 def chunk_metala_fwd(q, gate, v, scale, inv_tau, initial_state, output_final_state, plan: ChunkPlan,
                      gate_logits: bool, w_aug: torch.Tensor | None = None, split: bool = False):
     """(o, o_lo, ht, saved): with `split` (w_aug and bf16 inputs only) the fp32 output comes as o + o_lo, two bf16
@@ -206,7 +211,7 @@ def chunk_metala_fwd(q, gate, v, scale, inv_tau, initial_state, output_final_sta
                 **_launch("seg")))
     # with the self-augmentation the output is fp32, as the unfused layer's o + term: in bf16, rounding o + ~0.5 would
     # cost the small recurrent part (what the head norm keeps after centring) most of its precision
-    if split and (w_aug is None or q.dtype != torch.bfloat16):
+    if split and not _splittable(q, w_aug):
         raise ValueError("a split output is the fp32 output (w_aug given) of bf16 inputs")
     o = torch.empty_like(v, dtype=torch.float32 if w_aug is not None and not split else v.dtype)
     o_lo = torch.empty_like(o) if split else None
@@ -318,7 +323,6 @@ class ChunkMetaLAFunction(torch.autograd.Function):
         # outputs without a gradient reach the backward as None, not as zeros made for it: the split's remainder
         # (a [B, T, H, V] fill every layer) and an unused final state (the state-gradient pass then starts at zero)
         ctx.set_materialize_grads(False)
-        ctx.o_meta = (shape, o.dtype)
         return o.view(shape), o_lo, ht
 
     @staticmethod
@@ -327,9 +331,8 @@ class ChunkMetaLAFunction(torch.autograd.Function):
         B, T, scale, inv_tau, plan, gate_logits, has_h0, aug = ctx.meta
         w = saved.pop() if aug is not None else None
         H = q.shape[1]
-        if do is None:  # only the final state was differentiated
-            shape, dtype = ctx.o_meta
-            do = torch.zeros(shape, device=q.device, dtype=dtype)
+        if do is None:  # only the final state was differentiated: a zero dO (the kernels read it in any dtype)
+            do = torch.zeros_like(v)
         do = do.reshape(B * T, H, do.shape[-1]).contiguous()
         dht = dht.contiguous() if dht is not None else None
         dq, dgate, dv, dh0, dw = chunk_metala_bwd(q, gate, v, do, dht, scale, inv_tau, saved, plan, gate_logits,
@@ -424,7 +427,7 @@ def chunk_metala_from_logits(
     # a Python float: an int scale would be specialised (and the launch cache keyed) on its value
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     plan = _plan(q, v, cu_seqlens, seg_chunks)
-    split = split_output and w_aug is not None and q.dtype == torch.bfloat16
+    split = split_output and _splittable(q, w_aug)
     o, o_lo, ht = ChunkMetaLAFunction.apply(q, z, v, scale, 1.0 / float(decay_normalizer), initial_state,
                                             output_final_state, plan, True, w_aug, split)
     return (SplitOutput(o, o_lo) if split else o), ht
