@@ -207,7 +207,7 @@ def make_engine(model, harness: str, cfg=None):
     opt = build_optimizer(model, 3e-4, (0.9, 0.95), 1e-8, 0.1)
     ds_cfg = merge_sections(deepspeed_config(cfg, 1, "bf16"), DS_CONFIG_CHANGES)
     # with the trainer's own skip of non-finite updates and clipping (pretrain/step_guard.py)
-    engine, _, guard = initialize_with_guard(model, opt, ds_cfg, dev)
+    engine, _, guard = initialize_with_guard(model, opt, ds_cfg, dev, fused_master_step=cfg.train.fused_master_step)
 
     def step(loss_fn, ids, labels, cu):
         guard.new_step()

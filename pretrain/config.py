@@ -122,6 +122,9 @@ class TrainSection:
     # with compile (ignored without): torch.compile's mode, one of COMPILE_MODES; "max-autotune-no-cudagraphs" autotunes
     # Triton GEMMs with fused epilogues (minutes of compiling; +0.7 % tokens/s at 360M on an H100)
     compile_mode: str = "default"
+    # under ZeRO-1/2: update the fp32 masters in one fused pass that reads the bf16 gradients and writes the bf16
+    # weights (pretrain/zero_step.py) instead of DeepSpeed's cast, update and copy-back; false keeps DeepSpeed's step
+    fused_master_step: bool = True
     log_every: int = 1
     # 0: evaluate only at the end
     eval_every: int = 0

@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from pretrain.distributed import comm_device
 from pretrain.grad_norm import is_zero_1_2, use_fused_grad_norm
+from pretrain.zero_step import use_fused_master_step
 
 
 class NonFiniteStepGuard:
@@ -157,11 +158,13 @@ class NonFiniteStepGuard:
 
 
 def initialize_with_guard(model, optimizer: torch.optim.Optimizer, config: dict, device: torch.device,
-                          stop_flag: Callable[[], bool] | None = None, **initialize_kwargs):
+                          stop_flag: Callable[[], bool] | None = None, fused_master_step: bool = True,
+                          **initialize_kwargs):
     """`deepspeed.initialize` with the guard in the order it needs: wrapped around `optimizer` before DeepSpeed wraps
     it, attached to DeepSpeed's optimizer after (without that, only the fallback per-group check runs); ZeRO-1/2's
     gradient norm, which the guard reads, is swapped for the fused one (`pretrain/grad_norm.py`), and their clipping
-    moves into the guard (`NonFiniteStepGuard.take_over_clipping`).
+    moves into the guard (`NonFiniteStepGuard.take_over_clipping`). With `fused_master_step`, ZeRO-1/2's update of
+    the fp32 masters then becomes one fused pass where it applies (`pretrain/zero_step.py`).
     Returns (engine, lr_scheduler, guard)."""
     import deepspeed
 
@@ -171,4 +174,6 @@ def initialize_with_guard(model, optimizer: torch.optim.Optimizer, config: dict,
     guard.attach(engine.optimizer)
     use_fused_grad_norm(engine.optimizer)
     guard.take_over_clipping(engine.optimizer)
+    if fused_master_step:
+        use_fused_master_step(engine.optimizer)
     return engine, scheduler, guard

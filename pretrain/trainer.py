@@ -161,7 +161,7 @@ class Trainer:
         mpu = self.layout if (cfg.parallel.tp > 1 or cfg.parallel.sp > 1) else None
         self.engine, self.scheduler, self.guard = initialize_with_guard(
             model, optimizer, ds_cfg, self.device, stop_flag=lambda: self._stop_signal is not None,
-            lr_scheduler=scheduler, mpu=mpu)
+            fused_master_step=t.fused_master_step, lr_scheduler=scheduler, mpu=mpu)
         self.loader = PackedLoader(self.train_data, t.global_batch, t.micro_batch, self.layout.coords.dp,
                                    self.layout.dp, doc_reset=self.model_config.doc_reset,
                                    mask_eos_label=cfg.data.mask_eos_label)

@@ -11,6 +11,7 @@ import sys
 import torch
 
 from metala import MetaLAConfig, MetaLAForCausalLM
+from metala.ops.metala.api import triton_usable
 from pretrain.config import config_from_dict
 from pretrain.distributed import init_distributed, shutdown_distributed
 from pretrain.grad_norm import use_fused_grad_norm
@@ -176,11 +177,99 @@ def clipping(device: torch.device) -> dict:
     return out
 
 
+class PartitionSizedFp32:
+    """Counts fp32 tensors of at least `numel` elements that torch ops allocate (DeepSpeed's cast of a flat gradient
+    partition to fp32 makes one per parameter group and step; the fused master step's kernel none)."""
+
+    def __init__(self, numel: int):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        outer = self
+        self.numel, self.count = numel, 0
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in out if isinstance(out, (tuple, list)) else (out,):
+                    # new memory only: no in-place op's result, no view
+                    if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.numel() >= outer.numel \
+                            and not func._schema.name.endswith("_") and not func.is_view:
+                        outer.count += 1
+                return out
+
+        self.mode = Mode()
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+def master_step(device: torch.device) -> dict:
+    """DeepSpeed's ZeRO-1 step against the fused master step (pretrain/zero_step.py) from the same weights on the
+    same batches, clipping active; the fused step with its naive twin (the CPU default) and with its Triton kernel
+    (the GPU's; here under the interpreter, when it is on). Per run: which step method ran, the fp32
+    partition-sized tensors and the waits for the device in each `engine.step()`, and the fp32 masters, Adam state
+    and bf16 weights after the first and the last of three steps."""
+    config = ds_config(0.5)
+    torch.manual_seed(0)
+    init = MetaLAForCausalLM(MetaLAConfig.from_preset("tiny", attn_backend="chunk")).to(torch.bfloat16)
+    batches = [(torch.randint(0, 512, (2, 32)), torch.randint(0, 512, (2, 32))) for _ in range(3)]
+    variants = {"deepspeed": (False, "auto"), "fused": (True, "auto")}
+    if triton_usable(device):
+        variants["fused_kernel"] = (True, "triton")
+    runs = {}
+    for name, (fused, backend) in variants.items():
+        model = copy.deepcopy(init)
+        opt = adamw(model, fused=True)
+        opt.backend = backend
+        engine, _, guard = initialize_with_guard(model, opt, config, device, fused_master_step=fused)
+        z = engine.optimizer
+        smallest = min(t.numel() for t in z.single_partition_of_fp32_groups)
+        run = {"step_method": z.step.__func__.__name__, "fp32_made": [], "device_waits": [], "after": []}
+        for ids, labels in batches:
+            guard.new_step()
+            loss = engine(ids, labels=labels, return_logits=False).loss
+            guard.observe_loss(loss)
+            engine.backward(loss)
+            with PartitionSizedFp32(smallest) as made, DeviceWaits() as dw:
+                engine.step()
+            run["fp32_made"].append(made.count)
+            run["device_waits"].append(dw.count)
+            assert not guard.update_dropped
+            run["after"].append({
+                "masters": torch.cat([g.detach().flatten() for g in z.single_partition_of_fp32_groups]),
+                "moments": torch.cat([st[k].flatten() for st in opt.state.values() for k in ("exp_avg", "exp_avg_sq")]),
+                "weights": torch.cat([p.detach().flatten().float() for p in engine.module.parameters()]),
+                # each group's bf16 partition against its fp32 master (rounded to nearest: <= 2^-8 relative;
+                # Triton's CPU interpreter truncates: < 2^-7)
+                "lp_rel_diff": max(float(((lp[0].float() - m) / m.abs().clamp_min(1e-30)).abs().max())
+                                   for lp, m in zip(z.parallel_partitioned_bit16_groups, z.single_partition_of_fp32_groups)),
+                "steps": sorted(float(st["step"]) for st in opt.state.values())})
+        runs[name] = run
+    ref = runs["deepspeed"]["after"]
+    start = torch.cat([p.detach().flatten().float() for p in init.parameters()])
+    out = {}
+    for name, run in runs.items():
+        after = run.pop("after")
+        run["steps"] = after[-1]["steps"]
+        run["lp_rel_diff"] = max(a["lp_rel_diff"] for a in after)
+        run["change"] = float((after[-1]["weights"] - start).abs().max())
+        for i in (0, len(after) - 1):
+            run[f"step{i + 1}"] = {key: float((after[i][key] - ref[i][key]).abs().max())
+                                   for key in ("masters", "moments", "weights")}
+        out[name] = run
+    return out
+
+
 def main() -> None:
     device, _, _ = init_distributed()
     # the engine and its groups go out of scope with run(), before the groups are destroyed
     print("RESULT " + json.dumps({"plain": run(device, False), "fused": run(device, True)}), flush=True)
     print("CLIPPING " + json.dumps(clipping(device)), flush=True)
+    print("MASTER " + json.dumps(master_step(device)), flush=True)
     shutdown_distributed(True)
 
 

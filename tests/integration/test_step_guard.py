@@ -72,3 +72,29 @@ def test_clipping_taken_over_from_deepspeed_gives_its_update_without_its_host_re
     # on the CPU, and the guard reads its decision there); DeepSpeed's clipping adds a host read per parameter group
     assert fused["device_waits"] == [0, 0, 0]
     assert [d - p for d, p in zip(ds["device_waits"], plain["device_waits"])] == [2, 2, 2]
+
+
+def test_fused_master_step_gives_deepspeeds_update_in_one_pass(helper_output):
+    # pretrain/zero_step.py: DeepSpeed ZeRO-1's step with the gradient cast, the fp32 AdamW and the copy into the bf16
+    # weights fused (MasterWeightAdamW's lp_io), against DeepSpeed's own step from the same weights and batches
+    out = result(helper_output, "MASTER")
+    ds, fused = out["deepspeed"], out["fused"]
+    assert ds["step_method"] == "step" and fused["step_method"] == "_fused_master_step"
+    for run in out.values():
+        # clipping active (the guard's divisor), the weights trained, three counted Adam steps in both groups, and
+        # nothing in engine.step() waits for the device
+        assert run["change"] > 1e-3 and run["steps"] == [3.0, 3.0] and run["device_waits"] == [0, 0, 0], run
+    # naive twin (the CPU's default): the same update; the masters a few fp32 ulp apart after three steps, the bf16
+    # weights rounded from them (an ulp apart where a master sits on a rounding boundary)
+    assert fused["step1"]["masters"] < 1e-6 and fused["step3"]["masters"] < 1e-6, fused
+    assert fused["step3"]["moments"] < 1e-8 and fused["step3"]["weights"] <= 2 ** -8, fused
+    assert ds["lp_rel_diff"] <= 2 ** -8 and fused["lp_rel_diff"] <= 2 ** -8
+    kernel = out.get("fused_kernel")
+    if kernel is None:
+        pytest.skip("no Triton (GPU or CPU interpreter) for the fused kernel")
+    # the kernel: the same first update (after it, the interpreter's truncating bf16 cast makes the next forwards
+    # differ); and where DeepSpeed's step makes an fp32 copy of each group's gradient partition (2 groups) every
+    # step, the kernel reads the bf16 gradient directly: none after the first step (which makes the Adam moments)
+    assert kernel["step1"]["masters"] < 1e-6 and kernel["step1"]["moments"] < 1e-8, kernel
+    assert kernel["lp_rel_diff"] < 2 ** -7
+    assert ds["fp32_made"][1:] == [2, 2] and kernel["fp32_made"][1:] == [0, 0], (ds["fp32_made"], kernel["fp32_made"])
