@@ -1,6 +1,6 @@
 """Triton kernel of the fused master-weight AdamW step: one pass reads the low-precision gradient and the fp32
 master and moments, and writes the master, the moments and the master's low-precision copy (the weights the model
-computes with). DeepSpeed's ZeRO-1/2 step does the same in four passes: the gradient cast to a new fp32 tensor,
+computes with). DeepSpeed's ZeRO-1/2 step does the same in three passes: the gradient cast to a new fp32 tensor,
 AdamW over fp32 tensors, and a copy of the fp32 master into the bf16 weights (`pretrain/zero_step.py`)."""
 
 from __future__ import annotations
