@@ -112,3 +112,20 @@ def _fused_master_step(self, closure=None):
                          allgather_bucket_size=self.allgather_bucket_size)
     for i in range(len(self.bit16_groups)):
         self._update_model_bit16_weights(i)
+
+
+def skip_division_by_one(zero_optimizer) -> bool:
+    """Where DeepSpeed ZeRO-1/2 reduces gradients over a world of one (one GPU, or tensor parallelism alone), its
+    averaging divides every gradient bucket by world size / sequence-parallel size = 1.0 before the reduction: a
+    pass over all gradients that changes no bit (3 kernels, 1.7 ms a step at 1.3B on an H100, 2026-12-06 profile).
+    Turns that averaging off there (x / 1.0 == x exactly); returns whether it did. Any larger world keeps it."""
+    from deepspeed import comm as dist
+
+    z = zero_optimizer
+    if not is_zero_1_2(z) or not all(hasattr(z, a) for a in ("gradient_average", "dp_process_group",
+                                                                "sequence_parallel_size")):
+        return False
+    if not z.gradient_average or z.sequence_parallel_size != 1 or dist.get_world_size(group=z.dp_process_group) != 1:
+        return False
+    z.gradient_average = False
+    return True

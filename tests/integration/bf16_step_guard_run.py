@@ -264,12 +264,54 @@ def master_step(device: torch.device) -> dict:
     return out
 
 
+def division(device: torch.device) -> dict:
+    """The trainer's engine over a reduction world of one, with DeepSpeed's averaging division (by 1.0) skipped
+    (`pretrain.zero_step.skip_division_by_one`) and put back: in-place divisions per backward + step, and the fp32
+    masters after two steps."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Divisions(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func._schema.name == "aten::div_":
+                Divisions.count += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    init = MetaLAForCausalLM(MetaLAConfig.from_preset("tiny", attn_backend="chunk")).to(torch.bfloat16)
+    batches = [(torch.randint(0, 512, (2, 32)), torch.randint(0, 512, (2, 32))) for _ in range(2)]
+    out = {}
+    for name in ("skipped", "deepspeed"):
+        model = copy.deepcopy(init)
+        engine, _, guard = initialize_with_guard(model, adamw(model, fused=True), ds_config(0.5), device)
+        skipped = not engine.optimizer.gradient_average
+        if name == "deepspeed":
+            engine.optimizer.gradient_average = True
+        divisions = []
+        for ids, labels in batches:
+            guard.new_step()
+            loss = engine(ids, labels=labels, return_logits=False).loss
+            guard.observe_loss(loss)
+            Divisions.count = 0
+            with Divisions():
+                engine.backward(loss)
+                engine.step()
+            divisions.append(Divisions.count)
+        masters = torch.cat([g.detach().flatten() for g in engine.optimizer.single_partition_of_fp32_groups])
+        out[name] = {"skip_applied": skipped, "divisions": divisions, "masters": masters}
+    ref = out["deepspeed"].pop("masters")
+    out["skipped"]["masters_equal"] = bool(torch.equal(out["skipped"].pop("masters"), ref))
+    return out
+
+
 def main() -> None:
     device, _, _ = init_distributed()
     # the engine and its groups go out of scope with run(), before the groups are destroyed
     print("RESULT " + json.dumps({"plain": run(device, False), "fused": run(device, True)}), flush=True)
     print("CLIPPING " + json.dumps(clipping(device)), flush=True)
     print("MASTER " + json.dumps(master_step(device)), flush=True)
+    print("DIVISION " + json.dumps(division(device)), flush=True)
     shutdown_distributed(True)
 
 

@@ -98,3 +98,12 @@ def test_fused_master_step_gives_deepspeeds_update_in_one_pass(helper_output):
     assert kernel["step1"]["masters"] < 1e-6 and kernel["step1"]["moments"] < 1e-8, kernel
     assert kernel["lp_rel_diff"] < 2 ** -7
     assert ds["fp32_made"][1:] == [2, 2] and kernel["fp32_made"][1:] == [0, 0], (ds["fp32_made"], kernel["fp32_made"])
+
+
+def test_deepspeeds_division_by_one_is_skipped_bit_for_bit(helper_output):
+    # over a reduction world of one DeepSpeed divides every gradient bucket by 1.0; pretrain.zero_step turns that
+    # averaging off there: no division in backward + step, and the same fp32 masters bit for bit after two steps
+    out = result(helper_output, "DIVISION")
+    assert out["skipped"]["skip_applied"] and out["skipped"]["divisions"] == [0, 0]
+    assert out["deepspeed"]["divisions"] == [1, 1]
+    assert out["skipped"]["masters_equal"]
