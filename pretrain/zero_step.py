@@ -59,10 +59,32 @@ def use_fused_master_step(zero_optimizer) -> bool:
     return True
 
 
+def _as_one_view(tensors: list[torch.Tensor], numel: int) -> torch.Tensor | None:
+    """`tensors` as one flat view when they lie back to back in one storage, in order, and fill `numel` elements;
+    else None."""
+    if not tensors:
+        return None
+    first = tensors[0]
+    storage, end, total = first.untyped_storage().data_ptr(), first.data_ptr(), 0
+    for t in tensors:
+        if (t.dtype != first.dtype or not t.is_contiguous() or t.untyped_storage().data_ptr() != storage
+                or t.data_ptr() != end):
+            return None
+        end += t.numel() * t.element_size()
+        total += t.numel()
+    if total != numel:
+        return None
+    return first.as_strided((numel,), (1,), first.storage_offset())
+
+
 def _flat_grad_partition(self, i: int, partition_id: int) -> torch.Tensor:
     """This rank's flat gradient partition of group i, as DeepSpeed's step forms it (in its gradient dtype: the
-    weights' unless a gradient-accumulation dtype is configured; the kernel reads either)."""
+    weights' unless a gradient-accumulation dtype is configured; the kernel reads either). DeepSpeed's reduction
+    leaves the partition's gradients back to back in one buffer (ZeRO-1/2 with contiguous gradients): then this is
+    a view of that buffer, where DeepSpeed's step copies it into a new one (1.7 ms and 2.6 GB at 1.3B)."""
     flat = self._get_preflattened_grad_partition(i)
+    if flat is None:
+        flat = _as_one_view(self.averaged_gradients[i], int(self.partition_size[i]))
     if flat is None:
         from deepspeed import comm as dist
 

@@ -177,9 +177,10 @@ def clipping(device: torch.device) -> dict:
     return out
 
 
-class PartitionSizedFp32:
-    """Counts fp32 tensors of at least `numel` elements that torch ops allocate (DeepSpeed's cast of a flat gradient
-    partition to fp32 makes one per parameter group and step; the fused master step's kernel none)."""
+class PartitionSized:
+    """Counts floating tensors of at least `numel` elements that torch ops allocate. DeepSpeed's step makes two per
+    parameter group and step: the flat bf16 gradient partition (copied from its reduction buffer) and its fp32
+    cast; the fused master step's kernel none (it reads a view of the buffer)."""
 
     def __init__(self, numel: int):
         from torch.utils._python_dispatch import TorchDispatchMode
@@ -192,7 +193,7 @@ class PartitionSizedFp32:
                 out = func(*args, **(kwargs or {}))
                 for t in out if isinstance(out, (tuple, list)) else (out,):
                     # new memory only: no in-place op's result, no view
-                    if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.numel() >= outer.numel \
+                    if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() >= outer.numel \
                             and not func._schema.name.endswith("_") and not func.is_view:
                         outer.count += 1
                 return out
@@ -210,8 +211,8 @@ class PartitionSizedFp32:
 def master_step(device: torch.device) -> dict:
     """DeepSpeed's ZeRO-1 step against the fused master step (pretrain/zero_step.py) from the same weights on the
     same batches, clipping active; the fused step with its naive twin (the CPU default) and with its Triton kernel
-    (the GPU's; here under the interpreter, when it is on). Per run: which step method ran, the fp32
-    partition-sized tensors and the waits for the device in each `engine.step()`, and the fp32 masters, Adam state
+    (the GPU's; here under the interpreter, when it is on). Per run: which step method ran, the
+    partition-sized tensors allocated and the waits for the device in each `engine.step()`, and the fp32 masters, Adam state
     and bf16 weights after the first and the last of three steps."""
     config = ds_config(0.5)
     torch.manual_seed(0)
@@ -228,15 +229,15 @@ def master_step(device: torch.device) -> dict:
         engine, _, guard = initialize_with_guard(model, opt, config, device, fused_master_step=fused)
         z = engine.optimizer
         smallest = min(t.numel() for t in z.single_partition_of_fp32_groups)
-        run = {"step_method": z.step.__func__.__name__, "fp32_made": [], "device_waits": [], "after": []}
+        run = {"step_method": z.step.__func__.__name__, "partition_copies": [], "device_waits": [], "after": []}
         for ids, labels in batches:
             guard.new_step()
             loss = engine(ids, labels=labels, return_logits=False).loss
             guard.observe_loss(loss)
             engine.backward(loss)
-            with PartitionSizedFp32(smallest) as made, DeviceWaits() as dw:
+            with PartitionSized(smallest) as made, DeviceWaits() as dw:
                 engine.step()
-            run["fp32_made"].append(made.count)
+            run["partition_copies"].append(made.count)
             run["device_waits"].append(dw.count)
             assert not guard.update_dropped
             run["after"].append({

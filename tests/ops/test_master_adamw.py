@@ -137,3 +137,21 @@ def test_master_weight_adamw_steps_lp_io_params_with_torch_state_and_is_torch_ad
     mixed.lp_io = {master: (grads[0], lp)}
     with pytest.raises(RuntimeError, match="one step takes one kind"):
         mixed.step()
+
+
+def test_back_to_back_gradients_become_one_view_and_nothing_else_does():
+    from pretrain.zero_step import _as_one_view
+
+    buf = torch.arange(20, dtype=torch.float32)
+    parts = [buf[0:6].view(2, 3), buf[6:10], buf[10:20].view(5, 2)]
+    flat = _as_one_view(parts, 20)
+    assert flat is not None and flat.data_ptr() == buf.data_ptr() and torch.equal(flat, buf)
+    flat[7] = -1.0  # a view, not a copy
+    assert float(parts[1][1]) == -1.0
+    assert _as_one_view(parts, 21) is None  # DeepSpeed's partition padding: the copy path
+    assert _as_one_view([buf[0:6], buf[7:20]], 19) is None  # a gap
+    assert _as_one_view([buf[6:10], buf[0:6]], 10) is None  # out of order
+    assert _as_one_view([buf[0:6], torch.zeros(4)], 10) is None  # another storage
+    assert _as_one_view([buf[0:6], buf[6:10].to(torch.float64)], 10) is None  # another dtype
+    assert _as_one_view([buf.view(4, 5)[:, :2]], 8) is None  # not contiguous
+    assert _as_one_view([], 0) is None
