@@ -1,5 +1,8 @@
 """Benchmarks; each writes JSON to bench/results/<yyyymmdd>_<gpu tag>_<bench>[_<tag>].json."""
 
+import time
+from pathlib import Path
+
 
 def gpu_tag(name: str) -> str:
     """Short device name for result files: 'NVIDIA H100 80GB HBM3' -> 'h100', 'NVIDIA H200' -> 'h200'."""
@@ -16,3 +19,10 @@ def merge_sections(base: dict, change: dict) -> dict:
     for k, v in change.items():
         out[k] = {**base[k], **v} if isinstance(v, dict) and isinstance(base.get(k), dict) else v
     return out
+
+
+def result_path(out: Path, device: str, bench: str, tag: str = "") -> Path:
+    """`out`/<yyyymmdd>_<device>_<bench>[_<tag>].json (the folder made if missing); `device`: `gpu_tag(...)` or
+    "cpu"."""
+    out.mkdir(parents=True, exist_ok=True)
+    return out / f"{time.strftime('%Y%m%d')}_{device}_{bench}{'_' + tag if tag else ''}.json"

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 
-from bench import gpu_tag
+from bench import gpu_tag, result_path
 from metala.ops.metala import chunk as C
 from metala.ops.metala.chunk_bwd import store_dgate
 from metala.ops.metala.chunk_fwd import ONE_REF, intra_grad_k, intra_grad_q, load_gate, other_path
@@ -128,8 +127,7 @@ def main() -> None:
                 rows.append(row)
                 print(f"warps {warps} BK {BK:>2} {what:<48} {ms:.3f} ms"
                       + (f"  diff {diff:.1e}" if row["rel_diff_vs_full"] is not None else ""), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{time.strftime('%Y%m%d')}_{gpu_tag(torch.cuda.get_device_name())}_intra_ablation.json"
+    path = result_path(args.out, gpu_tag(torch.cuda.get_device_name()), "intra_ablation")
     path.write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "shape": [B, T, H, K], "rows": rows}, indent=2))
     print(f"wrote {path}")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from bench import gpu_tag
+from bench import gpu_tag, result_path
 from pretrain.master_adamw import adamw_master_step_
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,9 +112,7 @@ def main() -> int:
             print(f"{n}: gate failed {gate}", flush=True)
         result["rows"].append(row)
         torch.cuda.empty_cache()
-    args.out.mkdir(parents=True, exist_ok=True)
-    tag = gpu_tag(gpu)
-    path = args.out / f"{time.strftime('%Y%m%d')}_{tag}_master_adamw{'_' + args.tag if args.tag else ''}.json"
+    path = result_path(args.out, gpu_tag(gpu), "master_adamw", args.tag)
     path.write_text(json.dumps(result, indent=2))
     print(f"wrote {path}; correct: {ok}")
     return 0 if ok else 1

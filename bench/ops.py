@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench import gpu_tag
+from bench import gpu_tag, result_path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"metala-360m": (8, 64, 128), "metala-1.3b": (16, 64, 128)}
@@ -248,9 +248,7 @@ def main() -> None:
               "triton": triton.__version__, "fla": fla_version, "cuda": torch.version.cuda, "deepspeed": None,
               "matmul_tflops": tflops, "copy_TBps": tbps, "kernel_config": CONFIG,
               "one_reference_span": SPAN.value, "gate_small": small, "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    tag = gpu_tag(gpu)
-    path = args.out / f"{time.strftime('%Y%m%d')}_{tag}_ops.json"
+    path = result_path(args.out, gpu_tag(gpu), "ops")
     for shape in args.shapes.split(","):
         H, K, V = SHAPES[shape]
         for T in map(int, args.seqlens.split(",")):

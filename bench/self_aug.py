@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench import gpu_tag, result_path
 from bench.ops import SHAPES, TAU, TOKENS, err, finite, make_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,7 +100,6 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results")
     args = ap.parse_args()
     gpu = torch.cuda.get_device_name()
-    tag = "h100" if "H100" in gpu else "h200" if "H200" in gpu else "gpu"
     result = {"bench": "self_aug", "gpu": gpu, "torch": torch.__version__,
               "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": []}
     ok = True
@@ -122,8 +122,7 @@ def main() -> int:
             else:
                 print(f"{shape:>12} {T:>6} | gate failed: {row['gate']['err']}", flush=True)
             result["rows"].append(row)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{time.strftime('%Y%m%d')}_{tag}_self_aug.json"
+    path = result_path(args.out, gpu_tag(gpu), "self_aug")
     path.write_text(json.dumps(result, indent=2))
     print(f"wrote {path}; all correct: {ok}")
     return 0 if ok else 1

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from bench import gpu_tag, merge_sections
+from bench import gpu_tag, merge_sections, result_path
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENS = 32768
@@ -493,9 +493,7 @@ def main() -> int:
               "peak_flops": H100_PEAK, "model_overrides": MODEL_OVERRIDES, "train_overrides": TRAIN_OVERRIDES,
               "ds_config_changes": DS_CONFIG_CHANGES, "micro_batch": MICRO_BATCH["n"], "doc_len": DOC_LEN["n"], "gates": {}, "rows": [], "profiles": {}}
     all_ok = True
-    args.out.mkdir(parents=True, exist_ok=True)
-    tag = gpu_tag(gpu)
-    path = args.out / f"{time.strftime('%Y%m%d')}_{tag}_train_throughput{'_' + args.tag if args.tag else ''}.json"
+    path = result_path(args.out, gpu_tag(gpu), "train_throughput", args.tag)
 
     def save():  # after every row, so a cut-off run keeps what it measured
         path.write_text(json.dumps(result, indent=2))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from bench import gpu_tag, merge_sections
+from bench import gpu_tag, merge_sections, result_path
 
 ROOT = Path(__file__).resolve().parents[1]
 # ops that only create views or metadata: no kernel
@@ -139,9 +139,7 @@ def main() -> int:
     for phase in ("forward", "backward", "step"):
         print(f"  {phase:8s} {ours[phase]['compute_ops']:7d} / {plain[phase]['compute_ops']:7d}   "
               f"top of ours: {ours[phase]['top']}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    tag = gpu_tag(dev_name) if device.type == "cuda" else "cpu"
-    path = args.out / f"{time.strftime('%Y%m%d')}_{tag}_trainer_ops{'_' + args.tag if args.tag else ''}.json"
+    path = result_path(args.out, gpu_tag(dev_name) if device.type == "cuda" else "cpu", "trainer_ops", args.tag)
     path.write_text(json.dumps(result, indent=2))
     print(f"wrote {path}")
     from pretrain.distributed import shutdown_distributed

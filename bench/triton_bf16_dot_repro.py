@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from bench import gpu_tag
+from bench import gpu_tag, result_path
 from metala.ops.metala.chunk_fwd import ONE_REF, chunk_cumsum, intra_grad_q, load_gate
 from metala.ops.utils.triton_math import neg_expm1
 
@@ -110,8 +110,7 @@ def main() -> None:
     gpu = torch.cuda.get_device_name()
     report = {"bench": "triton_bf16_dot_repro", "gpu": gpu, "triton": triton.__version__, "torch": torch.__version__,
               "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{time.strftime('%Y%m%d')}_{gpu_tag(gpu)}_bf16_dot_repro.json"
+    path = result_path(args.out, gpu_tag(gpu), "bf16_dot_repro")
     path.write_text(json.dumps(report, indent=1))
     print(f"wrote {path}")
 

@@ -33,3 +33,15 @@ def test_doc_boundaries_pack_documents_into_rows_like_the_loader():
     assert set(range(0, B * T, T)) <= set(cu.tolist())
     assert 300 < (B * T) / (len(cu) - 1) < 700
     assert step_boundaries(None) is None
+
+
+def test_result_path_names_files_by_date_device_bench_and_tag(tmp_path):
+    import time
+
+    from bench import result_path
+
+    day = time.strftime("%Y%m%d")
+    out = tmp_path / "new" / "results"
+    assert result_path(out, "h100", "ops") == out / f"{day}_h100_ops.json"
+    assert out.is_dir()  # made when missing
+    assert result_path(out, "cpu", "trainer_ops", "s16") == out / f"{day}_cpu_trainer_ops_s16.json"
