@@ -54,7 +54,6 @@ def use_fused_master_step(zero_optimizer) -> bool:
     whether it did. Call after the step guard has taken over clipping (`initialize_with_guard` does)."""
     if not fused_master_step_applies(zero_optimizer):
         return False
-    zero_optimizer._deepspeed_step = zero_optimizer.step
     zero_optimizer.step = types.MethodType(_fused_master_step, zero_optimizer)
     return True
 

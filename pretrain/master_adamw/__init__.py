@@ -45,15 +45,13 @@ def adamw_master_step_(master: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: 
         return
     if n == 0:
         return
+    import triton
+
     from pretrain.master_adamw.kernel import adamw_master_kernel
 
-    adamw_master_kernel[(_cdiv(n, BLOCK),)](
+    adamw_master_kernel[(triton.cdiv(n, BLOCK),)](
         master, exp_avg, exp_avg_sq, grad, lp_out, step,
         found_inf if found_inf is not None else step, grad_scale if grad_scale is not None else step,
         n, float(lr), float(beta1), float(beta2), math.log2(beta1), math.log2(beta2), float(eps),
         float(weight_decay), HAS_FOUND_INF=found_inf is not None, HAS_GRAD_SCALE=grad_scale is not None,
         BLOCK=BLOCK, num_warps=NUM_WARPS)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b

@@ -9,6 +9,7 @@ import json
 import sys
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from metala import MetaLAConfig, MetaLAForCausalLM
 from metala.ops.metala.api import triton_usable
@@ -177,35 +178,25 @@ def clipping(device: torch.device) -> dict:
     return out
 
 
-class PartitionSized:
-    """Counts floating tensors of at least `numel` elements that torch ops allocate. DeepSpeed's step makes two per
-    parameter group and step: the flat bf16 gradient partition (copied from its reduction buffer) and its fp32
-    cast; the fused master step's kernel none (it reads a view of the buffer)."""
+class CountOps(TorchDispatchMode):
+    """Counts the torch ops (as dispatched, below autograd) for which `counts(func, outputs)` holds."""
 
-    def __init__(self, numel: int):
-        from torch.utils._python_dispatch import TorchDispatchMode
+    def __init__(self, counts):
+        super().__init__()
+        self.counts, self.count = counts, 0
 
-        outer = self
-        self.numel, self.count = numel, 0
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.count += bool(self.counts(func, out if isinstance(out, (tuple, list)) else (out,)))
+        return out
 
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                for t in out if isinstance(out, (tuple, list)) else (out,):
-                    # new memory only: no in-place op's result, no view
-                    if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() >= outer.numel \
-                            and not func._schema.name.endswith("_") and not func.is_view:
-                        outer.count += 1
-                return out
 
-        self.mode = Mode()
-
-    def __enter__(self):
-        self.mode.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.mode.__exit__(*exc)
+def partition_sized(numel: int) -> CountOps:
+    """Ops that allocate a floating tensor of at least `numel` elements (new memory only: no in-place op's result,
+    no view). DeepSpeed's step makes two per parameter group and step: the flat bf16 gradient partition (copied
+    from its reduction buffer) and its fp32 cast; the fused master step's kernel none (it reads a view of it)."""
+    return CountOps(lambda func, outs: not func._schema.name.endswith("_") and not func.is_view and any(
+        isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() >= numel for t in outs))
 
 
 def master_step(device: torch.device) -> dict:
@@ -235,7 +226,7 @@ def master_step(device: torch.device) -> dict:
             loss = engine(ids, labels=labels, return_logits=False).loss
             guard.observe_loss(loss)
             engine.backward(loss)
-            with PartitionSized(smallest) as made, DeviceWaits() as dw:
+            with partition_sized(smallest) as made, DeviceWaits() as dw:
                 engine.step()
             run["partition_copies"].append(made.count)
             run["device_waits"].append(dw.count)
@@ -269,16 +260,6 @@ def division(device: torch.device) -> dict:
     """The trainer's engine over a reduction world of one, with DeepSpeed's averaging division (by 1.0) skipped
     (`pretrain.zero_step.skip_division_by_one`) and put back: in-place divisions per backward + step, and the fp32
     masters after two steps."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Divisions(TorchDispatchMode):
-        count = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func._schema.name == "aten::div_":
-                Divisions.count += 1
-            return func(*args, **(kwargs or {}))
-
     torch.manual_seed(0)
     init = MetaLAForCausalLM(MetaLAConfig.from_preset("tiny", attn_backend="chunk")).to(torch.bfloat16)
     batches = [(torch.randint(0, 512, (2, 32)), torch.randint(0, 512, (2, 32))) for _ in range(2)]
@@ -294,11 +275,10 @@ def division(device: torch.device) -> dict:
             guard.new_step()
             loss = engine(ids, labels=labels, return_logits=False).loss
             guard.observe_loss(loss)
-            Divisions.count = 0
-            with Divisions():
+            with CountOps(lambda func, outs: func._schema.name == "aten::div_") as div:
                 engine.backward(loss)
                 engine.step()
-            divisions.append(Divisions.count)
+            divisions.append(div.count)
         masters = torch.cat([g.detach().flatten() for g in engine.optimizer.single_partition_of_fp32_groups])
         out[name] = {"skip_applied": skipped, "divisions": divisions, "masters": masters}
     ref = out["deepspeed"].pop("masters")

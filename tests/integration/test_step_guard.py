@@ -89,9 +89,10 @@ def test_fused_master_step_gives_deepspeeds_update_in_one_pass(helper_output):
     assert fused["step1"]["masters"] < 1e-6 and fused["step3"]["masters"] < 1e-6, fused
     assert fused["step3"]["moments"] < 1e-8 and fused["step3"]["weights"] <= 2 ** -8, fused
     assert ds["lp_rel_diff"] <= 2 ** -8 and fused["lp_rel_diff"] <= 2 ** -8
+    # triton is a requirement and, without CUDA, tests/conftest.py turns its CPU interpreter on (the helper
+    # inherits it): the kernel always runs here
     kernel = out.get("fused_kernel")
-    if kernel is None:
-        pytest.skip("no Triton (GPU or CPU interpreter) for the fused kernel")
+    assert kernel is not None, "the helper found no usable Triton (neither CUDA nor TRITON_INTERPRET=1)"
     # the kernel: the same first update (after it, the interpreter's truncating bf16 cast makes the next forwards
     # differ); and where DeepSpeed's step copies each group's gradient partition out of its reduction buffer and
     # casts that to fp32 (2 groups: 4 partition-sized tensors a step), the kernel reads the bf16 buffer in place:
