@@ -20,7 +20,11 @@ from triton.compiler import ASTSource
 
 from metala.ops.incoming_state import kernel as incoming
 from metala.ops.metala import chunk_bwd, chunk_fwd, fused_recurrent_kernel
-from metala.ops.metala.chunk import _intra_dtype, _scores_dtype
+from metala.ops.metala.chunk import CONFIG, _intra_dtype, _scores_dtype
+
+# aot job name -> chunk.py CONFIG entry (launch warps and stages)
+CONFIG_KEY = {"fwd_h": "fwd_h", "fwd_o": "fwd_o", "fwd_seg": "seg", "bwd_seg": "seg", "bwd_dh": "bwd_dh",
+              "bwd_dv": "bwd_dv", "bwd_dqk": "bwd_dqk", "bwd_dq": "bwd_dq", "bwd_dkg": "bwd_dkg"}
 
 
 def sig(kernel, types: dict[str, str], consts: dict) -> dict:
@@ -57,11 +61,12 @@ def main() -> None:
     args = ap.parse_args()
     target = GPUTarget("cuda", args.sm, 32)
     dtypes = (("bf16", tl.bfloat16, "tf32"),) if args.quick else (("bf16", tl.bfloat16, "tf32"), ("fp32", tl.float32, "ieee"))
+    failed = 0
     for dt_name, dt, prec in dtypes:
         for K, V in ((64, 128),) if args.quick else ((64, 128), (128, 128), (32, 64), (128, 256)):
             ints = {n: "*i32" for n in ("chunk_start", "chunk_len", "chunk_seg", "seg_first_chunk", "seg_n_chunks",
                                         "doc_first_seg", "doc_n_segs")}
-            io = {n: f"*{dt_name}" for n in ("q", "gate", "v", "o", "do", "dq", "dgate", "dv")}
+            io = {n: f"*{dt_name}" for n in ("q", "gate", "v", "o", "o_lo", "do", "dq", "dgate", "dv")}
             io["dA_out"] = io["dA_in"] = "*fp32"
             # the fused self-augmentation's weight and gradients (compiled here with AUG off and on)
             io["w_aug"] = io["da"] = io["dw_part"] = "*fp32"
@@ -79,7 +84,8 @@ def main() -> None:
                 ("fwd_seg", chunk_fwd.chunk_metala_fwd_kernel_seg, {**common, "BK": BK, "BV": BV, "HAS_H0": True,
                  "STORE_HT": True}, 4),
                 ("fwd_o", chunk_fwd.chunk_metala_fwd_kernel_o, {**common, "BT_": 64, "BC_": 16, "BV": BV,
-                 "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec, "INTRA_DT": scores_dt, "AUG": False}, 4),
+                 "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec, "INTRA_DT": scores_dt, "AUG": False,
+                 "SPLIT": dt_name == "bf16"}, 4),
                 ("bwd_dh", chunk_bwd.chunk_metala_bwd_kernel_dh, {**common, "BT_": 64, "BK": BK, "BV": BV,
                  "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec}, 4),
                 ("bwd_seg", chunk_bwd.chunk_metala_bwd_kernel_seg, {**common, "BK": BK, "BV": BV, "HAS_DHT": True,
@@ -123,11 +129,17 @@ def main() -> None:
             jobs += [(f"{name}+aug", kern, {**consts, "AUG": True}, warps) for name, kern, consts, warps in jobs
                      if "AUG" in consts]
             for name, kern, consts, warps in jobs:
+                # the launchers' warps and stages where chunk.py's CONFIG names the kernel
+                cfg = CONFIG.get(CONFIG_KEY.get(name.split("/")[0].split("+")[0], ""), {})
                 try:
-                    info = compile_one(kern, types, consts, warps, target)
+                    info = compile_one(kern, types, consts, cfg.get("num_warps", warps), target,
+                                       cfg.get("num_stages", 3))
                     print(f"{dt_name} K{K:<3} V{V:<3} {name:<9} ok   {info}")
                 except Exception as e:  # noqa: BLE001 - report every failure, keep going
+                    failed += 1
                     print(f"{dt_name} K{K:<3} V{V:<3} {name:<9} FAILED {type(e).__name__}: {str(e)[:400]}")
+    if failed:
+        raise SystemExit(f"{failed} kernel compile(s) failed")
 
 
 if __name__ == "__main__":

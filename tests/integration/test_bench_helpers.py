@@ -45,3 +45,22 @@ def test_result_path_names_files_by_date_device_bench_and_tag(tmp_path):
     assert result_path(out, "h100", "ops") == out / f"{day}_h100_ops.json"
     assert out.is_dir()  # made when missing
     assert result_path(out, "cpu", "trainer_ops", "s16") == out / f"{day}_cpu_trainer_ops_s16.json"
+
+
+def test_every_kernel_compiles_for_hopper_without_a_gpu():
+    """`bench.aot_check --quick` compiles every Triton kernel for sm_90 with the launchers' warps and stages (ptxas
+    from the Triton wheel): a kernel signature the checker no longer matches, or a kernel that no longer compiles for
+    Hopper, fails here instead of on a lent GPU. (It once reported fwd_o as failing for a missing SPLIT argument and
+    exited 0.)"""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-m", "bench.aot_check", "--quick"], capture_output=True, text=True,
+                       env=env, cwd=Path(__file__).resolve().parents[2], timeout=600)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("bf16 ")]
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert len(lines) >= 20 and all(" ok " in ln for ln in lines), "\n".join(lines)
+    assert any(ln.split()[3].startswith("fwd_o") for ln in lines)
