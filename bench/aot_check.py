@@ -22,9 +22,12 @@ from metala.ops.incoming_state import kernel as incoming
 from metala.ops.metala import chunk_bwd, chunk_fwd, fused_recurrent_kernel
 from metala.ops.metala.chunk import CONFIG, _intra_dtype, _scores_dtype
 
-# aot job name -> chunk.py CONFIG entry (launch warps and stages)
-CONFIG_KEY = {"fwd_h": "fwd_h", "fwd_o": "fwd_o", "fwd_seg": "seg", "bwd_seg": "seg", "bwd_dh": "bwd_dh",
-              "bwd_dv": "bwd_dv", "bwd_dqk": "bwd_dqk", "bwd_dq": "bwd_dq", "bwd_dkg": "bwd_dkg"}
+
+def launch_config(job: str) -> dict:
+    """chunk.py's CONFIG entry (launch warps and stages) of a job: its name up to the path / aug suffix, where the
+    two segment scans share "seg"; {} for kernels CONFIG does not name."""
+    base = job.split("/")[0].split("+")[0]
+    return CONFIG.get("seg" if base.endswith("_seg") else base, {})
 
 
 def sig(kernel, types: dict[str, str], consts: dict) -> dict:
@@ -41,7 +44,7 @@ def ptxas_report(ptx: str, sm: int) -> str:
         src = Path(tmp) / "k.ptx"
         src.write_text(ptx)
         r = subprocess.run([str(ptxas), f"-arch=sm_{sm}a" if sm == 90 else f"-arch=sm_{sm}", "-v", str(src), "-o",
-                            str(Path(tmp) / "k.cubin")], capture_output=True, text=True)
+                            str(Path(tmp) / "k.cubin")], check=False, capture_output=True, text=True)
     text = r.stderr + r.stdout
     regs = re.search(r"Used (\d+) registers", text)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
@@ -129,8 +132,7 @@ def main() -> None:
             jobs += [(f"{name}+aug", kern, {**consts, "AUG": True}, warps) for name, kern, consts, warps in jobs
                      if "AUG" in consts]
             for name, kern, consts, warps in jobs:
-                # the launchers' warps and stages where chunk.py's CONFIG names the kernel
-                cfg = CONFIG.get(CONFIG_KEY.get(name.split("/")[0].split("+")[0], ""), {})
+                cfg = launch_config(name)
                 try:
                     info = compile_one(kern, types, consts, cfg.get("num_warps", warps), target,
                                        cfg.get("num_stages", 3))

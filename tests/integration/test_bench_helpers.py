@@ -1,6 +1,12 @@
-"""Helpers the GPU benchmarks report with, checked on CPU (the benchmarks themselves need a GPU)."""
+"""Helpers the GPU benchmarks report with, and the ahead-of-time kernel compile, checked on CPU (the benchmarks
+themselves need a GPU)."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 from bench.train_throughput import busy_and_span
 
@@ -52,14 +58,9 @@ def test_every_kernel_compiles_for_hopper_without_a_gpu():
     from the Triton wheel): a kernel signature the checker no longer matches, or a kernel that no longer compiles for
     Hopper, fails here instead of on a lent GPU. (It once reported fwd_o as failing for a missing SPLIT argument and
     exited 0.)"""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-m", "bench.aot_check", "--quick"], capture_output=True, text=True,
-                       env=env, cwd=Path(__file__).resolve().parents[2], timeout=600)
+    r = subprocess.run([sys.executable, "-m", "bench.aot_check", "--quick"], check=False, capture_output=True,
+                       text=True, env=env, cwd=Path(__file__).resolve().parents[2], timeout=600)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("bf16 ")]
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert len(lines) >= 20 and all(" ok " in ln for ln in lines), "\n".join(lines)
