@@ -71,6 +71,7 @@ def main() -> None:
                                         "doc_first_seg", "doc_n_segs")}
             io = {n: f"*{dt_name}" for n in ("q", "gate", "v", "o", "o_lo", "do", "dq", "dgate", "dv")}
             io["dA_out"] = io["dA_in"] = "*fp32"
+            io["path_flags"], io["n_items"] = "*i8", "i32"
             # the fused self-augmentation's weight and gradients (compiled here with AUG off and on)
             io["w_aug"] = io["da"] = io["dw_part"] = "*fp32"
             state = {"h_local": f"*{dt_name}", "dS_local": f"*{dt_name}"}
@@ -98,7 +99,7 @@ def main() -> None:
                  "DA_ATOMIC": False}, 4),
                 ("bwd_dqk", chunk_bwd.chunk_metala_bwd_kernel_dqk, {**common, "BT_": 64, "BC_": 16, "BK": min(32, K), "BV": BV,
                  "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec, "INTRA_PREC": prec, "INTRA_DT": intra_dt,
-                 "AUG": False}, 4),
+                 "AUG": False, "LOAD_DA": False, "PATH_FLAGS": 1, "FLAG_BLOCK": 16}, 4),
                 ("bwd_dq", chunk_bwd.chunk_metala_bwd_kernel_dq, {**common, "BT_": 64, "BC_": 16, "BK": min(32, K), "BV": BV,
                  "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec, "INTRA_PREC": prec, "INTRA_DT": intra_dt,
                  "LOAD_DA": True, "AUG": False}, 4),
@@ -124,8 +125,10 @@ def main() -> None:
                 ("inc_bwd_ds", incoming.incoming_state_bwd_ds_kernel, {**mm, "BV": min(64, V)}, 8),
             ]
             # the intra-chunk kernels exist in one compiled form per path (chunk_fwd.py INTRA_PATH)
+            # (the joint dq/dk kernel's sub-chunk launch walks the records its one-reference launch writes)
             jobs = [(f"{name}/{tag}" if "INTRA_PATH" in kern.arg_names else name, kern,
-                     {**consts, "INTRA_PATH": path} if "INTRA_PATH" in kern.arg_names else consts, warps)
+                     {**consts, "INTRA_PATH": path, **({"PATH_FLAGS": path} if "PATH_FLAGS" in consts else {})}
+                     if "INTRA_PATH" in kern.arg_names else consts, warps)
                     for name, kern, consts, warps in jobs
                     for tag, path in ((("one", 1), ("sub", 2)) if "INTRA_PATH" in kern.arg_names else (("", 0),))]
             # and the kernels that can fuse the self-augmentation, once more with it

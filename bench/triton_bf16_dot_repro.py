@@ -1,4 +1,4 @@
-"""Standalone check of the Triton miscompile that `chunk_fwd._dot_intra` works around.
+"""Standalone check of the Triton miscompile that `chunk_fwd.dot_intra` works around.
 
 The dq/dk kernels' intra-chunk products are dA [64, 64] @ f [64, BK], where dA is the causally masked fp32 result
 of another tl.dot (dO v^T). With bf16 operands, the direct form `tl.dot(dA.to(bf16), f.to(bf16))` compiled

@@ -128,6 +128,28 @@ def test_triton_mixed_span_chunks(gate, two_launches, monkeypatch):
     compare(ref, fwd_bwd(fn, q, z, v, h0, do, dht), 1e-4)
 
 
+def test_sub_chunk_launch_walks_the_skipped_chunks_only(monkeypatch):
+    """With a launch per intra path, the dq/dk kernel's sub-chunk launch runs one program per FLAG_BLOCK records of
+    what the one-reference launch skipped: strongly closed chunks in the first and last blocks of records and none
+    in the middle one; every chunk's gradients must come out (dq and dz start as uninitialised memory)."""
+    from metala.ops.metala import chunk as C
+    from metala.ops.metala.chunk_fwd import SPAN
+
+    monkeypatch.setitem(C.CONFIG, "intra", {"two_launches": ("bwd_dqk",)})
+    T, H, K, V = 64 * 20, 2, 32, 32
+    q, z, v, h0 = inputs(1, T, H, K, V)
+    with torch.no_grad():
+        z[:, 64:128] -= 60.0  # chunk 1, both heads: records 2 and 3 (one K-tile: record = chunk * H + head)
+        z[:, 17 * 64 : 18 * 64, 1] -= 60.0  # chunk 17, head 1: record 35, in the third block of 16
+    spans = chunk_spans(z)
+    assert [tuple(x) for x in (spans > SPAN.value).nonzero()[:, 1:].tolist()] == [(1, 0), (1, 1), (17, 1)]
+    assert C.FLAG_BLOCK == 16 and T // 64 * H > 2 * C.FLAG_BLOCK
+    do, dht = torch.randn(1, T, H, V, device=DEVICE), torch.randn(1, H, K, V, device=DEVICE)
+    ref = fwd_bwd(lambda q, z, v, h0: reference(q, z, v, h0), q, z, v, h0, do, dht)
+    fn = lambda q, z, v, h0: C.chunk_metala_from_logits(q, z, v, 16.0, initial_state=h0, output_final_state=True)
+    compare(ref, fwd_bwd(fn, q, z, v, h0, do, dht), 1e-4)
+
+
 @pytest.mark.parametrize("seg", [1, 8])
 def test_triton_varlen_matches_naive(seg):
     lengths = [1, 63, 1, 2, 70, 130]
@@ -208,6 +230,7 @@ def test_model_on_triton_matches_model_on_chunk():
 @pytest.mark.parametrize("form", [
     pytest.param({"form": "joint", "intra_dtype": "fp32"}, id="joint-dqk"),
     pytest.param({"form": "split_dA", "intra_dtype": "fp32"}, id="dv-stores-dA"),
+    pytest.param({"form": "joint_dA", "intra_dtype": "fp32"}, id="joint-dqk-dA-from-dv"),
     pytest.param({"form": "split", "intra_dtype": "fp32"}, id="split-recompute-dA"),
     # the interpreter runs half-precision products in fp32 (see chunk.py _dot_dtype): this checks the cast path
     # traces and stays exact; its bf16 accuracy is the GPU gate's (bench/ops.py, bench/kernel_tune.py)
@@ -311,8 +334,8 @@ def aug_reference(q, z, v, w, h0, cu=None):
     return o + naive_self_augmentation(q, -torch.expm1(g), v, w), ht
 
 
-@pytest.mark.parametrize("form,bv", [("joint", 128), ("joint", 32), ("split_dA", 32), ("split", 128)],
-                         ids=["joint", "joint-dv-tiles-add-da", "split_dA-dv-tiles-add-da", "split"])
+@pytest.mark.parametrize("form,bv", [("joint", 128), ("joint", 32), ("joint_dA", 128), ("split_dA", 32), ("split", 128)],
+                         ids=["joint", "joint-dv-tiles-add-da", "joint_dA", "split_dA-dv-tiles-add-da", "split"])
 def test_fused_self_augmentation_matches_naive(form, bv, monkeypatch):
     """w_aug fused into the output and backward kernels: o, dq, dz, dv, dh0 and dw_aug match the reference on
     chunks of both intra paths, for every backward form, and when several dv programs add into da."""

@@ -16,6 +16,9 @@ import triton.language as tl
 
 from metala.ops.metala.api import BACKENDS, SplitOutput, check_metala_args, check_w_aug
 from metala.ops.metala.chunk_bwd import (
+    NO_FLAGS,
+    WALK_FLAGS,
+    WRITE_FLAGS,
     chunk_metala_bwd_kernel_dh,
     chunk_metala_bwd_kernel_dkg,
     chunk_metala_bwd_kernel_dq,
@@ -38,7 +41,10 @@ from metala.ops.utils.launch_cache import launch
 
 log = logging.getLogger(__name__)
 MAX_K, MAX_V = 128, 256
-BWD_FORMS = ("joint", "split", "split_dA")
+# (chunk, head, K-tile) records per program of the dq/dk kernel's sub-chunk launch (chunk_bwd.WALK_FLAGS): few
+# programs when no chunk needs that path, and still a full GPU's worth when every chunk does
+FLAG_BLOCK = 16
+BWD_FORMS = ("joint", "joint_dA", "split", "split_dA")
 
 
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -120,7 +126,7 @@ CONFIG = {
     # (fp32 accumulation), as fwd_o and dv use for theirs (`_scores_dtype`: fp16 inputs keep fp32 operands, for
     # range); "fp32": tf32 on the tensor cores (fp32 inputs: 3xTF32 either way). An earlier kernel (2026-12-01)
     # was wrong with bf16 operands (relative difference 1.8): a Triton 3.6 miscompile of the direct bf16 form
-    # (bench/triton_bf16_dot_repro.py), which chunk_fwd._dot_intra avoids with the transposed form. H200, with the
+    # (bench/triton_bf16_dot_repro.py), which chunk_fwd.dot_intra avoids with the transposed form. H200, with the
     # fused self-augmentation: backward 1.076 -> 0.995 ms at the 360M shape, 2.055 -> 1.908 at 1.3B
     # (20261205_h200_kernel_tune_aug_new.json); bench.ops gate passed (dq 0.29 %, dz 0.30 % vs 0.20 % with fp32;
     # limit 0.5 %).
@@ -261,7 +267,7 @@ def chunk_metala_bwd(q, gate, v, do, dht, scale, inv_tau, saved, plan: ChunkPlan
     if form not in BWD_FORMS:
         raise ValueError(f"CONFIG['bwd_dqk']['form'] must be one of {BWD_FORMS}, got {form!r}")
     # the dv kernel hands dA to the split dq / dk kernels when one program covers all of V
-    store_dA = form == "split_dA" and BVv >= V
+    store_dA = form in ("split_dA", "joint_dA") and BVv >= V
     dA = torch.empty(plan.n_chunks, H, BT, BT, device=dev, dtype=torch.float32) if store_dA else dS_local
     aug = w_aug is not None
     # fused self-augmentation: the scalar's gradient da [T, H] (V-tiles add into it when one does not cover V),
@@ -293,10 +299,20 @@ def chunk_metala_bwd(q, gate, v, do, dht, scale, inv_tau, saved, plan: ChunkPlan
                        (q, gate, v, do, h_local, cdec, S_in, G, dS_local, Dout, *outs, *tables),
                        dict(kw, LOAD_DA=store_dA, INTRA_PATH=path, AUG=aug))
     else:
-        for path in _intra_paths("bwd_dqk"):
-            launch(chunk_metala_bwd_kernel_dqk, (plan.n_chunks, H, K // BK_dqk),
-                   (q, gate, v, do, h_local, cdec, S_in, G, dS_local, Dout, dq, dgate, w, da, dw_part, *tables),
-                   dict(common, INTRA_PATH=path, AUG=aug))
+        # with a launch per intra path, the sub-chunk launch walks the records of the chunks the first one skipped
+        # (chunk_bwd.WALK_FLAGS) instead of a full grid of programs that would return at once
+        paths = _intra_paths("bwd_dqk")
+        n_items = plan.n_chunks * H * (K // BK_dqk)
+        flags = torch.empty(n_items, device=dev, dtype=torch.int8) if len(paths) > 1 else dS_local
+        for path in paths:
+            walk = path == SUB_CHUNKS.value and len(paths) > 1
+            grid = (triton.cdiv(n_items, FLAG_BLOCK),) if walk else (plan.n_chunks, H, K // BK_dqk)
+            mode = WALK_FLAGS if walk else WRITE_FLAGS if len(paths) > 1 else NO_FLAGS
+            launch(chunk_metala_bwd_kernel_dqk, grid,
+                   (q, gate, v, do, h_local, cdec, S_in, G, dS_local, Dout, dq, dgate, dA, w, da, dw_part, flags,
+                    n_items, *tables),
+                   dict(common, INTRA_PATH=path, AUG=aug, LOAD_DA=store_dA, PATH_FLAGS=mode.value,
+                        FLAG_BLOCK=FLAG_BLOCK))
     return dq, dgate, dv, dh0, dw_part.sum(0) if aug else None
 
 

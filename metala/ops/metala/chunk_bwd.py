@@ -21,15 +21,17 @@ import triton.language as tl
 
 import metala.ops.utils.triton_compat  # noqa: F401  (interpreter shim)
 from metala.ops.metala.chunk_fwd import (
+    ONE_REF,
     aug_score,
     chunk_cumsum,
+    dot_intra,
     intra_grad_k,
     intra_grad_q,
     intra_scores,
     load_gate,
     other_path,
 )
-from metala.ops.utils.triton_math import neg_expm1, sigmoid_neg
+from metala.ops.utils.triton_math import neg_expm1
 
 
 @triton.jit
@@ -150,11 +152,13 @@ def chunk_metala_bwd_kernel_dv(
     if AUG:
         a = aug_score(qq, k, w_aug, i_h, offs_k, K)  # now, so that q need not stay live to the end
     A = intra_scores(qq, k, Gam, gam, o_t, BT_, BC_, INTRA_DT, DOT_PREC, INTRA_PATH)
-    _, dS = load_states(h_local, cdec, S_in, Gseg, dS_local, Dout, i_c, i_h, s, gam, offs_k, offs_v, H, K, V)
+    # the state term's key factor now, in the product's type: g, Gam and k die here
+    kd = (k * tl.exp(gam[None, :] - Gam)).to(DT)
     m_tv = m_t[:, None] & (offs_v[None, :] < V)
     dd = tl.load(do + (tok[:, None] * H + i_h) * V + offs_v[None, :], mask=m_tv, other=0.0).to(DT)
     dvv = scale * tl.dot(tl.trans(A.to(DT)), dd, input_precision=DOT_PREC)
-    dvv += tl.dot((k * tl.exp(gam[None, :] - Gam)).to(DT), dS.to(DT), input_precision=DOT_PREC)
+    _, dS = load_states(h_local, cdec, S_in, Gseg, dS_local, Dout, i_c, i_h, s, gam, offs_k, offs_v, H, K, V)
+    dvv += tl.dot(kd, dS.to(DT), input_precision=DOT_PREC)
     if AUG:
         vf = tl.load(v + (tok[:, None] * H + i_h) * V + offs_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
         sg = tl.sigmoid(a[:, None] * vf)
@@ -173,11 +177,12 @@ def chunk_metala_bwd_kernel_dv(
 
 
 @triton.jit
-def store_dgate(gate, dgate, dg, g, p_k, m_tk, inv_tau, GATE_LOGITS: tl.constexpr):
-    """The decay gradient as the gate came: dz = dg * sigmoid(-z) / tau for logits; none where g was floored."""
+def store_dgate(dgate, dg, g, p_k, m_tk, inv_tau, GATE_LOGITS: tl.constexpr):
+    """The decay gradient as the gate came: dz = dg * sigmoid(-z) / tau for logits; none where g was floored.
+    sigmoid(-z) = 1 - exp(logsigmoid(z)) = -expm1(tau * g) wherever g was not floored: from g, without reading the
+    logits again or dividing (g = logsigmoid(z) / tau, rounded: tau * g is logsigmoid(z) to an ulp or two)."""
     if GATE_LOGITS:
-        z = tl.load(gate + p_k, mask=m_tk, other=0.0).to(tl.float32)
-        dg = dg * sigmoid_neg(z) * inv_tau
+        dg = dg * neg_expm1(g * (1.0 / inv_tau)) * inv_tau
     tl.store(dgate + p_k, tl.where(g > -10.0, dg, 0.0).to(dgate.dtype.element_ty), mask=m_tk)
 
 
@@ -211,8 +216,18 @@ def dq_dk_from_products(q, gate, dq, dgate, dA, dq_inter, dk_state, h_dS, g, gam
     k = neg_expm1(g)
     m_tk = m_t[:, None]
     p_k = (tok[:, None] * H + i_h) * K + offs_k[None, :]
-    dqq = intra_grad_q(dA, k, Gam, gam, o_t, BT_, BC_, INTRA_PREC, INTRA_DT, INTRA_PATH)
-    dqq += scale * tl.exp(Gam) * dq_inter
+    if INTRA_PATH == ONE_REF:
+        # one reference R = gam / 2 for the whole chunk (chunk_fwd.one_reference): the tail's four decay factors
+        # from two exponentials, E = exp(Gam - R), 1 / E, and the per-channel exp(R): exp(Gam) = E exp(R) and
+        # exp(gam - Gam) = exp(R) / E (gam - R = R); all bounded by exp(SPAN / 2)
+        half = gam[None, :] * 0.5
+        E = tl.exp(Gam - half)
+        E_inv = tl.exp(half - Gam)
+        e_half = tl.exp(half)
+        dqq = dot_intra(dA, k * E_inv, INTRA_PREC, INTRA_DT) * E + scale * (E * e_half) * dq_inter
+    else:
+        dqq = intra_grad_q(dA, k, Gam, gam, o_t, BT_, BC_, INTRA_PREC, INTRA_DT, INTRA_PATH)
+        dqq += scale * tl.exp(Gam) * dq_inter
     if AUG:
         dq_aug, dav = aug_dq(w_aug, da, tok, m_t, i_h, offs_k, k, H, K)
         tl.store(dq + p_k, (dqq + dq_aug).to(dq.dtype.element_ty), mask=m_tk)
@@ -220,8 +235,12 @@ def dq_dk_from_products(q, gate, dq, dgate, dA, dq_inter, dk_state, h_dS, g, gam
         tl.store(dq + p_k, dqq.to(dq.dtype.element_ty), mask=m_tk)
     qq = tl.load(q + p_k, mask=m_tk, other=0.0).to(tl.float32)
     d_gam = qq * dqq
-    dk_state = dk_state * tl.exp(gam[None, :] - Gam)
-    dkk = intra_grad_k(tl.trans(dA), qq, Gam, gam, o_t, BT_, BC_, INTRA_PREC, INTRA_DT, INTRA_PATH) + dk_state
+    if INTRA_PATH == ONE_REF:
+        dk_state = dk_state * (E_inv * e_half)
+        dkk = dot_intra(tl.trans(dA), qq * E, INTRA_PREC, INTRA_DT) * E_inv + dk_state
+    else:
+        dk_state = dk_state * tl.exp(gam[None, :] - Gam)
+        dkk = intra_grad_k(tl.trans(dA), qq, Gam, gam, o_t, BT_, BC_, INTRA_PREC, INTRA_DT, INTRA_PATH) + dk_state
     d_gam -= k * dkk
     # reverse cumulative sum within the chunk, plus the terms that reach every row through the chunk's total decay
     dg = chunk_cumsum(d_gam, o_t, True)
@@ -230,23 +249,19 @@ def dq_dk_from_products(q, gate, dq, dgate, dA, dq_inter, dk_state, h_dS, g, gam
     if AUG:
         dkk += aug_dk_and_dw(w_aug, dav, qq, k, dw_part, i_c, i_h, offs_k, H, K)
     dg -= tl.exp(g) * dkk
-    store_dgate(gate, dgate, dg, g, p_k, m_tk, inv_tau, GATE_LOGITS)
+    store_dgate(dgate, dg, g, p_k, m_tk, inv_tau, GATE_LOGITS)
 
 
 @triton.jit
-def chunk_metala_bwd_kernel_dqk(
-    q, gate, v, do, h_local, cdec, S_in, Gseg, dS_local, Dout,
-    dq, dgate, w_aug, da, dw_part,
-    chunk_start, chunk_len, chunk_seg,
-    scale, inv_tau,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT_: tl.constexpr, BC_: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    GATE_LOGITS: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, INTRA_PREC: tl.constexpr,
-    INTRA_DT: tl.constexpr, INTRA_PATH: tl.constexpr, AUG: tl.constexpr,
-):
-    """dq and the decay gradient dg (or dz) per (chunk, head, K-tile); key channels are independent except
-    through dA = dO v^T, which each K-tile recomputes (cheap) so that no program holds all K channels."""
-    i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+def dqk_item(q, gate, v, do, h_local, cdec, S_in, Gseg, dS_local, Dout, dq, dgate, dA_in, w_aug, da, dw_part,
+             chunk_start, chunk_len, chunk_seg, scale, inv_tau, i_c, i_h, i_k, CHECK_PATH: tl.constexpr,
+             path_flags, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+             BT_: tl.constexpr, BC_: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+             GATE_LOGITS: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, INTRA_PREC: tl.constexpr,
+             INTRA_DT: tl.constexpr, INTRA_PATH: tl.constexpr, AUG: tl.constexpr, LOAD_DA: tl.constexpr,
+             WRITE_FLAG: tl.constexpr):
+    """dq and the gate gradient of one (chunk, head, K-tile). CHECK_PATH: skip a chunk of the other intra path
+    (WRITE_FLAG: and record that it was skipped, for the launch that walks the flags)."""
     offs_k = i_k * BK + tl.arange(0, BK)
     o_t = tl.arange(0, BT_)
     start = tl.load(chunk_start + i_c)
@@ -256,26 +271,82 @@ def chunk_metala_bwd_kernel_dqk(
     tok = start + o_t
     g = load_gate(gate, tok, m_t, i_h, offs_k, H, K, GATE_LOGITS, inv_tau)
     gam = tl.sum(g, axis=0)
-    if other_path(gam, INTRA_PATH):
-        return
-    dA = tl.zeros([BT_, BT_], dtype=tl.float32)
-    dq_inter = tl.zeros([BT_, BK], dtype=tl.float32)
-    dk_state = tl.zeros([BT_, BK], dtype=tl.float32)
-    h_dS = tl.zeros([BK], dtype=tl.float32)
-    for i_v in tl.static_range((V + BV - 1) // BV):
-        offs_v = i_v * BV + tl.arange(0, BV)
-        m_tv = m_t[:, None] & (offs_v[None, :] < V)
-        h, dS = load_states(h_local, cdec, S_in, Gseg, dS_local, Dout, i_c, i_h, s, gam, offs_k, offs_v, H, K, V)
-        vv = tl.load(v + (tok[:, None] * H + i_h) * V + offs_v[None, :], mask=m_tv, other=0.0).to(DT)
-        dd = tl.load(do + (tok[:, None] * H + i_h) * V + offs_v[None, :], mask=m_tv, other=0.0).to(DT)
-        dA += tl.dot(dd, tl.trans(vv), input_precision=DOT_PREC)
-        dq_inter += tl.dot(dd, tl.trans(h.to(DT)), input_precision=DOT_PREC)
-        dk_state += tl.dot(vv, tl.trans(dS.to(DT)), input_precision=DOT_PREC)
-        h_dS += tl.sum(h * dS, axis=1)
-    dA = tl.where(o_t[:, None] >= o_t[None, :], dA * scale, 0.0)
-    dq_dk_from_products(q, gate, dq, dgate, dA, dq_inter, dk_state, h_dS, g, gam, tok, m_t, o_t, i_h, offs_k, scale,
-                        inv_tau, w_aug, da, dw_part, i_c, H, K, BT_, BC_, GATE_LOGITS, INTRA_PREC, INTRA_DT, INTRA_PATH,
-                        AUG)
+    work = True
+    if CHECK_PATH:
+        skip = other_path(gam, INTRA_PATH)
+        if WRITE_FLAG:
+            tl.store(path_flags + (i_c * H + i_h) * (K // BK) + i_k, skip.to(tl.int8))
+        work = not skip
+    if work:
+        dA = tl.zeros([BT_, BT_], dtype=tl.float32)
+        dq_inter = tl.zeros([BT_, BK], dtype=tl.float32)
+        dk_state = tl.zeros([BT_, BK], dtype=tl.float32)
+        h_dS = tl.zeros([BK], dtype=tl.float32)
+        for i_v in tl.static_range((V + BV - 1) // BV):
+            offs_v = i_v * BV + tl.arange(0, BV)
+            m_tv = m_t[:, None] & (offs_v[None, :] < V)
+            h, dS = load_states(h_local, cdec, S_in, Gseg, dS_local, Dout, i_c, i_h, s, gam, offs_k, offs_v, H, K, V)
+            vv = tl.load(v + (tok[:, None] * H + i_h) * V + offs_v[None, :], mask=m_tv, other=0.0).to(DT)
+            dd = tl.load(do + (tok[:, None] * H + i_h) * V + offs_v[None, :], mask=m_tv, other=0.0).to(DT)
+            if not LOAD_DA:
+                dA += tl.dot(dd, tl.trans(vv), input_precision=DOT_PREC)
+            dq_inter += tl.dot(dd, tl.trans(h.to(DT)), input_precision=DOT_PREC)
+            dk_state += tl.dot(vv, tl.trans(dS.to(DT)), input_precision=DOT_PREC)
+            h_dS += tl.sum(h * dS, axis=1)
+        if LOAD_DA:
+            dA = tl.load(dA_in + ((i_c * H + i_h) * BT_ + o_t[:, None]) * BT_ + o_t[None, :])
+        else:
+            dA = tl.where(o_t[:, None] >= o_t[None, :], dA * scale, 0.0)
+        dq_dk_from_products(q, gate, dq, dgate, dA, dq_inter, dk_state, h_dS, g, gam, tok, m_t, o_t, i_h, offs_k,
+                            scale, inv_tau, w_aug, da, dw_part, i_c, H, K, BT_, BC_, GATE_LOGITS, INTRA_PREC, INTRA_DT,
+                            INTRA_PATH, AUG)
+
+
+# PATH_FLAGS of the dq/dk kernel when its two intra paths are two launches (chunk_fwd.INTRA_PATH): NO_FLAGS, every
+# launch covers the full grid and returns from the other path's chunks; WRITE_FLAGS, the one-reference launch also
+# records which (chunk, head, K-tile) it skipped; WALK_FLAGS, the sub-chunk launch runs one program per FLAG_BLOCK
+# of those records and works only on the recorded ones. Its full grid would hold the SMs' slots (at this kernel's
+# registers, two programs an SM) for tens of thousands of programs that only read the gate to return.
+NO_FLAGS: tl.constexpr = tl.constexpr(0)
+WRITE_FLAGS: tl.constexpr = tl.constexpr(1)
+WALK_FLAGS: tl.constexpr = tl.constexpr(2)
+
+
+@triton.jit
+def chunk_metala_bwd_kernel_dqk(
+    q, gate, v, do, h_local, cdec, S_in, Gseg, dS_local, Dout,
+    dq, dgate, dA_in, w_aug, da, dw_part, path_flags, n_items,
+    chunk_start, chunk_len, chunk_seg,
+    scale, inv_tau,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT_: tl.constexpr, BC_: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    GATE_LOGITS: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, INTRA_PREC: tl.constexpr,
+    INTRA_DT: tl.constexpr, INTRA_PATH: tl.constexpr, AUG: tl.constexpr, LOAD_DA: tl.constexpr,
+    PATH_FLAGS: tl.constexpr, FLAG_BLOCK: tl.constexpr,
+):
+    """dq and the decay gradient dg (or dz) per (chunk, head, K-tile); key channels are independent except
+    through dA = dO v^T, which each K-tile recomputes (cheap) so that no program holds all K channels."""
+    if PATH_FLAGS == WALK_FLAGS:
+        NK: tl.constexpr = K // BK
+        first = tl.program_id(0) * FLAG_BLOCK
+        offs = first + tl.arange(0, FLAG_BLOCK)
+        # one read of the block's records; a block without any (ordinary gates: every block) ends here
+        if tl.max(tl.load(path_flags + offs, mask=offs < n_items, other=0).to(tl.int32), axis=0) != 0:
+            for j in range(0, FLAG_BLOCK):
+                item = first + j
+                if item < n_items:
+                    if tl.load(path_flags + item) != 0:
+                        dqk_item(q, gate, v, do, h_local, cdec, S_in, Gseg, dS_local, Dout, dq, dgate, dA_in, w_aug,
+                                 da, dw_part, chunk_start, chunk_len, chunk_seg, scale, inv_tau,
+                                 item // (H * NK), (item // NK) % H, item % NK, False, path_flags,
+                                 H, K, V, BT_, BC_, BK, BV, GATE_LOGITS, DT, DOT_PREC, INTRA_PREC, INTRA_DT,
+                                 INTRA_PATH, AUG, LOAD_DA, False)
+    else:
+        dqk_item(q, gate, v, do, h_local, cdec, S_in, Gseg, dS_local, Dout, dq, dgate, dA_in, w_aug, da, dw_part,
+                 chunk_start, chunk_len, chunk_seg, scale, inv_tau,
+                 tl.program_id(0), tl.program_id(1), tl.program_id(2), True, path_flags,
+                 H, K, V, BT_, BC_, BK, BV, GATE_LOGITS, DT, DOT_PREC, INTRA_PREC, INTRA_DT, INTRA_PATH, AUG, LOAD_DA,
+                 PATH_FLAGS == WRITE_FLAGS)
 
 
 @triton.jit
@@ -393,4 +464,4 @@ def chunk_metala_bwd_kernel_dkg(
         dkk += aug_dk_and_dw(w_aug, dav, qq, k, dw_part, i_c, i_h, offs_k, H, K)
     # revcumsum within the chunk + the chunk-wide state terms - alpha * dk (the key tied to the decay)
     dg = chunk_cumsum(d_gam, o_t, True) + c[None, :] - tl.exp(g) * dkk
-    store_dgate(gate, dgate, dg, g, p_k, m_tk, inv_tau, GATE_LOGITS)
+    store_dgate(dgate, dg, g, p_k, m_tk, inv_tau, GATE_LOGITS)

@@ -183,7 +183,7 @@ def intra_scores(qq, k, Gam, gam, o_t, BT_: tl.constexpr, BC_: tl.constexpr, DOT
 
 
 @triton.jit
-def _dot_intra(a, b, PREC: tl.constexpr, DT: tl.constexpr):
+def dot_intra(a, b, PREC: tl.constexpr, DT: tl.constexpr):
     """a [BT, BT] @ b [BT, BK] with the operands in DT. Half-precision operands go in transposed, (b^T a^T)^T: on
     sm_90 with Triton 3.6 the direct form, a register tile made from an fp32 product as the left operand, compiles
     to wrong results at 4 warps and to illegal memory accesses at 8 (bench/triton_bf16_dot_repro.py)."""
@@ -197,7 +197,7 @@ def _dot_intra(a, b, PREC: tl.constexpr, DT: tl.constexpr):
 @triton.jit
 def _grad_q_one(dA, k, Gam, gam, PREC: tl.constexpr, DT: tl.constexpr):
     R = gam[None, :] * 0.5
-    return _dot_intra(dA, k * tl.exp(R - Gam), PREC, DT) * tl.exp(Gam - R)
+    return dot_intra(dA, k * tl.exp(R - Gam), PREC, DT) * tl.exp(Gam - R)
 
 
 @triton.jit
@@ -208,7 +208,7 @@ def _grad_q_sub(dA, k, Gam, o_t, BT_: tl.constexpr, BC_: tl.constexpr, PREC: tl.
     for i in tl.static_range(BT_ // BC_):
         R_i = _sub_chunk_ref(Gam, o_t, i, BC_)
         kf = tl.where((sub <= i)[:, None], k * tl.exp(tl.minimum(R_i[None, :] - Gam, 80.0)), 0.0)
-        acc += tl.where((sub == i)[:, None], _dot_intra(dA, kf, PREC, DT), 0.0)
+        acc += tl.where((sub == i)[:, None], dot_intra(dA, kf, PREC, DT), 0.0)
     return acc * tl.exp(Gam - sub_reference(Gam, o_t, BT_, BC_))
 
 
@@ -239,7 +239,7 @@ def intra_grad_q(dA, k, Gam, gam, o_t, BT_: tl.constexpr, BC_: tl.constexpr, PRE
 @triton.jit
 def _grad_k_one(dAT, qq, Gam, gam, PREC: tl.constexpr, DT: tl.constexpr):
     R = gam[None, :] * 0.5
-    return _dot_intra(dAT, qq * tl.exp(Gam - R), PREC, DT) * tl.exp(R - Gam)
+    return dot_intra(dAT, qq * tl.exp(Gam - R), PREC, DT) * tl.exp(R - Gam)
 
 
 @triton.jit
@@ -250,7 +250,7 @@ def _grad_k_sub(dAT, qq, Gam, o_t, BT_: tl.constexpr, BC_: tl.constexpr, PREC: t
     for i in tl.static_range(BT_ // BC_):
         R_i = _sub_chunk_ref(Gam, o_t, i, BC_)
         qf = tl.where((sub >= i)[:, None], qq * tl.exp(tl.minimum(Gam - R_i[None, :], 80.0)), 0.0)
-        acc += tl.where((sub == i)[:, None], _dot_intra(dAT, qf, PREC, DT), 0.0)
+        acc += tl.where((sub == i)[:, None], dot_intra(dAT, qf, PREC, DT), 0.0)
     return acc * tl.exp(sub_reference(Gam, o_t, BT_, BC_) - Gam)
 
 
@@ -384,18 +384,23 @@ def chunk_metala_fwd_kernel_o(
     Gam = chunk_cumsum(g, o_t, False)
     k = neg_expm1(g)
     qq = tl.load(q + (tok[:, None] * H + i_h) * K + offs_k[None, :], mask=m_t[:, None], other=0.0).to(tl.float32)
+    if AUG:
+        a = aug_score(qq, k, w_aug, i_h, offs_k, K)  # now, so that q and k need not stay live to the end
+    # the intra-chunk scores and the decayed queries first, in the products' types: g, Gam, k and q die before
+    # the [K, BV] fp32 state tile is loaded
+    qe = (qq * tl.exp(Gam)).to(DT)
+    A = intra_scores(qq, k, Gam, gam, o_t, BT_, BC_, INTRA_DT, DOT_PREC, INTRA_PATH).to(DT)
     m_kv = offs_v[None, :] < V
     kv = offs_k[:, None] * V + offs_v[None, :]
     h = tl.load(h_local + (i_c * H + i_h) * K * V + kv, mask=m_kv, other=0.0).to(tl.float32)
     dec = tl.load(cdec + (i_c * H + i_h) * K + offs_k)
     h += tl.exp(dec)[:, None] * tl.load(S_in + (s * H + i_h) * K * V + kv, mask=m_kv, other=0.0)
-    acc = tl.dot((qq * tl.exp(Gam)).to(DT), h.to(DT), input_precision=DOT_PREC)
-    A = intra_scores(qq, k, Gam, gam, o_t, BT_, BC_, INTRA_DT, DOT_PREC, INTRA_PATH)
+    acc = tl.dot(qe, h.to(DT), input_precision=DOT_PREC)
     vv = tl.load(v + (tok[:, None] * H + i_h) * V + offs_v[None, :], mask=m_t[:, None] & m_kv, other=0.0)
-    acc += tl.dot(A.to(DT), vv.to(DT), input_precision=DOT_PREC)
+    acc += tl.dot(A, vv.to(DT), input_precision=DOT_PREC)
     acc *= scale
     if AUG:
-        acc += tl.sigmoid(aug_score(qq, k, w_aug, i_h, offs_k, K)[:, None] * vv.to(tl.float32))
+        acc += tl.sigmoid(a[:, None] * vv.to(tl.float32))
     p_o = (tok[:, None] * H + i_h) * V + offs_v[None, :]
     hi = acc.to(o.dtype.element_ty, fp_downcast_rounding="rtne" if SPLIT else None)
     tl.store(o + p_o, hi, mask=m_t[:, None] & m_kv)
