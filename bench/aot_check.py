@@ -38,7 +38,8 @@ def sig(kernel, types: dict[str, str], consts: dict) -> dict:
 
 
 def ptxas_report(ptx: str, sm: int) -> str:
-    """Registers and spills as ptxas reports them for the PTX Triton produced."""
+    """Registers and spills as ptxas reports them for the PTX Triton produced (under the register cap, as the
+    driver's compile applies it: Triton writes it into the PTX as .maxnreg)."""
     ptxas = Path(triton.__file__).parent / "backends/nvidia/bin/ptxas"
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "k.ptx"
@@ -51,10 +52,13 @@ def ptxas_report(ptx: str, sm: int) -> str:
     return f"regs {regs.group(1) if regs else '?':>3} spills {spill.group(1) + '/' + spill.group(2) if spill else '?'}"
 
 
-def compile_one(kernel, types, consts, warps, target, stages: int = 3) -> str:
+def compile_one(kernel, types, consts, warps, target, stages: int = 3, maxnreg: int | None = None) -> str:
     src = ASTSource(fn=kernel, signature=sig(kernel, types, consts), constexprs=consts)
-    k = triton.compile(src, target=target, options={"num_warps": warps, "num_stages": stages})
-    return f"warps {warps} stages {stages} shared {k.metadata.shared:>6} B  {ptxas_report(k.asm['ptx'], target.arch)}"
+    options = {"num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})}
+    k = triton.compile(src, target=target, options=options)
+    cap = f" maxnreg {maxnreg}" if maxnreg else ""
+    return (f"warps {warps} stages {stages}{cap} shared {k.metadata.shared:>6} B  "
+            f"{ptxas_report(k.asm['ptx'], target.arch)}")
 
 
 def main() -> None:
@@ -138,7 +142,7 @@ def main() -> None:
                 cfg = launch_config(name)
                 try:
                     info = compile_one(kern, types, consts, cfg.get("num_warps", warps), target,
-                                       cfg.get("num_stages", 3))
+                                       cfg.get("num_stages", 3), cfg.get("maxnreg"))
                     print(f"{dt_name} K{K:<3} V{V:<3} {name:<9} ok   {info}")
                 except Exception as e:  # noqa: BLE001 - report every failure, keep going
                     failed += 1

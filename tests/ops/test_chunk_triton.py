@@ -283,9 +283,12 @@ def test_config_overrides_from_the_environment(monkeypatch):
     from metala.ops.metala import chunk as C
 
     monkeypatch.setattr(C, "CONFIG", {k: dict(v) for k, v in C.CONFIG.items()})
-    monkeypatch.setenv("METALA_TRITON_CONFIG", '{"bwd_dqk": {"BK": 16, "num_warps": 8}}')
+    monkeypatch.setenv("METALA_TRITON_CONFIG", '{"bwd_dqk": {"BK": 16, "num_warps": 8, "maxnreg": 128}}')
     C._apply_env_overrides()
     assert C.CONFIG["bwd_dqk"]["BK"] == 16 and C.CONFIG["bwd_dqk"]["num_warps"] == 8
+    # launch options reach the launch, tiles and forms do not
+    launch = C._launch("bwd_dqk")
+    assert launch["maxnreg"] == 128 and launch["num_warps"] == 8 and not {"BK", "form"} & set(launch)
     for bad, match in (('{"bwd_dqkk": {}}', "unknown kernel"), ('{"bwd_dqk": {"BKK": 1}}', "has no")):
         monkeypatch.setenv("METALA_TRITON_CONFIG", bad)
         with pytest.raises(ValueError, match=match):

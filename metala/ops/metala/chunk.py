@@ -95,6 +95,11 @@ def _tiles(K: int, V: int) -> tuple[int, int]:
     return min(64, K), min(64, V)
 
 
+# launch options a CONFIG entry may carry; maxnreg caps the registers a thread (ptxas spills the rest), which lets
+# more programs share an SM: set only through METALA_TRITON_CONFIG / kernel_tune variants until measured
+_LAUNCH_KEYS = ("num_warps", "num_stages", "maxnreg")
+
+
 # launch configuration per kernel: warps, software-pipelining stages, tiles (bench/kernel_tune.py sweeps these)
 CONFIG = {
     # fwd_h: 4 warps measured 0.353 vs 0.402 ms forward with 8 (H200, 360M shape; H100: 0.360 vs 0.410)
@@ -158,7 +163,7 @@ def _apply_env_overrides() -> None:
     for name, change in json.loads(raw).items():
         if name not in CONFIG:
             raise ValueError(f"METALA_TRITON_CONFIG: unknown kernel {name!r}; known: {sorted(CONFIG)}")
-        unknown = set(change) - set(CONFIG[name]) - {"num_warps", "num_stages"}
+        unknown = set(change) - set(CONFIG[name]) - set(_LAUNCH_KEYS)
         if unknown:
             raise ValueError(f"METALA_TRITON_CONFIG: {name} has no {sorted(unknown)}; keys: {sorted(CONFIG[name])}")
         CONFIG[name].update(change)
@@ -180,7 +185,7 @@ def _bv(name: str, V: int) -> int:
 
 
 def _launch(name: str) -> dict:
-    return {k: v for k, v in CONFIG[name].items() if k in ("num_warps", "num_stages")}
+    return {k: v for k, v in CONFIG[name].items() if k in _LAUNCH_KEYS}
 
 
 def _splittable(q: torch.Tensor, w_aug: torch.Tensor | None) -> bool:
