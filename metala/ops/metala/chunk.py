@@ -96,7 +96,8 @@ def _tiles(K: int, V: int) -> tuple[int, int]:
 
 
 # launch options a CONFIG entry may carry; maxnreg caps the registers a thread (ptxas spills the rest), which lets
-# more programs share an SM: set only through METALA_TRITON_CONFIG / kernel_tune variants until measured
+# more programs share an SM. For dq/dk it did not pay (H100, 1.3B shape, backward 1.838 ms without: 2.052 at
+# 4 warps / 200 registers, 3.110 at 8 warps / 128; 20261206_h100_kernel_tune_aug_s18_new.json); none is set
 _LAUNCH_KEYS = ("num_warps", "num_stages", "maxnreg")
 
 
@@ -115,8 +116,14 @@ CONFIG = {
     # form: how dq, dk and dg are computed after dv.
     #   "joint": one kernel per (chunk, head, K-tile) recomputes dA = dO v^T and the products over V with the
     #       states (dO h^T, v dS^T, rowsum(h dS)), then the intra-chunk terms;
+    #   "joint_dA": the same, reading the masked dA that the dv kernel stores (STORE_DA) instead of recomputing it;
     #   "split" / "split_dA": dq and (dk, dg) in two kernels (bwd_dq, bwd_dkg), recomputing dA or reading it from
     #       the dv kernel.
+    # H100, 1.3B shape (B16 T2048 H16, fused self-augmentation), backward: joint 1.838 ms, joint_dA 1.956
+    # (20261206_h100_kernel_tune_aug_s18_new.json). The joint kernel there took 1.021 ms against 1.093 before its
+    # session-17 changes (the sub-chunk launch walking the one-reference launch's skip records, the tail's decay
+    # factors from two exponentials, sigmoid(-z) from g), backward 1.838 vs 1.905 (the old code in the same call,
+    # 20261206_h100_kernel_tune_aug_s18_old.json; forward 0.693 vs 0.690, fwd_o and dv unchanged at 0.448 / 0.526).
     # H200, 360M shape, T=2k, backward: joint 0.918 ms; split_dA 1.40 (its kernels' sum; both in
     # 20261202_h200_kernel_tune_cumsum_reverse.json).
     # Also measured and not kept: the products over V stored by the dv kernel (0.994 ms) or by a kernel of their own
