@@ -28,6 +28,7 @@ from metala.ops.metala.chunk_fwd import (
     intra_grad_k,
     intra_grad_q,
     intra_scores,
+    load_chunk,
     load_gate,
     other_path,
 )
@@ -136,13 +137,8 @@ def chunk_metala_bwd_kernel_dv(
     i_c, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_k = tl.arange(0, K)
     offs_v = i_v * BV + tl.arange(0, BV)
-    o_t = tl.arange(0, BT_)
-    start = tl.load(chunk_start + i_c)
-    length = tl.load(chunk_len + i_c)
-    s = tl.load(chunk_seg + i_c)
-    m_t = o_t < length
-    tok = start + o_t
-    g = load_gate(gate, tok, m_t, i_h, offs_k, H, K, GATE_LOGITS, inv_tau)
+    o_t, tok, m_t, s, g = load_chunk(gate, chunk_start, chunk_len, chunk_seg, i_c, i_h, offs_k, H, K, BT_,
+                                     GATE_LOGITS, inv_tau)
     Gam = chunk_cumsum(g, o_t, False)
     gam = tl.sum(g, axis=0)
     if other_path(gam, INTRA_PATH):
@@ -263,13 +259,8 @@ def dqk_item(q, gate, v, do, h_local, cdec, S_in, Gseg, dS_local, Dout, dq, dgat
     """dq and the gate gradient of one (chunk, head, K-tile). CHECK_PATH: skip a chunk of the other intra path
     (WRITE_FLAG: and record that it was skipped, for the launch that walks the flags)."""
     offs_k = i_k * BK + tl.arange(0, BK)
-    o_t = tl.arange(0, BT_)
-    start = tl.load(chunk_start + i_c)
-    length = tl.load(chunk_len + i_c)
-    s = tl.load(chunk_seg + i_c)
-    m_t = o_t < length
-    tok = start + o_t
-    g = load_gate(gate, tok, m_t, i_h, offs_k, H, K, GATE_LOGITS, inv_tau)
+    o_t, tok, m_t, s, g = load_chunk(gate, chunk_start, chunk_len, chunk_seg, i_c, i_h, offs_k, H, K, BT_,
+                                     GATE_LOGITS, inv_tau)
     gam = tl.sum(g, axis=0)
     work = True
     if CHECK_PATH:
@@ -364,13 +355,8 @@ def chunk_metala_bwd_kernel_dq(
     With LOAD_DA, dA comes from `dA_in` (written by the dv kernel) instead of a dO v^T pass here."""
     i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_k = i_k * BK + tl.arange(0, BK)
-    o_t = tl.arange(0, BT_)
-    start = tl.load(chunk_start + i_c)
-    length = tl.load(chunk_len + i_c)
-    s = tl.load(chunk_seg + i_c)
-    m_t = o_t < length
-    tok = start + o_t
-    g = load_gate(gate, tok, m_t, i_h, offs_k, H, K, GATE_LOGITS, inv_tau)
+    o_t, tok, m_t, s, g = load_chunk(gate, chunk_start, chunk_len, chunk_seg, i_c, i_h, offs_k, H, K, BT_,
+                                     GATE_LOGITS, inv_tau)
     gam = tl.sum(g, axis=0)
     if other_path(gam, INTRA_PATH):
         return
@@ -417,13 +403,8 @@ def chunk_metala_bwd_kernel_dkg(
     wrote (q * dq enters dg), and dA from `dA_in` with LOAD_DA."""
     i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_k = i_k * BK + tl.arange(0, BK)
-    o_t = tl.arange(0, BT_)
-    start = tl.load(chunk_start + i_c)
-    length = tl.load(chunk_len + i_c)
-    s = tl.load(chunk_seg + i_c)
-    m_t = o_t < length
-    tok = start + o_t
-    g = load_gate(gate, tok, m_t, i_h, offs_k, H, K, GATE_LOGITS, inv_tau)
+    o_t, tok, m_t, s, g = load_chunk(gate, chunk_start, chunk_len, chunk_seg, i_c, i_h, offs_k, H, K, BT_,
+                                     GATE_LOGITS, inv_tau)
     gam = tl.sum(g, axis=0)
     if other_path(gam, INTRA_PATH):
         return

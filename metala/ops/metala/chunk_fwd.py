@@ -93,6 +93,20 @@ def load_gate(gate, tok, m_t, i_h, offs_k, H: tl.constexpr, K: tl.constexpr, GAT
     return tl.where(m, x, 0.0)
 
 
+@triton.jit
+def load_chunk(gate, chunk_start, chunk_len, chunk_seg, i_c, i_h, offs_k, H: tl.constexpr, K: tl.constexpr,
+               BT_: tl.constexpr, GATE_LOGITS: tl.constexpr, inv_tau):
+    """Chunk i_c's rows and gate: (o_t, tok, m_t, s, g) = the row offsets, their token indices, which rows lie
+    inside the chunk, the chunk's segment, and its fp32 log-decay tile [BT, BK] (`load_gate`)."""
+    o_t = tl.arange(0, BT_)
+    start = tl.load(chunk_start + i_c)
+    length = tl.load(chunk_len + i_c)
+    s = tl.load(chunk_seg + i_c)
+    m_t = o_t < length
+    tok = start + o_t
+    return o_t, tok, m_t, s, load_gate(gate, tok, m_t, i_h, offs_k, H, K, GATE_LOGITS, inv_tau)
+
+
 # INTRA_PATH, a constexpr of the kernels with intra-chunk products: which of the two forms a compiled kernel holds.
 # ANY_PATH picks per chunk at run time (one kernel holds both, and pays registers for both); ONE_REF / SUB_CHUNKS
 # hold one form and return at once from chunks that take the other, so a launch of each covers every chunk.
@@ -371,13 +385,8 @@ def chunk_metala_fwd_kernel_o(
     i_c, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_k = tl.arange(0, K)
     offs_v = i_v * BV + tl.arange(0, BV)
-    o_t = tl.arange(0, BT_)
-    start = tl.load(chunk_start + i_c)
-    length = tl.load(chunk_len + i_c)
-    s = tl.load(chunk_seg + i_c)
-    m_t = o_t < length
-    tok = start + o_t
-    g = load_gate(gate, tok, m_t, i_h, offs_k, H, K, GATE_LOGITS, inv_tau)
+    o_t, tok, m_t, s, g = load_chunk(gate, chunk_start, chunk_len, chunk_seg, i_c, i_h, offs_k, H, K, BT_,
+                                     GATE_LOGITS, inv_tau)
     gam = tl.sum(g, axis=0)
     if other_path(gam, INTRA_PATH):
         return
