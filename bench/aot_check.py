@@ -20,7 +20,11 @@ from triton.compiler import ASTSource
 
 from metala.ops.incoming_state import kernel as incoming
 from metala.ops.metala import chunk_bwd, chunk_fwd, fused_recurrent_kernel
-from metala.ops.metala.chunk import CONFIG, _intra_dtype, _scores_dtype
+from metala.ops.metala.chunk import CONFIG, FLAG_BLOCK, _intra_dtype, _scores_dtype
+
+# the dq/dk kernel's records mode per compiled intra path, as chunk.py launches it with two launches
+PATH_FLAGS_OF = {chunk_fwd.ONE_REF.value: chunk_bwd.WRITE_FLAGS.value,
+                 chunk_fwd.SUB_CHUNKS.value: chunk_bwd.WALK_FLAGS.value}
 
 
 def launch_config(job: str) -> dict:
@@ -103,7 +107,7 @@ def main() -> None:
                  "DA_ATOMIC": False}, 4),
                 ("bwd_dqk", chunk_bwd.chunk_metala_bwd_kernel_dqk, {**common, "BT_": 64, "BC_": 16, "BK": min(32, K), "BV": BV,
                  "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec, "INTRA_PREC": prec, "INTRA_DT": intra_dt,
-                 "AUG": False, "LOAD_DA": False, "PATH_FLAGS": 1, "FLAG_BLOCK": 16}, 4),
+                 "AUG": False, "LOAD_DA": False, "PATH_FLAGS": chunk_bwd.WRITE_FLAGS.value, "FLAG_BLOCK": FLAG_BLOCK}, 4),
                 ("bwd_dq", chunk_bwd.chunk_metala_bwd_kernel_dq, {**common, "BT_": 64, "BC_": 16, "BK": min(32, K), "BV": BV,
                  "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec, "INTRA_PREC": prec, "INTRA_DT": intra_dt,
                  "LOAD_DA": True, "AUG": False}, 4),
@@ -131,7 +135,8 @@ def main() -> None:
             # the intra-chunk kernels exist in one compiled form per path (chunk_fwd.py INTRA_PATH)
             # (the joint dq/dk kernel's sub-chunk launch walks the records its one-reference launch writes)
             jobs = [(f"{name}/{tag}" if "INTRA_PATH" in kern.arg_names else name, kern,
-                     {**consts, "INTRA_PATH": path, **({"PATH_FLAGS": path} if "PATH_FLAGS" in consts else {})}
+                     {**consts, "INTRA_PATH": path,
+                      **({"PATH_FLAGS": PATH_FLAGS_OF[path]} if "PATH_FLAGS" in consts else {})}
                      if "INTRA_PATH" in kern.arg_names else consts, warps)
                     for name, kern, consts, warps in jobs
                     for tag, path in ((("one", 1), ("sub", 2)) if "INTRA_PATH" in kern.arg_names else (("", 0),))]

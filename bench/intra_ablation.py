@@ -85,7 +85,7 @@ def intra_variant(q, gate, dA_in, dqi, dki, hds, dq, dgate, chunk_start, chunk_l
         dg = tl.sum(d_gam, axis=0)[None, :] - tl.cumsum(d_gam, axis=0) + d_gam
     dg += (tl.sum(k * dk_state, axis=0) + tl.exp(gam) * h_dS)[None, :]
     dg -= tl.exp(g) * dkk
-    store_dgate(gate, dgate, dg, g, p_k, m_tk, inv_tau, True)
+    store_dgate(dgate, dg, g, p_k, m_tk, inv_tau, True)
 
 
 def main() -> None:

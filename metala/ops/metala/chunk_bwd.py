@@ -201,7 +201,7 @@ def aug_dk_and_dw(w_aug, dav, qq, k, dw_part, i_c, i_h, offs_k, H: tl.constexpr,
 
 
 @triton.jit
-def dq_dk_from_products(q, gate, dq, dgate, dA, dq_inter, dk_state, h_dS, g, gam, tok, m_t, o_t, i_h, offs_k, scale,
+def dq_dk_from_products(q, dq, dgate, dA, dq_inter, dk_state, h_dS, g, gam, tok, m_t, o_t, i_h, offs_k, scale,
                         inv_tau, w_aug, da, dw_part, i_c, H: tl.constexpr, K: tl.constexpr, BT_: tl.constexpr,
                         BC_: tl.constexpr, GATE_LOGITS: tl.constexpr, INTRA_PREC: tl.constexpr,
                         INTRA_DT: tl.constexpr, INTRA_PATH: tl.constexpr, AUG: tl.constexpr):
@@ -288,7 +288,7 @@ def dqk_item(q, gate, v, do, h_local, cdec, S_in, Gseg, dS_local, Dout, dq, dgat
             dA = tl.load(dA_in + ((i_c * H + i_h) * BT_ + o_t[:, None]) * BT_ + o_t[None, :])
         else:
             dA = tl.where(o_t[:, None] >= o_t[None, :], dA * scale, 0.0)
-        dq_dk_from_products(q, gate, dq, dgate, dA, dq_inter, dk_state, h_dS, g, gam, tok, m_t, o_t, i_h, offs_k,
+        dq_dk_from_products(q, dq, dgate, dA, dq_inter, dk_state, h_dS, g, gam, tok, m_t, o_t, i_h, offs_k,
                             scale, inv_tau, w_aug, da, dw_part, i_c, H, K, BT_, BC_, GATE_LOGITS, INTRA_PREC, INTRA_DT,
                             INTRA_PATH, AUG)
 
