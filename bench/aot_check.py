@@ -20,11 +20,16 @@ from triton.compiler import ASTSource
 
 from metala.ops.incoming_state import kernel as incoming
 from metala.ops.metala import chunk_bwd, chunk_fwd, fused_recurrent_kernel
-from metala.ops.metala.chunk import CONFIG, FLAG_BLOCK, _intra_dtype, _scores_dtype
+from metala.ops.metala.chunk import CONFIG, FLAG_BLOCK, _bv, _intra_dtype, _intra_paths, _scores_dtype
 
-# the dq/dk kernel's records mode per compiled intra path, as chunk.py launches it with two launches
+# the dq/dk kernel's records mode per compiled intra path, as chunk.py launches it (two launches: the first writes
+# the records, the second walks them; one kernel for both paths: none)
 PATH_FLAGS_OF = {chunk_fwd.ONE_REF.value: chunk_bwd.WRITE_FLAGS.value,
-                 chunk_fwd.SUB_CHUNKS.value: chunk_bwd.WALK_FLAGS.value}
+                 chunk_fwd.SUB_CHUNKS.value: chunk_bwd.WALK_FLAGS.value,
+                 chunk_fwd.ANY_PATH.value: chunk_bwd.NO_FLAGS.value}
+PATH_TAGS = {chunk_fwd.ANY_PATH.value: "any", chunk_fwd.ONE_REF.value: "one", chunk_fwd.SUB_CHUNKS.value: "sub"}
+# the split dq / dk kernels are launched on the dq/dk kernel's paths
+PATHS_OF = {"bwd_dq": "bwd_dqk", "bwd_dkg": "bwd_dqk"}
 
 
 def launch_config(job: str) -> dict:
@@ -56,10 +61,20 @@ def ptxas_report(ptx: str, sm: int) -> str:
     return f"regs {regs.group(1) if regs else '?':>3} spills {spill.group(1) + '/' + spill.group(2) if spill else '?'}"
 
 
-def compile_one(kernel, types, consts, warps, target, stages: int = 3, maxnreg: int | None = None) -> str:
-    src = ASTSource(fn=kernel, signature=sig(kernel, types, consts), constexprs=consts)
+def compile_kernel(kernel, types, consts, warps, target, stages: int = 3, maxnreg: int | None = None):
+    """The Triton compile of `kernel` for `target` (no GPU needed), specialised as a launch on a GPU would be."""
+    signature = sig(kernel, types, consts)
+    # pointers 16-byte aligned, as the runtime specialises every torch allocation: without this ptxas sees scalar
+    # loads and stores and reports far more registers and spills than the kernels launched on a GPU have
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
+             if signature[name].startswith("*")}
+    src = ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
     options = {"num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})}
-    k = triton.compile(src, target=target, options=options)
+    return triton.compile(src, target=target, options=options)
+
+
+def compile_one(kernel, types, consts, warps, target, stages: int = 3, maxnreg: int | None = None) -> str:
+    k = compile_kernel(kernel, types, consts, warps, target, stages, maxnreg)
     cap = f" maxnreg {maxnreg}" if maxnreg else ""
     return (f"warps {warps} stages {stages}{cap} shared {k.metadata.shared:>6} B  "
             f"{ptxas_report(k.asm['ptx'], target.arch)}")
@@ -69,6 +84,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sm", type=int, default=90)
     ap.add_argument("--quick", action="store_true", help="bf16 K64/V128 only")
+    ap.add_argument("--heads", type=int, default=8, help="H, a compile-time constant of the kernels (8: 360M, 16: 1.3B)")
+    ap.add_argument("--only", default="", help="compile only the jobs whose name contains this (e.g. bwd_dqk/one+aug)")
     args = ap.parse_args()
     target = GPUTarget("cuda", args.sm, 32)
     dtypes = (("bf16", tl.bfloat16, "tf32"),) if args.quick else (("bf16", tl.bfloat16, "tf32"), ("fp32", tl.float32, "ieee"))
@@ -86,39 +103,42 @@ def main() -> None:
             scal = {"inv_tau": "fp32", "scale": "fp32", "T": "i32"}
             types = {**ints, **io, **state, **scal}
             BK, BV = min(64, K), min(64, V)
+            # the dq/dk kernels' tiles as chunk.py launches them
+            bk_dqk, bv_dqk = min(CONFIG["bwd_dqk"]["BK"], K), min(CONFIG["bwd_dqk"].get("BV", 64), V)
             # the intra-chunk operand types, as chunk.py chooses them for a GPU
             torch_dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dt_name]
             intra_dt, scores_dt = _intra_dtype(torch_dt), _scores_dtype(torch_dt)
-            common = {"H": 8, "K": K, "V": V}
+            common = {"H": args.heads, "K": K, "V": V}
             jobs = [
-                ("fwd_h", chunk_fwd.chunk_metala_fwd_kernel_h, {**common, "BT_": 64, "BK": BK, "BV": BV,
+                ("fwd_h", chunk_fwd.chunk_metala_fwd_kernel_h, {**common, "BT_": 64, "BK": BK, "BV": _bv("fwd_h", V),
                  "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec}, 4),
                 ("fwd_seg", chunk_fwd.chunk_metala_fwd_kernel_seg, {**common, "BK": BK, "BV": BV, "HAS_H0": True,
                  "STORE_HT": True}, 4),
-                ("fwd_o", chunk_fwd.chunk_metala_fwd_kernel_o, {**common, "BT_": 64, "BC_": 16, "BV": BV,
+                ("fwd_o", chunk_fwd.chunk_metala_fwd_kernel_o, {**common, "BT_": 64, "BC_": 16, "BV": _bv("fwd_o", V),
                  "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec, "INTRA_DT": scores_dt, "AUG": False,
                  "SPLIT": dt_name == "bf16"}, 4),
-                ("bwd_dh", chunk_bwd.chunk_metala_bwd_kernel_dh, {**common, "BT_": 64, "BK": BK, "BV": BV,
+                ("bwd_dh", chunk_bwd.chunk_metala_bwd_kernel_dh, {**common, "BT_": 64, "BK": BK, "BV": _bv("bwd_dh", V),
                  "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec}, 4),
                 ("bwd_seg", chunk_bwd.chunk_metala_bwd_kernel_seg, {**common, "BK": BK, "BV": BV, "HAS_DHT": True,
                  "STORE_DH0": True}, 4),
-                ("bwd_dv", chunk_bwd.chunk_metala_bwd_kernel_dv, {**common, "BT_": 64, "BC_": 16, "BV": V,
-                 "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec, "STORE_DA": True, "INTRA_DT": scores_dt, "AUG": False,
-                 "DA_ATOMIC": False}, 4),
-                ("bwd_dqk", chunk_bwd.chunk_metala_bwd_kernel_dqk, {**common, "BT_": 64, "BC_": 16, "BK": min(32, K), "BV": BV,
+                ("bwd_dv", chunk_bwd.chunk_metala_bwd_kernel_dv, {**common, "BT_": 64, "BC_": 16, "BV": _bv("bwd_dv", V),
+                 "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec, "STORE_DA": _bv("bwd_dv", V) >= V and
+                 CONFIG["bwd_dqk"]["form"].endswith("_dA"), "INTRA_DT": scores_dt, "AUG": False,
+                 "DA_ATOMIC": _bv("bwd_dv", V) < V}, 4),
+                ("bwd_dqk", chunk_bwd.chunk_metala_bwd_kernel_dqk, {**common, "BT_": 64, "BC_": 16, "BK": bk_dqk, "BV": bv_dqk,
                  "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec, "INTRA_PREC": prec, "INTRA_DT": intra_dt,
                  "AUG": False, "LOAD_DA": False, "PATH_FLAGS": chunk_bwd.WRITE_FLAGS.value, "FLAG_BLOCK": FLAG_BLOCK}, 4),
-                ("bwd_dq", chunk_bwd.chunk_metala_bwd_kernel_dq, {**common, "BT_": 64, "BC_": 16, "BK": min(32, K), "BV": BV,
+                ("bwd_dq", chunk_bwd.chunk_metala_bwd_kernel_dq, {**common, "BT_": 64, "BC_": 16, "BK": min(CONFIG["bwd_dq"]["BK"], K), "BV": bv_dqk,
                  "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec, "INTRA_PREC": prec, "INTRA_DT": intra_dt,
                  "LOAD_DA": True, "AUG": False}, 4),
-                ("bwd_dkg", chunk_bwd.chunk_metala_bwd_kernel_dkg, {**common, "BT_": 64, "BC_": 16, "BK": min(32, K), "BV": BV,
+                ("bwd_dkg", chunk_bwd.chunk_metala_bwd_kernel_dkg, {**common, "BT_": 64, "BC_": 16, "BK": min(CONFIG["bwd_dkg"]["BK"], K), "BV": bv_dqk,
                  "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec, "INTRA_PREC": prec, "INTRA_DT": intra_dt,
                  "LOAD_DA": True, "AUG": False}, 4),
                 ("decode", fused_recurrent_kernel.fused_recurrent_metala_kernel, {**common, "BV": BV,
                  "GATE_LOGITS": True, "HAS_H0": True}, 4),
             ]
             # the sequence-parallel correction (metala/ops/incoming_state), with the launchers' widths
-            inc = {"H": 8, "K": K, "TILE": 64}
+            inc = {"H": args.heads, "K": K, "TILE": 64}
             types.update({n: "*fp32" for n in ("S", "G_off", "out_first", "out_last", "d_first", "d_last", "dG_off",
                                                 "dS_part")})
             types.update({"out": f"*{dt_name}", "dout": f"*{dt_name}", "dz": f"*{dt_name}", "dq": f"*{dt_name}",
@@ -133,17 +153,20 @@ def main() -> None:
                 ("inc_bwd_ds", incoming.incoming_state_bwd_ds_kernel, {**mm, "BV": min(64, V)}, 8),
             ]
             # the intra-chunk kernels exist in one compiled form per path (chunk_fwd.py INTRA_PATH)
-            # (the joint dq/dk kernel's sub-chunk launch walks the records its one-reference launch writes)
-            jobs = [(f"{name}/{tag}" if "INTRA_PATH" in kern.arg_names else name, kern,
+            # (the joint dq/dk kernel's sub-chunk launch walks the records its one-reference launch writes); the
+            # paths each launcher compiles (CONFIG["intra"]): "any" where one kernel picks per chunk at run time
+            jobs = [(f"{name}/{PATH_TAGS[path]}" if "INTRA_PATH" in kern.arg_names else name, kern,
                      {**consts, "INTRA_PATH": path,
                       **({"PATH_FLAGS": PATH_FLAGS_OF[path]} if "PATH_FLAGS" in consts else {})}
                      if "INTRA_PATH" in kern.arg_names else consts, warps)
                     for name, kern, consts, warps in jobs
-                    for tag, path in ((("one", 1), ("sub", 2)) if "INTRA_PATH" in kern.arg_names else (("", 0),))]
+                    for path in (_intra_paths(PATHS_OF.get(name, name)) if "INTRA_PATH" in kern.arg_names else (0,))]
             # and the kernels that can fuse the self-augmentation, once more with it
             jobs += [(f"{name}+aug", kern, {**consts, "AUG": True}, warps) for name, kern, consts, warps in jobs
                      if "AUG" in consts]
             for name, kern, consts, warps in jobs:
+                if args.only not in name:
+                    continue
                 cfg = launch_config(name)
                 try:
                     info = compile_one(kern, types, consts, cfg.get("num_warps", warps), target,

@@ -96,8 +96,10 @@ def _tiles(K: int, V: int) -> tuple[int, int]:
 
 
 # launch options a CONFIG entry may carry; maxnreg caps the registers a thread (ptxas spills the rest), which lets
-# more programs share an SM. For dq/dk it did not pay (H100, 1.3B shape, backward 1.838 ms without: 2.052 at
-# 4 warps / 200 registers, 3.110 at 8 warps / 128; 20261206_h100_kernel_tune_aug_s18_new.json); none is set
+# more programs share an SM: 65,536 registers an SM hold two 4-warp programs at 255 a thread, three at <= 168, four
+# at <= 128. For dq/dk, 200 did not pay (H100, 1.3B shape, backward 1.838 ms without: 2.052 at 4 warps / 200,
+# still two programs an SM, with 568 B of spills a thread; 3.110 at 8 warps / 128;
+# 20261206_h100_kernel_tune_aug_s18_new.json); none is set
 _LAUNCH_KEYS = ("num_warps", "num_stages", "maxnreg")
 
 
@@ -142,7 +144,9 @@ CONFIG = {
     # fused self-augmentation: backward 1.076 -> 0.995 ms at the 360M shape, 2.055 -> 1.908 at 1.3B
     # (20261205_h200_kernel_tune_aug_new.json); bench.ops gate passed (dq 0.29 %, dz 0.30 % vs 0.20 % with fp32;
     # limit 0.5 %).
-    # num_warps 8 spills far less (sm_90a compile: 32-76 B a thread vs ~1.7 KB at 4) and was 40-50 % slower.
+    # num_warps 8 was 40-50 % slower: it still takes 255 registers a thread (no spills), so one program fills an
+    # SM's register file (at 4 warps two programs fit, with 212 B of spills a thread when the self-augmentation is
+    # fused; `python -m bench.aot_check --quick --heads 16`).
     "bwd_dqk": {"num_warps": 4, "num_stages": 2, "BK": 32, "BV": 64, "form": "joint", "intra_dtype": "input"},
     "bwd_dq": {"num_warps": 4, "num_stages": 2, "BK": 32},
     "bwd_dkg": {"num_warps": 8, "num_stages": 2, "BK": 64},
