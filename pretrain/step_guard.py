@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from pretrain.distributed import comm_device
 from pretrain.grad_norm import is_zero_1_2, use_fused_grad_norm
-from pretrain.zero_step import skip_division_by_one, use_fused_master_step
+from pretrain.zero_step import copy_gradients_once, skip_division_by_one, use_fused_master_step
 
 
 class NonFiniteStepGuard:
@@ -165,7 +165,8 @@ def initialize_with_guard(model, optimizer: torch.optim.Optimizer, config: dict,
     gradient norm, which the guard reads, is swapped for the fused one (`pretrain/grad_norm.py`), and their clipping
     moves into the guard (`NonFiniteStepGuard.take_over_clipping`). With `fused_master_step`, ZeRO-1/2's update of
     the fp32 masters then becomes one fused pass where it applies (`pretrain/zero_step.py`); over a reduction world
-    of one, its division of every gradient by 1.0 is skipped (`skip_division_by_one`).
+    of one, its division of every gradient by 1.0 is skipped (`skip_division_by_one`), and over a data-parallel world
+    of one ZeRO-1 copies each gradient once instead of twice (`copy_gradients_once`).
     Returns (engine, lr_scheduler, guard)."""
     import deepspeed
 
@@ -178,4 +179,5 @@ def initialize_with_guard(model, optimizer: torch.optim.Optimizer, config: dict,
     if fused_master_step:
         use_fused_master_step(engine.optimizer)
     skip_division_by_one(engine.optimizer)
+    copy_gradients_once(engine.optimizer)
     return engine, scheduler, guard

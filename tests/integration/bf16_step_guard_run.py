@@ -61,12 +61,13 @@ class DeviceWaits:
             setattr(owner, name, original)
 
 
-def ds_config(grad_clip: float) -> dict:
-    """The trainer's DeepSpeed config for this tiny run: ZeRO-1, bf16."""
+def ds_config(grad_clip: float, accumulate: int = 1, zero_stage: int = 1) -> dict:
+    """The trainer's DeepSpeed config for this tiny run: ZeRO-1 (or `zero_stage`), bf16, micro-batches of 2."""
     cfg = config_from_dict({
         "name": "guard", "model": {"preset": "tiny"}, "data": {"dir": "unused", "seq_len": 32},
         "optim": {"lr": 1e-3, "grad_clip": grad_clip},
-        "train": {"steps": 10, "global_batch": 2, "micro_batch": 2, "out_dir": "unused", "zero_stage": 1},
+        "train": {"steps": 10, "global_batch": 2 * accumulate, "micro_batch": 2, "out_dir": "unused",
+                  "zero_stage": zero_stage},
     })
     return deepspeed_config(cfg, 1, "bf16")
 
@@ -286,6 +287,47 @@ def division(device: torch.device) -> dict:
     return out
 
 
+def gradient_copies(device: torch.device) -> dict:
+    """The trainer's engine over a data-parallel world of one with each gradient copied once into the partition
+    buffer (`pretrain.zero_step.copy_gradients_once`) and with DeepSpeed's two copies (bucket, then partition buffer)
+    put back; ZeRO-1 with one and with two micro-batches a step, and ZeRO-2 (where it must not apply). Per run:
+    whether it applied, the gradient-sized copies in each backward + step, and the fp32 masters after two steps."""
+    torch.manual_seed(0)
+    init = MetaLAForCausalLM(MetaLAConfig.from_preset("tiny", attn_backend="chunk")).to(torch.bfloat16)
+    sizes = {p.numel() for p in init.parameters()}
+    out = {}
+    for accumulate, stage in ((1, 1), (2, 1), (1, 2)):
+        batches = [(torch.randint(0, 512, (2, 32)), torch.randint(0, 512, (2, 32))) for _ in range(2 * accumulate)]
+        runs = {}
+        for name in ("once", "deepspeed"):
+            model = copy.deepcopy(init)
+            engine, _, guard = initialize_with_guard(model, adamw(model, fused=True), ds_config(0.5, accumulate, stage),
+                                                     device)
+            z = engine.optimizer
+            applied = "reduce_independent_p_g_buckets_and_remove_grads" in vars(z)
+            if name == "deepspeed" and applied:
+                del z.reduce_independent_p_g_buckets_and_remove_grads  # the class's method again
+            start = torch.cat([g.detach().flatten().clone() for g in z.single_partition_of_fp32_groups])
+            copies = []
+            for step in range(2):
+                guard.new_step()
+                with CountOps(lambda func, outs: func._schema.name == "aten::copy_"
+                              and outs[0].dim() == 1 and outs[0].numel() in sizes) as count:
+                    for ids, labels in batches[step * accumulate:(step + 1) * accumulate]:
+                        loss = engine(ids, labels=labels, return_logits=False).loss
+                        guard.observe_loss(loss)
+                        engine.backward(loss)
+                        engine.step()
+                copies.append(count.count)
+            masters = torch.cat([g.detach().flatten() for g in z.single_partition_of_fp32_groups])
+            runs[name] = {"applied": applied, "copies": copies, "masters": masters,
+                          "change": float((masters - start).abs().max())}
+        ref = runs["deepspeed"].pop("masters")
+        runs["once"]["masters_equal"] = bool(torch.equal(runs["once"].pop("masters"), ref))
+        out[f"gas{accumulate}_zero{stage}"] = runs
+    return out
+
+
 def main() -> None:
     device, _, _ = init_distributed()
     # the engine and its groups go out of scope with run(), before the groups are destroyed
@@ -293,6 +335,7 @@ def main() -> None:
     print("CLIPPING " + json.dumps(clipping(device)), flush=True)
     print("MASTER " + json.dumps(master_step(device)), flush=True)
     print("DIVISION " + json.dumps(division(device)), flush=True)
+    print("COPIES " + json.dumps(gradient_copies(device)), flush=True)
     shutdown_distributed(True)
 
 

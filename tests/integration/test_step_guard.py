@@ -110,3 +110,17 @@ def test_deepspeeds_division_by_one_is_skipped_bit_for_bit(helper_output):
     assert out["skipped"]["skip_applied"] and out["skipped"]["divisions"] == [0, 0]
     assert out["deepspeed"]["divisions"] == [1, 1]
     assert out["skipped"]["masters_equal"]
+
+
+def test_zero1_copies_each_gradient_once_over_a_world_of_one(helper_output):
+    # pretrain.zero_step.copy_gradients_once: DeepSpeed ZeRO-1 over one data-parallel rank copied every gradient
+    # into its reduction bucket and again into the partition buffer; now once, straight into that buffer: half the
+    # gradient-sized copies (23 parameters of the tiny model: 46 -> 23 a step, with one or two micro-batches) and the
+    # same fp32 masters bit for bit after two steps. ZeRO-2 reduces from hooks during the backward: untouched.
+    out = result(helper_output, "COPIES")
+    for key in ("gas1_zero1", "gas2_zero1"):
+        once, ds = out[key]["once"], out[key]["deepspeed"]
+        assert once["applied"] and ds["applied"], out[key]
+        assert ds["copies"] == [46, 46] and once["copies"] == [23, 23], out[key]
+        assert once["masters_equal"] and once["change"] > 1e-4, out[key]
+    assert not out["gas1_zero2"]["once"]["applied"] and out["gas1_zero2"]["once"]["copies"] == [46, 46]
