@@ -108,9 +108,12 @@ CONFIG = {
     # fwd_h: 4 warps measured 0.353 vs 0.402 ms forward with 8 (H200, 360M shape; H100: 0.360 vs 0.410)
     "fwd_h": {"num_warps": 4, "num_stages": 2, "BV": 128},
     # fwd_o and bwd_dv with the fused self-augmentation (w_aug) keep these warps: at 8, fwd 0.367 -> 0.428 ms and
-    # dv 0.31 -> 0.36 (H200, 360M shape, 20261202_h200_kernel_tune_aug.json), although the AOT compile
-    # (bench/aot_check.py) showed spills at 4 warps and none at 8
-    "fwd_o": {"num_warps": 4, "num_stages": 2, "BV": 128},
+    # dv 0.31 -> 0.36 (H200, 360M shape, 20261202_h200_kernel_tune_aug.json).
+    # fwd_o at <= 168 registers (maxnreg; 239 without, 96 B of spills with) runs three programs an SM instead of
+    # two: forward 0.688 -> 0.664 ms at the 1.3B shape, 0.366 -> 0.355 at 360M (H100, session 19,
+    # 20261206_h100_kernel_tune_aug_s19_sweep.json). The same cap for dv (with 64-wide V tiles, which it needs to
+    # stay near 168: backward 1.800 -> 1.902 ms) and for dq/dk (2.11 ms; 4-wide K tiles with it 2.01-2.05) was slower
+    "fwd_o": {"num_warps": 4, "num_stages": 2, "BV": 128, "maxnreg": 168},
     # bwd_dh: one program per full V row (BV 128, 8 warps): backward 1.051 vs 1.080 ms on ordinary gates and 1.329
     # vs 1.368 with every chunk on the sub-chunk form (H200, 360M shape, 20261202_h200_kernel_tune_dispatch*.json)
     "bwd_dh": {"num_warps": 8, "num_stages": 2, "BV": 128},
@@ -146,7 +149,14 @@ CONFIG = {
     # limit 0.5 %).
     # num_warps 8 was 40-50 % slower: it still takes 255 registers a thread (no spills), so one program fills an
     # SM's register file (at 4 warps two programs fit, with 212 B of spills a thread when the self-augmentation is
-    # fused; `python -m bench.aot_check --quick --heads 16`).
+    # fused; `python -m bench.aot_check --quick --heads 16`). More programs an SM did not pay either (H100, 1.3B
+    # shape, session 19, backward 1.800 ms with the defaults, 20261206_h100_kernel_tune_aug_s19_sweep.json): BK 16
+    # (236 registers with the self-augmentation) 2.29 ms, BK 16 capped at 168 (three programs) 2.01-2.05, at 128
+    # (four) 2.08, BK 32 capped at 168 2.11: the extra K-tiles each recompute dA and reload v and dO, and the cap
+    # spills. The loop over V as a run-time loop instead of an unrolled one: dq/dk 0.995 -> 1.104 ms
+    # (20261206_h100_kernel_tune_aug_s19_v19b.json, the code of that time). Taking the key's share of dg before the
+    # reverse running sum (dq_dk_from_products): dq/dk 1.019 -> 0.995 ms, backward 1.816 -> 1.800 (spills 212 -> 136 B
+    # a thread; 20261206_h100_kernel_tune_aug_s19_{base,sweep}.json, one call).
     "bwd_dqk": {"num_warps": 4, "num_stages": 2, "BK": 32, "BV": 64, "form": "joint", "intra_dtype": "input"},
     "bwd_dq": {"num_warps": 4, "num_stages": 2, "BK": 32},
     "bwd_dkg": {"num_warps": 8, "num_stages": 2, "BK": 64},

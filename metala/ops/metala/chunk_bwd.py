@@ -238,13 +238,14 @@ def dq_dk_from_products(q, dq, dgate, dA, dq_inter, dk_state, h_dS, g, gam, tok,
         dk_state = dk_state * tl.exp(gam[None, :] - Gam)
         dkk = intra_grad_k(tl.trans(dA), qq, Gam, gam, o_t, BT_, BC_, INTRA_PREC, INTRA_DT, INTRA_PATH) + dk_state
     d_gam -= k * dkk
-    # reverse cumulative sum within the chunk, plus the terms that reach every row through the chunk's total decay
-    dg = chunk_cumsum(d_gam, o_t, True)
-    dg += (tl.sum(k * dk_state, axis=0) + tl.exp(gam) * h_dS)[None, :]
-    # the key is tied to the decay: k = 1 - exp(g), dk/dg = -exp(g)
+    # the key is tied to the decay: k = 1 - exp(g), dk/dg = -exp(g); taken before the running sum below, so that
+    # q, dk and the self-augmentation's terms are dead while it runs (register pressure)
     if AUG:
         dkk += aug_dk_and_dw(w_aug, dav, qq, k, dw_part, i_c, i_h, offs_k, H, K)
-    dg -= tl.exp(g) * dkk
+    dg_key = tl.exp(g) * dkk
+    chunk_terms = tl.sum(k * dk_state, axis=0) + tl.exp(gam) * h_dS
+    # reverse cumulative sum within the chunk, plus the terms that reach every row through the chunk's total decay
+    dg = chunk_cumsum(d_gam, o_t, True) + chunk_terms[None, :] - dg_key
     store_dgate(dgate, dg, g, p_k, m_tk, inv_tau, GATE_LOGITS)
 
 
