@@ -105,6 +105,7 @@ def main() -> None:
             BK, BV = min(64, K), min(64, V)
             # the dq/dk kernels' tiles as chunk.py launches them
             bk_dqk, bv_dqk = min(CONFIG["bwd_dqk"]["BK"], K), min(CONFIG["bwd_dqk"].get("BV", 64), V)
+            gam_matmul = CONFIG["bwd_dqk"].get("gam_cumsum", "scan") == "matmul"
             # the intra-chunk operand types, as chunk.py chooses them for a GPU
             torch_dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dt_name]
             intra_dt, scores_dt = _intra_dtype(torch_dt), _scores_dtype(torch_dt)
@@ -127,13 +128,14 @@ def main() -> None:
                  "DA_ATOMIC": _bv("bwd_dv", V) < V}, 4),
                 ("bwd_dqk", chunk_bwd.chunk_metala_bwd_kernel_dqk, {**common, "BT_": 64, "BC_": 16, "BK": bk_dqk, "BV": bv_dqk,
                  "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec, "INTRA_PREC": prec, "INTRA_DT": intra_dt,
-                 "AUG": False, "LOAD_DA": False, "PATH_FLAGS": chunk_bwd.WRITE_FLAGS.value, "FLAG_BLOCK": FLAG_BLOCK}, 4),
+                 "AUG": False, "LOAD_DA": False, "PATH_FLAGS": chunk_bwd.WRITE_FLAGS.value, "FLAG_BLOCK": FLAG_BLOCK,
+                 "GAM_MATMUL": gam_matmul}, 4),
                 ("bwd_dq", chunk_bwd.chunk_metala_bwd_kernel_dq, {**common, "BT_": 64, "BC_": 16, "BK": min(CONFIG["bwd_dq"]["BK"], K), "BV": bv_dqk,
                  "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec, "INTRA_PREC": prec, "INTRA_DT": intra_dt,
-                 "LOAD_DA": True, "AUG": False}, 4),
+                 "LOAD_DA": True, "AUG": False, "GAM_MATMUL": gam_matmul}, 4),
                 ("bwd_dkg", chunk_bwd.chunk_metala_bwd_kernel_dkg, {**common, "BT_": 64, "BC_": 16, "BK": min(CONFIG["bwd_dkg"]["BK"], K), "BV": bv_dqk,
                  "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec, "INTRA_PREC": prec, "INTRA_DT": intra_dt,
-                 "LOAD_DA": True, "AUG": False}, 4),
+                 "LOAD_DA": True, "AUG": False, "GAM_MATMUL": gam_matmul}, 4),
                 ("decode", fused_recurrent_kernel.fused_recurrent_metala_kernel, {**common, "BV": BV,
                  "GATE_LOGITS": True, "HAS_H0": True}, 4),
             ]

@@ -236,10 +236,15 @@ def test_model_on_triton_matches_model_on_chunk():
     # traces and stays exact; its bf16 accuracy is the GPU gate's (bench/ops.py, bench/kernel_tune.py)
     pytest.param({"form": "joint", "intra_dtype": "input"}, id="joint-dqk-input-dtype-intra"),
     pytest.param({"form": "split", "intra_dtype": "input"}, id="split-input-dtype-intra"),
+    # the running log-decay of the dq/dk kernels as a triangular matmul (exact under the interpreter, fp32-accurate
+    # TF32 on a GPU), on chunks of both intra paths
+    pytest.param({"form": "joint", "intra_dtype": "input", "gam_cumsum": "matmul"}, id="joint-dqk-gam-matmul"),
+    pytest.param({"form": "split", "intra_dtype": "input", "gam_cumsum": "matmul"}, id="split-gam-matmul"),
 ])
 def test_every_backward_form_matches_naive(form, monkeypatch):
     """The backward can run as one joint dq/dk kernel or as dq + dk kernels (with dA from the dv kernel or
-    recomputed); the default is whichever measured fastest, and the others must stay correct to be tunable."""
+    recomputed), with their running log-decay as a scan or a matmul; the default is whichever measured fastest, and
+    the others must stay correct to be tunable."""
     from metala.ops.metala import chunk as C
 
     monkeypatch.setitem(C.CONFIG, "bwd_dqk", {**C.CONFIG["bwd_dqk"], **form})
@@ -268,7 +273,7 @@ def test_half_precision_intra_products_are_bf16_only(monkeypatch):
     assert C._intra_dtype(torch.bfloat16) == tl.float32
 
 
-@pytest.mark.parametrize("bad", [{"form": "fused"}, {"intra_dtype": "bf16"}])
+@pytest.mark.parametrize("bad", [{"form": "fused"}, {"intra_dtype": "bf16"}, {"gam_cumsum": "tree"}])
 def test_unknown_backward_form_is_an_error(bad, monkeypatch):
     from metala.ops.metala import chunk as C
 

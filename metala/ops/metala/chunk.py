@@ -45,6 +45,7 @@ MAX_K, MAX_V = 128, 256
 # programs when no chunk needs that path, and still a full GPU's worth when every chunk does
 FLAG_BLOCK = 16
 BWD_FORMS = ("joint", "joint_dA", "split", "split_dA")
+GAM_CUMSUMS = ("scan", "matmul")
 
 
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -157,7 +158,12 @@ CONFIG = {
     # (20261206_h100_kernel_tune_aug_s19_v19b.json, the code of that time). Taking the key's share of dg before the
     # reverse running sum (dq_dk_from_products): dq/dk 1.019 -> 0.995 ms, backward 1.816 -> 1.800 (spills 212 -> 136 B
     # a thread; 20261206_h100_kernel_tune_aug_s19_{base,sweep}.json, one call).
-    "bwd_dqk": {"num_warps": 4, "num_stages": 2, "BK": 32, "BV": 64, "form": "joint", "intra_dtype": "input"},
+    # gam_cumsum: how the dq/dk kernels form the chunk's running log-decay Gam: "scan" (as every kernel, METALA_CUMSUM)
+    # or "matmul" (a triangular matmul, as their reverse sum). With every running sum a matmul (METALA_CUMSUM=all)
+    # the joint kernel took 0.585 ms against 0.633 while every other kernel got slower (H200, 360M shape,
+    # 20261202_h200_kernel_tune_cumsum_all.json); this is that choice for the dq/dk kernels alone. Not yet timed.
+    "bwd_dqk": {"num_warps": 4, "num_stages": 2, "BK": 32, "BV": 64, "form": "joint", "intra_dtype": "input",
+                "gam_cumsum": "scan"},
     "bwd_dq": {"num_warps": 4, "num_stages": 2, "BK": 32},
     "bwd_dkg": {"num_warps": 8, "num_stages": 2, "BK": 64},
     "seg": {"num_warps": 4, "num_stages": 2},
@@ -292,6 +298,9 @@ def chunk_metala_bwd(q, gate, v, do, dht, scale, inv_tau, saved, plan: ChunkPlan
     form = CONFIG["bwd_dqk"]["form"]
     if form not in BWD_FORMS:
         raise ValueError(f"CONFIG['bwd_dqk']['form'] must be one of {BWD_FORMS}, got {form!r}")
+    gam_cumsum = CONFIG["bwd_dqk"].get("gam_cumsum", "scan")
+    if gam_cumsum not in GAM_CUMSUMS:
+        raise ValueError(f"CONFIG['bwd_dqk']['gam_cumsum'] must be one of {GAM_CUMSUMS}, got {gam_cumsum!r}")
     # the dv kernel hands dA to the split dq / dk kernels when one program covers all of V
     store_dA = form in ("split_dA", "joint_dA") and BVv >= V
     dA = torch.empty(plan.n_chunks, H, BT, BT, device=dev, dtype=torch.float32) if store_dA else dS_local
@@ -313,7 +322,7 @@ def chunk_metala_bwd(q, gate, v, do, dht, scale, inv_tau, saved, plan: ChunkPlan
     BK_dqk = min(CONFIG["bwd_dqk"]["BK"], K)
     common = dict(
         H=H, K=K, V=V, BT_=BT, BC_=BC, BK=BK_dqk, BV=_bv("bwd_dqk", V), GATE_LOGITS=gate_logits, DT=DT, DOT_PREC=prec,
-        **intra, **_launch("bwd_dqk"),
+        GAM_MATMUL=gam_cumsum == "matmul", **intra, **_launch("bwd_dqk"),
     )
     if form in ("split", "split_dA"):
         for name, kernel, outs in (("bwd_dq", chunk_metala_bwd_kernel_dq, (dq, dA, w, da)),

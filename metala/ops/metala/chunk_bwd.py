@@ -25,6 +25,7 @@ from metala.ops.metala.chunk_fwd import (
     aug_score,
     chunk_cumsum,
     dot_intra,
+    gate_cumsum,
     intra_grad_k,
     intra_grad_q,
     intra_scores,
@@ -204,11 +205,12 @@ def aug_dk_and_dw(w_aug, dav, qq, k, dw_part, i_c, i_h, offs_k, H: tl.constexpr,
 def dq_dk_from_products(q, dq, dgate, dA, dq_inter, dk_state, h_dS, g, gam, tok, m_t, o_t, i_h, offs_k, scale,
                         inv_tau, w_aug, da, dw_part, i_c, H: tl.constexpr, K: tl.constexpr, BT_: tl.constexpr,
                         BC_: tl.constexpr, GATE_LOGITS: tl.constexpr, INTRA_PREC: tl.constexpr,
-                        INTRA_DT: tl.constexpr, INTRA_PATH: tl.constexpr, AUG: tl.constexpr):
+                        INTRA_DT: tl.constexpr, INTRA_PATH: tl.constexpr, AUG: tl.constexpr,
+                        GAM_MATMUL: tl.constexpr):
     """Stores dq and the gate gradient of one (chunk, head, K-tile) from the masked dA and the products over V:
     dq_inter = dO h^T, dk_state = v dS^T (both [BT, BK]) and h_dS = rowsum(h * dS) ([BK]); with AUG, adds the
     self-augmentation's terms from da and stores this chunk's dw_aug part."""
-    Gam = chunk_cumsum(g, o_t, False)
+    Gam = gate_cumsum(g, o_t, GAM_MATMUL)
     k = neg_expm1(g)
     m_tk = m_t[:, None]
     p_k = (tok[:, None] * H + i_h) * K + offs_k[None, :]
@@ -256,7 +258,7 @@ def dqk_item(q, gate, v, do, h_local, cdec, S_in, Gseg, dS_local, Dout, dq, dgat
              BT_: tl.constexpr, BC_: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
              GATE_LOGITS: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, INTRA_PREC: tl.constexpr,
              INTRA_DT: tl.constexpr, INTRA_PATH: tl.constexpr, AUG: tl.constexpr, LOAD_DA: tl.constexpr,
-             WRITE_FLAG: tl.constexpr):
+             WRITE_FLAG: tl.constexpr, GAM_MATMUL: tl.constexpr):
     """dq and the gate gradient of one (chunk, head, K-tile). CHECK_PATH: skip a chunk of the other intra path
     (WRITE_FLAG: and record that it was skipped, for the launch that walks the flags)."""
     offs_k = i_k * BK + tl.arange(0, BK)
@@ -291,7 +293,7 @@ def dqk_item(q, gate, v, do, h_local, cdec, S_in, Gseg, dS_local, Dout, dq, dgat
             dA = tl.where(o_t[:, None] >= o_t[None, :], dA * scale, 0.0)
         dq_dk_from_products(q, dq, dgate, dA, dq_inter, dk_state, h_dS, g, gam, tok, m_t, o_t, i_h, offs_k,
                             scale, inv_tau, w_aug, da, dw_part, i_c, H, K, BT_, BC_, GATE_LOGITS, INTRA_PREC, INTRA_DT,
-                            INTRA_PATH, AUG)
+                            INTRA_PATH, AUG, GAM_MATMUL)
 
 
 # PATH_FLAGS of the dq/dk kernel when its two intra paths are two launches (chunk_fwd.INTRA_PATH): NO_FLAGS, every
@@ -314,7 +316,7 @@ def chunk_metala_bwd_kernel_dqk(
     BT_: tl.constexpr, BC_: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     GATE_LOGITS: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, INTRA_PREC: tl.constexpr,
     INTRA_DT: tl.constexpr, INTRA_PATH: tl.constexpr, AUG: tl.constexpr, LOAD_DA: tl.constexpr,
-    PATH_FLAGS: tl.constexpr, FLAG_BLOCK: tl.constexpr,
+    PATH_FLAGS: tl.constexpr, FLAG_BLOCK: tl.constexpr, GAM_MATMUL: tl.constexpr,
 ):
     """dq and the decay gradient dg (or dz) per (chunk, head, K-tile); key channels are independent except
     through dA = dO v^T, which each K-tile recomputes (cheap) so that no program holds all K channels."""
@@ -332,13 +334,13 @@ def chunk_metala_bwd_kernel_dqk(
                                  da, dw_part, chunk_start, chunk_len, chunk_seg, scale, inv_tau,
                                  item // (H * NK), (item // NK) % H, item % NK, False, path_flags,
                                  H, K, V, BT_, BC_, BK, BV, GATE_LOGITS, DT, DOT_PREC, INTRA_PREC, INTRA_DT,
-                                 INTRA_PATH, AUG, LOAD_DA, False)
+                                 INTRA_PATH, AUG, LOAD_DA, False, GAM_MATMUL)
     else:
         dqk_item(q, gate, v, do, h_local, cdec, S_in, Gseg, dS_local, Dout, dq, dgate, dA_in, w_aug, da, dw_part,
                  chunk_start, chunk_len, chunk_seg, scale, inv_tau,
                  tl.program_id(0), tl.program_id(1), tl.program_id(2), True, path_flags,
                  H, K, V, BT_, BC_, BK, BV, GATE_LOGITS, DT, DOT_PREC, INTRA_PREC, INTRA_DT, INTRA_PATH, AUG, LOAD_DA,
-                 PATH_FLAGS == WRITE_FLAGS)
+                 PATH_FLAGS == WRITE_FLAGS, GAM_MATMUL)
 
 
 @triton.jit
@@ -350,7 +352,7 @@ def chunk_metala_bwd_kernel_dq(
     BT_: tl.constexpr, BC_: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     GATE_LOGITS: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, INTRA_PREC: tl.constexpr,
     INTRA_DT: tl.constexpr, INTRA_PATH: tl.constexpr,
-    LOAD_DA: tl.constexpr, AUG: tl.constexpr,
+    LOAD_DA: tl.constexpr, AUG: tl.constexpr, GAM_MATMUL: tl.constexpr,
 ):
     """dq per (chunk, head, K-tile): the split form of `chunk_metala_bwd_kernel_dqk` (fewer live registers).
     With LOAD_DA, dA comes from `dA_in` (written by the dv kernel) instead of a dO v^T pass here."""
@@ -380,7 +382,7 @@ def chunk_metala_bwd_kernel_dq(
         dA = tl.load(dA_in + ((i_c * H + i_h) * BT_ + o_t[:, None]) * BT_ + o_t[None, :])
     else:
         dA = tl.where(o_t[:, None] >= o_t[None, :], dA * scale, 0.0)
-    Gam = chunk_cumsum(g, o_t, False)
+    Gam = gate_cumsum(g, o_t, GAM_MATMUL)
     k = neg_expm1(g)
     dqq = intra_grad_q(dA, k, Gam, gam, o_t, BT_, BC_, INTRA_PREC, INTRA_DT, INTRA_PATH)
     dqq += scale * tl.exp(Gam) * dq_inter
@@ -398,7 +400,7 @@ def chunk_metala_bwd_kernel_dkg(
     BT_: tl.constexpr, BC_: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     GATE_LOGITS: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, INTRA_PREC: tl.constexpr,
     INTRA_DT: tl.constexpr, INTRA_PATH: tl.constexpr,
-    LOAD_DA: tl.constexpr, AUG: tl.constexpr,
+    LOAD_DA: tl.constexpr, AUG: tl.constexpr, GAM_MATMUL: tl.constexpr,
 ):
     """dk and the decay gradient per (chunk, head, K-tile), reading the dq that `chunk_metala_bwd_kernel_dq`
     wrote (q * dq enters dg), and dA from `dA_in` with LOAD_DA."""
@@ -427,7 +429,7 @@ def chunk_metala_bwd_kernel_dkg(
         dAT = tl.load(dA_in + ((i_c * H + i_h) * BT_ + o_t[None, :]) * BT_ + o_t[:, None])
     else:
         dAT = tl.trans(tl.where(o_t[:, None] >= o_t[None, :], dA * scale, 0.0))
-    Gam = chunk_cumsum(g, o_t, False)
+    Gam = gate_cumsum(g, o_t, GAM_MATMUL)
     m_tk = m_t[:, None]
     p_k = (tok[:, None] * H + i_h) * K + offs_k[None, :]
     # the state terms first, so dk_state and h_dS die early (register pressure)

@@ -83,6 +83,18 @@ def chunk_cumsum(x, o_t, REVERSE: tl.constexpr):
 
 
 @triton.jit
+def gate_cumsum(g, o_t, MATMUL: tl.constexpr):
+    """The chunk's running log-decay Gam = cumsum(g) over rows for the dq/dk kernels, which choose its form on their
+    own (CONFIG["bwd_dqk"]["gam_cumsum"]): a triangular matmul on the tensor cores (MATMUL, fp32-accurate as
+    `_triangular_dot`) or as `chunk_cumsum` decides for every kernel (METALA_CUMSUM)."""
+    if MATMUL:
+        out = _triangular_dot(tl.where(o_t[:, None] >= o_t[None, :], 1.0, 0.0), g)
+    else:
+        out = chunk_cumsum(g, o_t, False)
+    return out
+
+
+@triton.jit
 def load_gate(gate, tok, m_t, i_h, offs_k, H: tl.constexpr, K: tl.constexpr, GATE_LOGITS: tl.constexpr, inv_tau):
     """fp32 log-decay [BT, BK] of a chunk: 0 on rows past the chunk's end (alpha = 1, k = 0 there)."""
     m = m_t[:, None] & (offs_k[None, :] < K)
