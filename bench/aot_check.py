@@ -61,6 +61,25 @@ def ptxas_report(ptx: str, sm: int) -> str:
     return f"regs {regs.group(1) if regs else '?':>3} spills {spill.group(1) + '/' + spill.group(2) if spill else '?'}"
 
 
+# SASS opcode classes `--sass` counts: barriers, shared-memory traffic (layout conversions and tensor-core operand
+# staging), tensor-core instructions, special-function (exp / log) instructions, and the fp32 arithmetic
+SASS_CLASSES = {"bar": ("BAR",), "smem": ("LDS", "STS", "LDSM", "STSM"), "mma": ("HGMMA", "HMMA"), "mufu": ("MUFU",),
+                "fp32": ("FFMA", "FMUL", "FADD"), "shfl": ("SHFL",), "spill": ("LDL", "STL")}
+
+
+def sass_mix(cubin: bytes) -> str:
+    """Instructions a thread issues by class, from the cubin's SASS (static count: Triton unrolls the kernels'
+    compile-time loops, so for these kernels it is close to the dynamic count per program)."""
+    nvdisasm = Path(triton.__file__).parent / "backends/nvidia/bin/nvdisasm"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.cubin"
+        path.write_bytes(cubin)
+        sass = subprocess.run([str(nvdisasm), "-c", str(path)], check=True, capture_output=True, text=True).stdout
+    ops = re.findall(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass, flags=re.M)
+    counts = {name: sum(op in group for op in ops) for name, group in SASS_CLASSES.items()}
+    return f"sass {len(ops)}: " + " ".join(f"{name} {n}" for name, n in counts.items())
+
+
 def compile_kernel(kernel, types, consts, warps, target, stages: int = 3, maxnreg: int | None = None):
     """The Triton compile of `kernel` for `target` (no GPU needed), specialised as a launch on a GPU would be."""
     signature = sig(kernel, types, consts)
@@ -73,11 +92,12 @@ def compile_kernel(kernel, types, consts, warps, target, stages: int = 3, maxnre
     return triton.compile(src, target=target, options=options)
 
 
-def compile_one(kernel, types, consts, warps, target, stages: int = 3, maxnreg: int | None = None) -> str:
+def compile_one(kernel, types, consts, warps, target, stages: int = 3, maxnreg: int | None = None,
+                sass: bool = False) -> str:
     k = compile_kernel(kernel, types, consts, warps, target, stages, maxnreg)
     cap = f" maxnreg {maxnreg}" if maxnreg else ""
     return (f"warps {warps} stages {stages}{cap} shared {k.metadata.shared:>6} B  "
-            f"{ptxas_report(k.asm['ptx'], target.arch)}")
+            f"{ptxas_report(k.asm['ptx'], target.arch)}" + (f"  {sass_mix(k.asm['cubin'])}" if sass else ""))
 
 
 def main() -> None:
@@ -85,6 +105,7 @@ def main() -> None:
     ap.add_argument("--sm", type=int, default=90)
     ap.add_argument("--quick", action="store_true", help="bf16 K64/V128 only")
     ap.add_argument("--heads", type=int, default=8, help="H, a compile-time constant of the kernels (8: 360M, 16: 1.3B)")
+    ap.add_argument("--sass", action="store_true", help="also count each kernel's SASS instructions by class")
     ap.add_argument("--only", default="", help="compile only the jobs whose name contains this (e.g. bwd_dqk/one+aug)")
     args = ap.parse_args()
     target = GPUTarget("cuda", args.sm, 32)
@@ -172,7 +193,7 @@ def main() -> None:
                 cfg = launch_config(name)
                 try:
                     info = compile_one(kern, types, consts, cfg.get("num_warps", warps), target,
-                                       cfg.get("num_stages", 3), cfg.get("maxnreg"))
+                                       cfg.get("num_stages", 3), cfg.get("maxnreg"), args.sass)
                     print(f"{dt_name} K{K:<3} V{V:<3} {name:<9} ok   {info}")
                 except Exception as e:  # noqa: BLE001 - report every failure, keep going
                     failed += 1

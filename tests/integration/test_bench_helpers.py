@@ -70,13 +70,15 @@ def test_every_kernel_compiles_for_hopper_without_a_gpu():
 
 _ALIGNED_PTX_CHECK = """
 from triton.backends.compiler import GPUTarget
-from bench.aot_check import compile_kernel
+from bench.aot_check import compile_kernel, sass_mix
 from metala.ops.metala.chunk_fwd import chunk_metala_fwd_kernel_seg as kern
 types = {"E": "*fp32", "Gseg": "*fp32", "h0": "*fp32", "S_in": "*fp32", "ht": "*fp32",
          "doc_first_seg": "*i32", "doc_n_segs": "*i32"}
 consts = {"H": 8, "K": 64, "V": 128, "BK": 64, "BV": 64, "HAS_H0": True, "STORE_HT": True}
-ptx = compile_kernel(kern, types, consts, 4, GPUTarget("cuda", 90, 32)).asm["ptx"]
+k = compile_kernel(kern, types, consts, 4, GPUTarget("cuda", 90, 32))
+ptx = k.asm["ptx"]
 print("vector loads", ptx.count("ld.global.v4"), "vector stores", ptx.count("st.global.v4"))
+print(sass_mix(k.asm["cubin"]))
 """
 
 
@@ -92,3 +94,8 @@ def test_aot_compile_specialises_pointers_as_a_gpu_launch_does():
     words = r.stdout.split()
     loads, stores = int(words[words.index("loads") + 1]), int(words[words.index("stores") + 1])
     assert loads > 0 and stores > 0, r.stdout
+    # `--sass`: the scan's instruction count by class (its serial loop is a run-time loop: the static count is the
+    # loop body once); a scan of fp32 tiles has fp32 arithmetic and exponentials, no tensor-core instructions
+    mix = dict(zip(words[words.index("sass") + 2::2], map(int, words[words.index("sass") + 3::2])))
+    total = int(words[words.index("sass") + 1].rstrip(":"))
+    assert total > 50 and mix["fp32"] > 0 and mix["mufu"] > 0 and mix["mma"] == 0 and mix["spill"] == 0, r.stdout

@@ -159,9 +159,12 @@ CONFIG = {
     # reverse running sum (dq_dk_from_products): dq/dk 1.019 -> 0.995 ms, backward 1.816 -> 1.800 (spills 212 -> 136 B
     # a thread; 20261206_h100_kernel_tune_aug_s19_{base,sweep}.json, one call).
     # gam_cumsum: how the dq/dk kernels form the chunk's running log-decay Gam: "scan" (as every kernel, METALA_CUMSUM)
-    # or "matmul" (a triangular matmul, as their reverse sum). With every running sum a matmul (METALA_CUMSUM=all)
-    # the joint kernel took 0.585 ms against 0.633 while every other kernel got slower (H200, 360M shape,
-    # 20261202_h200_kernel_tune_cumsum_all.json); this is that choice for the dq/dk kernels alone. Not yet timed.
+    # or "matmul" (a triangular matmul, as their reverse sum): that choice for the dq/dk kernels alone. With every
+    # running sum a matmul (METALA_CUMSUM=all) the joint kernel took 0.585 ms against 0.592 with the default, while
+    # every other kernel got slower (H200, 360M shape, 20261202_h200_kernel_tune_cumsum_{all,reverse}.json). On the
+    # current kernel the matmul form issues 13.6 % fewer instructions (`python -m bench.aot_check --quick --heads 16
+    # --only bwd_dqk/one+aug --sass`: 5,584 -> 4,824; fp32 arithmetic 2,440 -> 1,960, spill traffic 68 -> 26).
+    # Not yet timed on it.
     "bwd_dqk": {"num_warps": 4, "num_stages": 2, "BK": 32, "BV": 64, "form": "joint", "intra_dtype": "input",
                 "gam_cumsum": "scan"},
     "bwd_dq": {"num_warps": 4, "num_stages": 2, "BK": 32},
