@@ -154,6 +154,7 @@ def skip_division_by_one(zero_optimizer) -> bool:
 
 # what `copy_gradients_once` calls or reads on DeepSpeed's optimizer (0.19.8); a version without them keeps its path
 _ONCE_NEEDS = ("reduce_independent_p_g_buckets_and_remove_grads", "copy_grads_in_partition", "get_param_id",
+               "reduce_bucket_size", "ipg_buckets",
                "params_already_reduced", "is_param_in_current_partition", "dp_process_group", "partition_gradients",
                "contiguous_gradients", "overlap_comm", "cpu_offload", "has_moe_layers", "sequence_parallel_size",
                "_use_compact_grad_partition_buffer", "bit16_groups")
@@ -166,7 +167,9 @@ def copy_gradients_once(zero_optimizer) -> bool:
     `bench/results/20261206_h100_train_throughput_1.3b_inplace_profile.json`). Where nothing else can happen to a
     gradient on its way, each goes straight into the partition buffer with DeepSpeed's own copy: the same values
     (an all-reduce over one rank and a copy leave a bf16 gradient as it is) in the same buffer at the same offset,
-    one copy instead of two. Applies to ZeRO-1 only (ZeRO-2 reduces from hooks during the backward, and
+    one copy instead of two. The reduction bucket then never holds a gradient, so it shrinks to one element:
+    DeepSpeed allocates it at the first gradient of every backward, 5e8 elements by default (1 GB in bf16 at the
+    peak of the step's memory). Applies to ZeRO-1 only (ZeRO-2 reduces from hooks during the backward, and
     accumulates differently), with contiguous gradients, no offload, no communication overlap, no MoE or sequence-
     parallel averaging, no fp32 gradient-accumulation buffer; returns whether it did."""
     from deepspeed import comm as dist
@@ -180,6 +183,8 @@ def copy_gradients_once(zero_optimizer) -> bool:
             or any(z._use_compact_grad_partition_buffer(i) for i in range(len(z.bit16_groups)))):
         return False
     z.reduce_independent_p_g_buckets_and_remove_grads = types.MethodType(_copy_into_partition, z)
+    # the bucket is still made (and reduced, empty) after each backward; at one element it costs nothing
+    z.reduce_bucket_size = 1
     return True
 
 

@@ -307,7 +307,16 @@ def gradient_copies(device: torch.device) -> dict:
             applied = "reduce_independent_p_g_buckets_and_remove_grads" in vars(z)
             if name == "deepspeed" and applied:
                 del z.reduce_independent_p_g_buckets_and_remove_grads  # the class's method again
+                z.reduce_bucket_size = engine.zero_reduce_bucket_size()
             start = torch.cat([g.detach().flatten().clone() for g in z.single_partition_of_fp32_groups])
+            # the reduction buckets DeepSpeed allocates at the first gradient of each backward and releases at its end
+            buckets = []
+
+            def setup_buckets(z=z, own=z.setup_buckets):
+                own()
+                buckets.extend(b.numel() for k in z.ipg_buckets.values() for b in k.buffer)
+
+            z.setup_buckets = setup_buckets
             copies = []
             for step in range(2):
                 guard.new_step()
@@ -320,7 +329,7 @@ def gradient_copies(device: torch.device) -> dict:
                         engine.step()
                 copies.append(count.count)
             masters = torch.cat([g.detach().flatten() for g in z.single_partition_of_fp32_groups])
-            runs[name] = {"applied": applied, "copies": copies, "masters": masters,
+            runs[name] = {"applied": applied, "copies": copies, "masters": masters, "bucket": max(buckets, default=0),
                           "change": float((masters - start).abs().max())}
         ref = runs["deepspeed"].pop("masters")
         runs["once"]["masters_equal"] = bool(torch.equal(runs["once"].pop("masters"), ref))
