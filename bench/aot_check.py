@@ -20,7 +20,7 @@ from triton.compiler import ASTSource
 
 from metala.ops.incoming_state import kernel as incoming
 from metala.ops.metala import chunk_bwd, chunk_fwd, fused_recurrent_kernel
-from metala.ops.metala.chunk import CONFIG, FLAG_BLOCK, _bv, _intra_dtype, _intra_paths, _scores_dtype
+from metala.ops.metala.chunk import CONFIG, FLAG_BLOCK, _bv, _intra_dtype, _intra_paths, _scores_dtype, _stores_dA
 
 # the dq/dk kernel's records mode per compiled intra path, as chunk.py launches it (two launches: the first writes
 # the records, the second walks them; one kernel for both paths: none)
@@ -75,7 +75,7 @@ def sass_mix(cubin: bytes) -> str:
         path = Path(tmp) / "k.cubin"
         path.write_bytes(cubin)
         sass = subprocess.run([str(nvdisasm), "-c", str(path)], check=True, capture_output=True, text=True).stdout
-    ops = re.findall(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass, flags=re.M)
+    ops = re.findall(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass, flags=re.MULTILINE)
     counts = {name: sum(op in group for op in ops) for name, group in SASS_CLASSES.items()}
     return f"sass {len(ops)}: " + " ".join(f"{name} {n}" for name, n in counts.items())
 
@@ -126,7 +126,7 @@ def main() -> None:
             BK, BV = min(64, K), min(64, V)
             # the dq/dk kernels' tiles as chunk.py launches them
             bk_dqk, bv_dqk = min(CONFIG["bwd_dqk"]["BK"], K), min(CONFIG["bwd_dqk"].get("BV", 64), V)
-            gam_matmul = CONFIG["bwd_dqk"].get("gam_cumsum", "scan") == "matmul"
+            gam_matmul = CONFIG["bwd_dqk"]["gam_cumsum"] == "matmul"
             # the intra-chunk operand types, as chunk.py chooses them for a GPU
             torch_dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dt_name]
             intra_dt, scores_dt = _intra_dtype(torch_dt), _scores_dtype(torch_dt)
@@ -144,8 +144,7 @@ def main() -> None:
                 ("bwd_seg", chunk_bwd.chunk_metala_bwd_kernel_seg, {**common, "BK": BK, "BV": BV, "HAS_DHT": True,
                  "STORE_DH0": True}, 4),
                 ("bwd_dv", chunk_bwd.chunk_metala_bwd_kernel_dv, {**common, "BT_": 64, "BC_": 16, "BV": _bv("bwd_dv", V),
-                 "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec, "STORE_DA": _bv("bwd_dv", V) >= V and
-                 CONFIG["bwd_dqk"]["form"].endswith("_dA"), "INTRA_DT": scores_dt, "AUG": False,
+                 "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec, "STORE_DA": _stores_dA(V), "INTRA_DT": scores_dt, "AUG": False,
                  "DA_ATOMIC": _bv("bwd_dv", V) < V}, 4),
                 ("bwd_dqk", chunk_bwd.chunk_metala_bwd_kernel_dqk, {**common, "BT_": 64, "BC_": 16, "BK": bk_dqk, "BV": bv_dqk,
                  "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec, "INTRA_PREC": prec, "INTRA_DT": intra_dt,

@@ -218,6 +218,12 @@ def _launch(name: str) -> dict:
     return {k: v for k, v in CONFIG[name].items() if k in _LAUNCH_KEYS}
 
 
+def _stores_dA(V: int) -> bool:
+    """Whether the dv kernel stores the masked dA for the dq/dk kernels (CONFIG["bwd_dqk"]["form"] "joint_dA" or
+    "split_dA"): only when one dv program covers all of V."""
+    return CONFIG["bwd_dqk"]["form"] in ("split_dA", "joint_dA") and _bv("bwd_dv", V) >= V
+
+
 def _splittable(q: torch.Tensor, w_aug: torch.Tensor | None) -> bool:
     """Whether the output can come split (`SplitOutput`): it is fp32 (the fused self-augmentation) from bf16 inputs."""
     return w_aug is not None and q.dtype == torch.bfloat16
@@ -301,11 +307,10 @@ def chunk_metala_bwd(q, gate, v, do, dht, scale, inv_tau, saved, plan: ChunkPlan
     form = CONFIG["bwd_dqk"]["form"]
     if form not in BWD_FORMS:
         raise ValueError(f"CONFIG['bwd_dqk']['form'] must be one of {BWD_FORMS}, got {form!r}")
-    gam_cumsum = CONFIG["bwd_dqk"].get("gam_cumsum", "scan")
+    gam_cumsum = CONFIG["bwd_dqk"]["gam_cumsum"]
     if gam_cumsum not in GAM_CUMSUMS:
         raise ValueError(f"CONFIG['bwd_dqk']['gam_cumsum'] must be one of {GAM_CUMSUMS}, got {gam_cumsum!r}")
-    # the dv kernel hands dA to the split dq / dk kernels when one program covers all of V
-    store_dA = form in ("split_dA", "joint_dA") and BVv >= V
+    store_dA = _stores_dA(V)
     dA = torch.empty(plan.n_chunks, H, BT, BT, device=dev, dtype=torch.float32) if store_dA else dS_local
     aug = w_aug is not None
     # fused self-augmentation: the scalar's gradient da [T, H] (V-tiles add into it when one does not cover V),

@@ -67,28 +67,39 @@ def _triangular_dot(M, x):
 
 
 @triton.jit
-def chunk_cumsum(x, o_t, REVERSE: tl.constexpr):
-    """Inclusive running sum of x [BT, BK] over rows (REVERSE: from the chunk's end); o_t = tl.arange(0, BT)."""
-    if REVERSE:
-        if REVCUMSUM_MATMUL:
+def running_sum(x, o_t, REVERSE: tl.constexpr, MATMUL: tl.constexpr):
+    """Inclusive running sum of x [BT, BK] over rows (REVERSE: from the chunk's end); o_t = tl.arange(0, BT). MATMUL:
+    as a triangular matmul on the tensor cores (`_triangular_dot`), else as a scan across the program's warps."""
+    if MATMUL:
+        if REVERSE:
             out = _triangular_dot(tl.where(o_t[:, None] <= o_t[None, :], 1.0, 0.0), x)
         else:
-            out = tl.sum(x, axis=0)[None, :] - tl.cumsum(x, axis=0) + x
-    else:
-        if CUMSUM_MATMUL:
             out = _triangular_dot(tl.where(o_t[:, None] >= o_t[None, :], 1.0, 0.0), x)
+    else:
+        if REVERSE:
+            out = tl.sum(x, axis=0)[None, :] - tl.cumsum(x, axis=0) + x
         else:
             out = tl.cumsum(x, axis=0)
     return out
 
 
 @triton.jit
+def chunk_cumsum(x, o_t, REVERSE: tl.constexpr):
+    """`running_sum` in the form METALA_CUMSUM gives every kernel's forward or reverse sums."""
+    if REVERSE:
+        out = running_sum(x, o_t, True, REVCUMSUM_MATMUL)
+    else:
+        out = running_sum(x, o_t, False, CUMSUM_MATMUL)
+    return out
+
+
+@triton.jit
 def gate_cumsum(g, o_t, MATMUL: tl.constexpr):
     """The chunk's running log-decay Gam = cumsum(g) over rows for the dq/dk kernels, which choose its form on their
-    own (CONFIG["bwd_dqk"]["gam_cumsum"]): a triangular matmul on the tensor cores (MATMUL, fp32-accurate as
-    `_triangular_dot`) or as `chunk_cumsum` decides for every kernel (METALA_CUMSUM)."""
+    own (CONFIG["bwd_dqk"]["gam_cumsum"]): a triangular matmul (MATMUL) or as `chunk_cumsum` decides for every
+    kernel (METALA_CUMSUM)."""
     if MATMUL:
-        out = _triangular_dot(tl.where(o_t[:, None] >= o_t[None, :], 1.0, 0.0), g)
+        out = running_sum(g, o_t, False, True)
     else:
         out = chunk_cumsum(g, o_t, False)
     return out
