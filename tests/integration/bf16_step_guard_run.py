@@ -147,10 +147,13 @@ def clipping(device: torch.device) -> dict:
     init = MetaLAForCausalLM(MetaLAConfig.from_preset("tiny", attn_backend="chunk")).to(torch.bfloat16)
     batches = [(torch.randint(0, 512, (2, 32)), torch.randint(0, 512, (2, 32))) for _ in range(3)]
     out = {}
-    for name in ("deepspeed", "guard", "guard_fused"):
+    # "unclipped": the guard with clipping off, the yardstick of how far a wrong update lands after three steps
+    for name in ("deepspeed", "guard", "guard_fused", "unclipped"):
         model = copy.deepcopy(init)
         opt = adamw(model, fused=name == "guard_fused")
-        if name == "deepspeed":
+        if name == "unclipped":
+            engine, _, guard = initialize_with_guard(model, opt, ds_config(0.0), device)
+        elif name == "deepspeed":
             guard = NonFiniteStepGuard(opt, device)
             engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
             guard.attach(engine.optimizer)
@@ -173,7 +176,7 @@ def clipping(device: torch.device) -> dict:
         out[name] = {"clip_in_guard": guard.clip, "deepspeed_clip": engine.optimizer.clip_grad, "device_waits": waits,
                      "norms": norms, "masters": masters, "change": float((masters - start).abs().max())}
     ref = out["deepspeed"].pop("masters")
-    for name in ("guard", "guard_fused"):
+    for name in ("guard", "guard_fused", "unclipped"):
         w = out[name].pop("masters")
         out[name]["max_master_diff"] = float((w - ref).abs().max())
     return out

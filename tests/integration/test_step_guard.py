@@ -29,6 +29,17 @@ def result(lines: list[str], tag: str) -> dict:
     return json.loads(next(ln for ln in lines if ln.startswith(tag + " "))[len(tag) + 1:])
 
 
+def wrong_update_distance(clipping: dict) -> float:
+    """How far the fp32 masters of a wrong update land from DeepSpeed's after the helper's three clipped steps: the
+    guard's run with clipping off (~2.7e-3; each step's clip factor differs, so Adam's scale invariance does not
+    hide it). Runs that compute the same update agree far closer than that, but not to a few ulp: where two correct
+    implementations round one fp32 master an ulp apart on a bf16 rounding boundary, the bf16 weight differs and so
+    do the next gradients (2e-5 on one CPU, below 1e-6 on the one before it)."""
+    far = clipping["unclipped"]["max_master_diff"]
+    assert far > 1e-3, clipping["unclipped"]
+    return far
+
+
 @pytest.mark.parametrize("adamw", ["plain", "fused"])
 def test_bf16_zero1_skips_the_whole_update_on_a_non_finite_gradient(helper_output, adamw):
     # plain AdamW: the guard reads its decision on the host and does not call the step; fused AdamW (the trainer's
@@ -62,12 +73,14 @@ def test_clipping_taken_over_from_deepspeed_gives_its_update_without_its_host_re
     out = result(helper_output, "CLIPPING")
     ds, plain, fused = out["deepspeed"], out["guard"], out["guard_fused"]
     assert ds["deepspeed_clip"] == 0.5 and ds["clip_in_guard"] == 0.0
+    far = wrong_update_distance(out)
     for ours in (plain, fused):
         assert ours["deepspeed_clip"] == 0.0 and ours["clip_in_guard"] == 0.5
-        # the clip was active (norms ~4.5 against 0.5) and the weights moved; unclipped they differ by ~2e-3
+        # the clip was active (norms ~4.5 against 0.5) and the weights moved
         assert min(ours["norms"]) > 1.0 and ours["change"] > 1e-3
-        assert ours["norms"] == pytest.approx(ds["norms"], rel=1e-6)
-        assert ours["max_master_diff"] < 1e-6, ours
+        assert ours["norms"][0] == pytest.approx(ds["norms"][0], rel=1e-6)
+        assert ours["norms"] == pytest.approx(ds["norms"], rel=1e-5)
+        assert ours["max_master_diff"] < 0.05 * far, (ours, far)
     # waits for the device in one engine.step(): none with the fused AdamW (the plain AdamW reads its step counters
     # on the CPU, and the guard reads its decision there); DeepSpeed's clipping adds a host read per parameter group
     assert fused["device_waits"] == [0, 0, 0]
@@ -84,10 +97,12 @@ def test_fused_master_step_gives_deepspeeds_update_in_one_pass(helper_output):
         # clipping active (the guard's divisor), the weights trained, three counted Adam steps in both groups, and
         # nothing in engine.step() waits for the device
         assert run["change"] > 1e-3 and run["steps"] == [3.0, 3.0] and run["device_waits"] == [0, 0, 0], run
-    # naive twin (the CPU's default): the same update; the masters a few fp32 ulp apart after three steps, the bf16
-    # weights rounded from them (an ulp apart where a master sits on a rounding boundary)
-    assert fused["step1"]["masters"] < 1e-6 and fused["step3"]["masters"] < 1e-6, fused
-    assert fused["step3"]["moments"] < 1e-8 and fused["step3"]["weights"] <= 2 ** -8, fused
+    # naive twin (the CPU's default): the same update; after the first step the masters a few fp32 ulp apart and the
+    # moments equal to ~1e-9, the bf16 weights rounded from them (an ulp apart where a master sits on a rounding
+    # boundary); after three steps within the drift such a flip starts (wrong_update_distance)
+    assert fused["step1"]["masters"] < 1e-6 and fused["step1"]["moments"] < 1e-8, fused
+    assert fused["step1"]["weights"] <= 2 ** -8 and fused["step3"]["weights"] <= 2 ** -8, fused
+    assert fused["step3"]["masters"] < 0.05 * wrong_update_distance(result(helper_output, "CLIPPING")), fused
     assert ds["lp_rel_diff"] <= 2 ** -8 and fused["lp_rel_diff"] <= 2 ** -8
     # triton is a requirement and, without CUDA, tests/conftest.py turns its CPU interpreter on (the helper
     # inherits it): the kernel always runs here
