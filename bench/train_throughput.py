@@ -492,6 +492,10 @@ def main() -> int:
               "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "tokens_per_step": TOKENS,
               "peak_flops": H100_PEAK, "model_overrides": MODEL_OVERRIDES, "train_overrides": TRAIN_OVERRIDES,
               "ds_config_changes": DS_CONFIG_CHANGES, "micro_batch": MICRO_BATCH["n"], "doc_len": DOC_LEN["n"], "gates": {}, "rows": [], "profiles": {}}
+    # the operator's launch configuration (METALA_TRITON_CONFIG reaches the row processes through the environment)
+    from metala.ops.metala.chunk import CONFIG
+
+    result["kernel_config"] = CONFIG
     all_ok = True
     path = result_path(args.out, gpu_tag(gpu), "train_throughput", args.tag)
 

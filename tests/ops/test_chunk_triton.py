@@ -236,10 +236,12 @@ def test_model_on_triton_matches_model_on_chunk():
     # traces and stays exact; its bf16 accuracy is the GPU gate's (bench/ops.py, bench/kernel_tune.py)
     pytest.param({"form": "joint", "intra_dtype": "input"}, id="joint-dqk-input-dtype-intra"),
     pytest.param({"form": "split", "intra_dtype": "input"}, id="split-input-dtype-intra"),
-    # the running log-decay of the dq/dk kernels as a triangular matmul (exact under the interpreter, fp32-accurate
-    # TF32 on a GPU), on chunks of both intra paths
+    # the running log-decay of the dq/dk kernels as a triangular matmul (the default: exact under the interpreter,
+    # fp32-accurate TF32 on a GPU) or as a scan, on chunks of both intra paths
     pytest.param({"form": "joint", "intra_dtype": "input", "gam_cumsum": "matmul"}, id="joint-dqk-gam-matmul"),
     pytest.param({"form": "split", "intra_dtype": "input", "gam_cumsum": "matmul"}, id="split-gam-matmul"),
+    pytest.param({"form": "joint", "intra_dtype": "input", "gam_cumsum": "scan"}, id="joint-dqk-gam-scan"),
+    pytest.param({"form": "split", "intra_dtype": "input", "gam_cumsum": "scan"}, id="split-gam-scan"),
 ])
 def test_every_backward_form_matches_naive(form, monkeypatch):
     """The backward can run as one joint dq/dk kernel or as dq + dk kernels (with dA from the dv kernel or

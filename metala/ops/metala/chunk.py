@@ -115,9 +115,16 @@ CONFIG = {
     # 20261206_h100_kernel_tune_aug_s19_sweep.json). The same cap for dv (with 64-wide V tiles, which it needs to
     # stay near 168: backward 1.800 -> 1.902 ms) and for dq/dk (2.11 ms; 4-wide K tiles with it 2.01-2.05) was slower
     "fwd_o": {"num_warps": 4, "num_stages": 2, "BV": 128, "maxnreg": 168},
-    # bwd_dh: one program per full V row (BV 128, 8 warps): backward 1.051 vs 1.080 ms on ordinary gates and 1.329
-    # vs 1.368 with every chunk on the sub-chunk form (H200, 360M shape, 20261202_h200_kernel_tune_dispatch*.json)
-    "bwd_dh": {"num_warps": 8, "num_stages": 2, "BV": 128},
+    # bwd_dh: one program per full V row (BV 128): backward 1.051 vs 1.080 ms on ordinary gates and 1.329 vs 1.368
+    # with every chunk on the sub-chunk form (H200, 360M shape, 20261202_h200_kernel_tune_dispatch*.json).
+    # 4 warps, not 8: 199 registers a thread, so two programs share an SM where one 8-warp program (163 registers)
+    # filled its register file, and the 256 programs of the 1.3B and 360M shapes (16 segments x 16 heads, 32 x 8) run
+    # in one wave on 132 SMs instead of two. H100, session 20, with
+    # gam_cumsum "matmul" (20261206_h100_kernel_tune_aug_s20b.json), backward 1.799 -> 1.637 ms at the 1.3B shape
+    # and 0.947 -> 0.870 at 360M against 8 warps with "scan"; 8 warps capped at 128 registers (no spills) 1.664 /
+    # 0.877; 4 warps capped at 128 (74 B of spills) 1.778 / 0.937. Alone (..._s20a.json), fwd+bwd: 4 warps -4.1 %
+    # (1.3B) / -3.1 % (360M), the cap -3.2 / -2.1 %
+    "bwd_dh": {"num_warps": 4, "num_stages": 2, "BV": 128},
     "bwd_dv": {"num_warps": 4, "num_stages": 2, "BV": 128},
     # form: how dq, dk and dg are computed after dv.
     #   "joint": one kernel per (chunk, head, K-tile) recomputes dA = dO v^T and the products over V with the
@@ -164,9 +171,12 @@ CONFIG = {
     # every other kernel got slower (H200, 360M shape, 20261202_h200_kernel_tune_cumsum_{all,reverse}.json). On the
     # current kernel the matmul form issues 13.6 % fewer instructions (`python -m bench.aot_check --quick --heads 16
     # --only bwd_dqk/one+aug --sass`: 5,584 -> 4,824; fp32 arithmetic 2,440 -> 1,960, spill traffic 68 -> 26).
-    # Not yet timed on it.
+    # H100, session 20 (20261206_h100_kernel_tune_aug_s20a.json): fwd+bwd -4.0 % at the 1.3B shape (backward 1.811
+    # -> 1.719 ms), -3.1 % at 360M (0.948 -> 0.908); the default since. Its sub-chunk launch (chunks past the
+    # one-reference span) spills more with it (468 -> 612 B a thread with the self-augmentation, aligned AOT); that
+    # launch's time with every chunk on it (METALA_ONE_REFERENCE_SPAN=-1) is not measured yet.
     "bwd_dqk": {"num_warps": 4, "num_stages": 2, "BK": 32, "BV": 64, "form": "joint", "intra_dtype": "input",
-                "gam_cumsum": "scan"},
+                "gam_cumsum": "matmul"},
     "bwd_dq": {"num_warps": 4, "num_stages": 2, "BK": 32},
     "bwd_dkg": {"num_warps": 8, "num_stages": 2, "BK": 64},
     "seg": {"num_warps": 4, "num_stages": 2},
