@@ -113,6 +113,36 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+# a variant counts as a gain when fwd+bwd is at least this much below the defaults' at every timed shape
+MIN_GAIN = 0.003
+
+
+def combine_winners(shapes: list[dict], min_gain: float = MIN_GAIN) -> dict:
+    """One configuration from the variants that beat the defaults at every timed shape (fwd+bwd, by > min_gain,
+    outputs within bf16 accuracy of the defaults'): the largest worst-shape gain first, then each further winner
+    that touches none of the kernels already set. Two changes to one kernel are never merged untimed (they interact:
+    session 20, the dh kernel's 4 warps and 128-register cap, each a gain, lost most of it together); changes to
+    different kernels are taken as adding up, which bench/ops.py and the training step must confirm."""
+    worst: dict[str, float] = {}
+    seen: dict[str, int] = {}
+    for entry in shapes:
+        base = entry["fwd_ms"] + entry["bwd_ms"]
+        for v in entry["variants"]:
+            if "change" not in v or v["max_rel_diff"] > 5e-3:
+                continue
+            key = json.dumps(v["change"], sort_keys=True)
+            gain = 1 - (v["fwd_ms"] + v["bwd_ms"]) / base
+            worst[key] = min(worst.get(key, gain), gain)
+            seen[key] = seen.get(key, 0) + 1
+    combined: dict = {}
+    for key, gain in sorted(worst.items(), key=lambda kv: -kv[1]):
+        change = json.loads(key)
+        if seen[key] < len(shapes) or gain <= min_gain or set(change) & set(combined):
+            continue
+        combined.update(change)
+    return combined
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -200,6 +230,9 @@ def main() -> None:
         entry["best_change"] = best["change"] if best and best["fwd_ms"] + best["bwd_ms"] < f + b else {}
         print(f"   best: {entry['best_change'] or 'the defaults'}", flush=True)
         report["shapes"].append(entry)
+    report["combined"] = combine_winners(report["shapes"])
+    # ready to paste: bench/ops.py (whose gate checks it against the fp32 reference) and the training step read it
+    print(f"combined winners: METALA_TRITON_CONFIG='{json.dumps(report['combined'])}'", flush=True)
     report["kernel_resources"] = kernel_resources()
     for name, rows in report["kernel_resources"].items():
         print(f"   {name}: " + ", ".join(f"{r.get('regs')} regs {r.get('spills')} spills {r.get('warps')} warps"

@@ -53,6 +53,32 @@ def test_result_path_names_files_by_date_device_bench_and_tag(tmp_path):
     assert result_path(out, "cpu", "trainer_ops", "s16") == out / f"{day}_cpu_trainer_ops_s16.json"
 
 
+def test_kernel_sweep_combines_winners_of_different_kernels_only():
+    from bench.kernel_tune import combine_winners
+
+    def shape(base, variants):
+        return {"fwd_ms": base / 2, "bwd_ms": base / 2,
+                "variants": [{"change": c, "fwd_ms": ms / 2, "bwd_ms": ms / 2, "max_rel_diff": d} for c, ms, d in variants]}
+
+    dh_warps, dh_cap = {"bwd_dh": {"num_warps": 4}}, {"bwd_dh": {"maxnreg": 128}}
+    gam, fwd_o = {"bwd_dqk": {"gam_cumsum": "matmul"}}, {"fwd_o": {"maxnreg": 128}}
+    wrong, small = {"bwd_dv": {"BV": 32}}, {"fwd_h": {"num_warps": 8}}
+    shapes = [
+        # worst-shape gains: dh_warps 4 %, dh_cap 3 % (the same kernel: only the larger kept), gam 2 %; fwd_o wins at
+        # one shape only; bwd_dv fast but its outputs differ; fwd_h within the noise margin
+        shape(2.0, [(dh_warps, 1.90, 0), (dh_cap, 1.92, 0), (gam, 1.94, 1e-4), (fwd_o, 1.80, 0), (wrong, 1.0, 0.1),
+                    (small, 1.998, 0)]),
+        shape(1.0, [(dh_warps, 0.96, 0), (dh_cap, 0.97, 0), (gam, 0.98, 1e-4), (fwd_o, 1.02, 0), (wrong, 0.5, 0.1),
+                    (small, 0.999, 0)]),
+    ]
+    assert combine_winners(shapes) == {**dh_warps, **gam}
+    assert combine_winners(shapes[:1]) == {**fwd_o, **dh_warps, **gam}
+    for entry, ms in zip(shapes, (1.86, 0.94)):  # dh_cap now 7 % / 6 %: ahead of dh_warps
+        entry["variants"][1].update(fwd_ms=ms / 2, bwd_ms=ms / 2)
+    assert combine_winners(shapes) == {**dh_cap, **gam}
+    assert combine_winners([shape(1.0, [(dh_warps, 1.1, 0)])]) == {}
+
+
 def test_every_kernel_compiles_for_hopper_without_a_gpu():
     """`bench.aot_check --quick` compiles every Triton kernel for sm_90 with the launchers' warps and stages (ptxas
     from the Triton wheel): a kernel signature the checker no longer matches, or a kernel that no longer compiles for
