@@ -232,12 +232,10 @@ def test_model_on_triton_matches_model_on_chunk():
     pytest.param({"form": "split_dA", "intra_dtype": "fp32"}, id="dv-stores-dA"),
     pytest.param({"form": "joint_dA", "intra_dtype": "fp32"}, id="joint-dqk-dA-from-dv"),
     pytest.param({"form": "split", "intra_dtype": "fp32"}, id="split-recompute-dA"),
-    # the interpreter runs half-precision products in fp32 (see chunk.py _dot_dtype): this checks the cast path
-    # traces and stays exact; its bf16 accuracy is the GPU gate's (bench/ops.py, bench/kernel_tune.py)
-    pytest.param({"form": "joint", "intra_dtype": "input"}, id="joint-dqk-input-dtype-intra"),
-    pytest.param({"form": "split", "intra_dtype": "input"}, id="split-input-dtype-intra"),
-    # the running log-decay of the dq/dk kernels as a triangular matmul (the default: exact under the interpreter,
-    # fp32-accurate TF32 on a GPU) or as a scan, on chunks of both intra paths
+    # intra_dtype "input": the interpreter runs half-precision products in fp32 (see chunk.py _dot_dtype), so this
+    # checks the cast path traces and stays exact (its bf16 accuracy is the GPU gate's: bench/ops.py,
+    # bench/kernel_tune.py); each with the dq/dk kernels' running log-decay as a triangular matmul (the default:
+    # exact under the interpreter, fp32-accurate TF32 on a GPU) and as a scan, on chunks of both intra paths
     pytest.param({"form": "joint", "intra_dtype": "input", "gam_cumsum": "matmul"}, id="joint-dqk-gam-matmul"),
     pytest.param({"form": "split", "intra_dtype": "input", "gam_cumsum": "matmul"}, id="split-gam-matmul"),
     pytest.param({"form": "joint", "intra_dtype": "input", "gam_cumsum": "scan"}, id="joint-dqk-gam-scan"),

@@ -119,11 +119,11 @@ CONFIG = {
     # with every chunk on the sub-chunk form (H200, 360M shape, 20261202_h200_kernel_tune_dispatch*.json).
     # 4 warps, not 8: 199 registers a thread, so two programs share an SM where one 8-warp program (163 registers)
     # filled its register file, and the 256 programs of the 1.3B and 360M shapes (16 segments x 16 heads, 32 x 8) run
-    # in one wave on 132 SMs instead of two. H100, session 20, with
-    # gam_cumsum "matmul" (20261206_h100_kernel_tune_aug_s20b.json), backward 1.799 -> 1.637 ms at the 1.3B shape
-    # and 0.947 -> 0.870 at 360M against 8 warps with "scan"; 8 warps capped at 128 registers (no spills) 1.664 /
-    # 0.877; 4 warps capped at 128 (74 B of spills) 1.778 / 0.937. Alone (..._s20a.json), fwd+bwd: 4 warps -4.1 %
-    # (1.3B) / -3.1 % (360M), the cap -3.2 / -2.1 %
+    # in one wave on 132 SMs instead of two. H100, session 20, with gam_cumsum "matmul"
+    # (20261206_h100_kernel_tune_aug_s20b.json): backward 1.799 -> 1.637 ms at the 1.3B shape and 0.947 -> 0.870 at
+    # 360M against 8 warps with "scan"; 8 warps capped at 128 registers (no spills) 1.664 / 0.877; 4 warps capped at
+    # 128 (74 B of spills) 1.778 / 0.937. Alone (..._s20a.json), fwd+bwd: 4 warps -4.1 % (1.3B) / -3.1 % (360M),
+    # the cap -3.2 / -2.1 %
     "bwd_dh": {"num_warps": 4, "num_stages": 2, "BV": 128},
     "bwd_dv": {"num_warps": 4, "num_stages": 2, "BV": 128},
     # form: how dq, dk and dg are computed after dv.
