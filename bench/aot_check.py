@@ -20,7 +20,16 @@ from triton.compiler import ASTSource
 
 from metala.ops.incoming_state import kernel as incoming
 from metala.ops.metala import chunk_bwd, chunk_fwd, fused_recurrent_kernel
-from metala.ops.metala.chunk import CONFIG, FLAG_BLOCK, _bv, _intra_dtype, _intra_paths, _scores_dtype, _stores_dA
+from metala.ops.metala.chunk import (
+    CONFIG,
+    FLAG_BLOCK,
+    _bv,
+    _gam_matmul,
+    _intra_dtype,
+    _intra_paths,
+    _scores_dtype,
+    _stores_dA,
+)
 
 # the dq/dk kernel's records mode per compiled intra path, as chunk.py launches it (two launches: the first writes
 # the records, the second walks them; one kernel for both paths: none)
@@ -126,7 +135,7 @@ def main() -> None:
             BK, BV = min(64, K), min(64, V)
             # the dq/dk kernels' tiles as chunk.py launches them
             bk_dqk, bv_dqk = min(CONFIG["bwd_dqk"]["BK"], K), min(CONFIG["bwd_dqk"].get("BV", 64), V)
-            gam_matmul = CONFIG["bwd_dqk"]["gam_cumsum"] == "matmul"
+            gam_matmul = _gam_matmul()
             # the intra-chunk operand types, as chunk.py chooses them for a GPU
             torch_dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dt_name]
             intra_dt, scores_dt = _intra_dtype(torch_dt), _scores_dtype(torch_dt)

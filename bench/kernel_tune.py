@@ -113,6 +113,8 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+# a variant's outputs must match the defaults' to bf16 accuracy (relative difference) to be picked at all
+MAX_REL_DIFF = 5e-3
 # a variant counts as a gain when fwd+bwd is at least this much below the defaults' at every timed shape
 MIN_GAIN = 0.003
 
@@ -128,7 +130,7 @@ def combine_winners(shapes: list[dict], min_gain: float = MIN_GAIN) -> dict:
     for entry in shapes:
         base = entry["fwd_ms"] + entry["bwd_ms"]
         for v in entry["variants"]:
-            if "change" not in v or v["max_rel_diff"] > 5e-3:
+            if "change" not in v or v["max_rel_diff"] > MAX_REL_DIFF:
                 continue
             key = json.dumps(v["change"], sort_keys=True)
             gain = 1 - (v["fwd_ms"] + v["bwd_ms"]) / base
@@ -225,7 +227,7 @@ def main() -> None:
         C.CONFIG = copy.deepcopy(default)
         # the fastest variant whose outputs match the defaults' to bf16 accuracy (ops.py then checks it against
         # the fp32 reference); {} when none beats the defaults
-        ok = [x for x in entry["variants"] if "change" in x and x["max_rel_diff"] <= 5e-3]
+        ok = [x for x in entry["variants"] if "change" in x and x["max_rel_diff"] <= MAX_REL_DIFF]
         best = min(ok, key=lambda x: x["fwd_ms"] + x["bwd_ms"], default=None)
         entry["best_change"] = best["change"] if best and best["fwd_ms"] + best["bwd_ms"] < f + b else {}
         print(f"   best: {entry['best_change'] or 'the defaults'}", flush=True)

@@ -92,6 +92,15 @@ def _intra_dtype(dtype: torch.dtype):
     return _scores_dtype(dtype) if choice == "input" else tl.float32
 
 
+def _gam_matmul() -> bool:
+    """Whether the dq/dk kernels form their running log-decay as a triangular matmul (CONFIG["bwd_dqk"]["gam_cumsum"]
+    "matmul") rather than a scan."""
+    choice = CONFIG["bwd_dqk"]["gam_cumsum"]
+    if choice not in GAM_CUMSUMS:
+        raise ValueError(f"CONFIG['bwd_dqk']['gam_cumsum'] must be one of {GAM_CUMSUMS}, got {choice!r}")
+    return choice == "matmul"
+
+
 def _tiles(K: int, V: int) -> tuple[int, int]:
     return min(64, K), min(64, V)
 
@@ -317,9 +326,7 @@ def chunk_metala_bwd(q, gate, v, do, dht, scale, inv_tau, saved, plan: ChunkPlan
     form = CONFIG["bwd_dqk"]["form"]
     if form not in BWD_FORMS:
         raise ValueError(f"CONFIG['bwd_dqk']['form'] must be one of {BWD_FORMS}, got {form!r}")
-    gam_cumsum = CONFIG["bwd_dqk"]["gam_cumsum"]
-    if gam_cumsum not in GAM_CUMSUMS:
-        raise ValueError(f"CONFIG['bwd_dqk']['gam_cumsum'] must be one of {GAM_CUMSUMS}, got {gam_cumsum!r}")
+    gam_matmul = _gam_matmul()
     store_dA = _stores_dA(V)
     dA = torch.empty(plan.n_chunks, H, BT, BT, device=dev, dtype=torch.float32) if store_dA else dS_local
     aug = w_aug is not None
@@ -340,7 +347,7 @@ def chunk_metala_bwd(q, gate, v, do, dht, scale, inv_tau, saved, plan: ChunkPlan
     BK_dqk = min(CONFIG["bwd_dqk"]["BK"], K)
     common = dict(
         H=H, K=K, V=V, BT_=BT, BC_=BC, BK=BK_dqk, BV=_bv("bwd_dqk", V), GATE_LOGITS=gate_logits, DT=DT, DOT_PREC=prec,
-        GAM_MATMUL=gam_cumsum == "matmul", **intra, **_launch("bwd_dqk"),
+        GAM_MATMUL=gam_matmul, **intra, **_launch("bwd_dqk"),
     )
     if form in ("split", "split_dA"):
         for name, kernel, outs in (("bwd_dq", chunk_metala_bwd_kernel_dq, (dq, dA, w, da)),
