@@ -21,7 +21,8 @@ function is also timed in this process on the same blocks (no worker process, no
 Shared and small machines drift by 10-30 % within minutes (the same encode call on this 2-core box ran at 2.7M and
 at 4.8M tokens/s within one minute), so every round brackets ours with 1 worker between two raw encodes, the one
 right before (the faster of the two variants) and one right after (numpy output); the headline ratio is the median
-over rounds of ours / the mean of its two brackets. Best against best is reported too.
+over rounds of ours / the mean of its two brackets. Ours with `--datasets-procs` workers is bracketed the same way
+by a datasets run right before and one right after it. Best against best is reported too.
 
 Writes bench/results/<yyyymmdd>_cpu_data_prep[_tag].json and prints a table.
 
@@ -242,7 +243,7 @@ def measure_tokenizer(model_type: str, model: str, texts: list[str], inputs: lis
                       args: argparse.Namespace) -> dict:
     """All rounds for one tokenizer; returns its result row."""
     workers = sorted(set(args.workers) | {1})
-    runs: dict = {"raw_before": [], "raw_after": [], "datasets": [], "marginal": [], "in_process": [],
+    runs: dict = {"raw_before": [], "raw_after": [], "datasets": [], "datasets_after": [], "marginal": [], "in_process": [],
                   "plain_jsonl": [], **{v: [] for v in RAW_VARIANTS}, **{w: [] for w in workers}}
     for _ in range(args.rounds):
         # raw encode right before and right after ours with one worker: the box's speed drifts by 10-30 % over
@@ -256,7 +257,14 @@ def measure_tokenizer(model_type: str, model: str, texts: list[str], inputs: lis
         runs["numpy"].append(after)
         runs["raw_after"].append(after["tokens_per_s"])
         for w in workers[1:]:
-            runs[w].append(pipeline(model, inputs, tmp / f"ours-{w}", w))
+            if w == args.datasets_procs and not args.skip_datasets:
+                # datasets right before and right after ours with as many processes: the mean of the two is
+                # what datasets would have done while ours ran, as raw encode brackets ours with one worker
+                runs["datasets"].append(datasets_baseline(model, plain, tmp / "hf", args.datasets_procs))
+                runs[w].append(pipeline(model, inputs, tmp / f"ours-{w}", w))
+                runs["datasets_after"].append(datasets_baseline(model, plain, tmp / "hf", args.datasets_procs))
+            else:
+                runs[w].append(pipeline(model, inputs, tmp / f"ours-{w}", w))
         # the same pipeline on a quarter of the copies: the difference is the steady-state rate, free of the fixed
         # cost of a run (worker start, tokenizer load, the last shard and manifest), which a run over the Pile pays
         # once in hours but a few-second benchmark pays in full
@@ -269,7 +277,7 @@ def measure_tokenizer(model_type: str, model: str, texts: list[str], inputs: lis
             "tokens_per_s": (full["tokens"] - part["tokens"]) / (full["seconds"] - part["seconds"]),
             "fixed_seconds": part["seconds"] - part["tokens"] * (full["seconds"] - part["seconds"])
             / (full["tokens"] - part["tokens"])})
-        if not args.skip_datasets:
+        if not args.skip_datasets and args.datasets_procs not in workers[1:]:
             # every round, like ours: one run of each on a shared small machine is too noisy to compare
             runs["datasets"].append(datasets_baseline(model, plain, tmp / "hf", args.datasets_procs))
     bracket = [(b + a) / 2 for b, a in zip(runs["raw_before"], runs["raw_after"])]
@@ -281,11 +289,14 @@ def measure_tokenizer(model_type: str, model: str, texts: list[str], inputs: lis
     pipes = {w: best_and_median(runs[w]) for w in workers}
     raw_best = max(raw.values(), key=lambda r: r["tokens_per_s"])
     correct = check_pipeline(model, texts, tmp / "ours-1", pipes[1]["manifest"], args.repeat)
-    base = best_and_median(runs["datasets"]) if runs["datasets"] else None
+    base = best_and_median(runs["datasets"] + runs["datasets_after"]) if runs["datasets"] else None
     ours_vs_datasets = args.datasets_procs if args.datasets_procs in pipes else None
+    # with 1 datasets process ours with 1 worker is paired with the datasets run of its round; else each ours run
+    # against the mean of the datasets runs right before and after it
+    datasets_bracket = [(b["tokens_per_s"] + a["tokens_per_s"]) / 2
+                        for b, a in zip(runs["datasets"], runs["datasets_after"] or runs["datasets"])]
     vs_datasets = [] if ours_vs_datasets is None else sorted(
-        runs[ours_vs_datasets][i]["tokens_per_s"] / runs["datasets"][i]["tokens_per_s"]
-        for i in range(len(runs["datasets"])))
+        runs[ours_vs_datasets][i]["tokens_per_s"] / datasets_bracket[i] for i in range(len(datasets_bracket)))
     loader = loader_speed(tmp / "ours-1")
     contention = raw_beside_busy_core(model, texts, args.repeat)
     for p in pipes.values():
@@ -295,7 +306,8 @@ def measure_tokenizer(model_type: str, model: str, texts: list[str], inputs: lis
         "tokenizer": f"{model_type}-32k", "correct": correct, "raw_encode": raw,
         "raw_bracket_tokens_per_s": bracket, "ours": [pipes[w] for w in workers],
         "scaling_vs_1_worker": {str(w): pipes[w]["tokens_per_s"] / pipes[1]["tokens_per_s"] for w in workers},
-        "datasets_map_save_to_disk": base, "datasets_procs": args.datasets_procs, "loader": loader,
+        "datasets_map_save_to_disk": base, "datasets_procs": args.datasets_procs,
+        "datasets_bracket_tokens_per_s": datasets_bracket, "loader": loader,
         "raw_encode_beside_a_busy_core": contention,
         "ratio_ours1_vs_raw_paired_median": median(paired), "ratio_ours1_vs_raw_paired": paired,
         "ours1_steady_state": runs["marginal"],
