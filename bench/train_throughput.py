@@ -291,7 +291,7 @@ def gate(preset: str, compiled: bool = False) -> dict:
             # the budget and mode the timed rows get (--train-overrides), resolved by the trainer's own config (its
             # batch fields are those of a timed row at this T; only the compile fields are read)
             t = train_config(preset, T, TOKENS // T, True, False).train
-            apply_compile(m, memory_budget=t.compile_memory_budget, mode=t.compile_mode)
+            apply_compile(m, memory_budget=t.compile_memory_budget, mode=t.compile_mode, save=tuple(t.compile_save))
         with torch.no_grad():  # non-zero w_aug so the self-augmentation path is exercised
             gen = torch.Generator().manual_seed(0)
             for layer in m.layers:

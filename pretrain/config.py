@@ -22,6 +22,8 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 # torch.compile modes the trainer runs; the CUDA-graph modes ("reduce-overhead", "max-autotune") are left out: the
 # recurrent operator plans its launches from each batch's document boundaries on the host
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+# what train.compile_save may name (pretrain.parallelize.apply_compile_save)
+COMPILE_SAVE_CHOICES = ("swiglu", "mlp_norm")
 
 
 class ConfigError(ValueError):
@@ -119,6 +121,9 @@ class TrainSection:
     # the output gate) instead of saving it: about 6 of 20 saved [tokens, d_model] bf16 tensors a layer fewer, no
     # matmul recomputed at any budget in [0.6, 0.99] for the presets (tests/parallel/test_compile.py)
     compile_memory_budget: float = 1.0
+    # with compile (ignored without): activations kept for the backward at any budget, from COMPILE_SAVE_CHOICES:
+    # "swiglu" (SiLU(a) * b), "mlp_norm" (the SwiGLU's input norm's output); see pretrain.parallelize.apply_compile_save
+    compile_save: list[str] = field(default_factory=list)
     # with compile (ignored without): torch.compile's mode, one of COMPILE_MODES; "max-autotune-no-cudagraphs" autotunes
     # Triton GEMMs with fused epilogues (minutes of compiling; +0.7 % tokens/s at 360M on an H100)
     compile_mode: str = "default"
@@ -155,6 +160,11 @@ class TrainSection:
             raise ConfigError(f"train.max_bad_steps must be >= 1, got {self.max_bad_steps}")
         if not 0 < self.compile_memory_budget <= 1:
             raise ConfigError(f"train.compile_memory_budget must be in (0, 1], got {self.compile_memory_budget}")
+        if not set(self.compile_save) <= set(COMPILE_SAVE_CHOICES):
+            raise ConfigError(f"train.compile_save must hold names from {COMPILE_SAVE_CHOICES}, got {self.compile_save}")
+        if self.compile and self.compile_save and self.activation_checkpointing:
+            raise ConfigError("train.compile_save does not apply with activation_checkpointing (whole blocks are "
+                              "recomputed); leave it empty")
         if self.compile_mode not in COMPILE_MODES:
             raise ConfigError(f"train.compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
         if self.global_batch % self.micro_batch:
@@ -191,6 +201,12 @@ class TrainConfig:
     train: TrainSection
     parallel: ParallelSection = field(default_factory=ParallelSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+
+    def __post_init__(self) -> None:
+        if self.train.compile and self.train.compile_save and self.parallel.tp > 1:
+            # tensor parallelism wraps the SwiGLU's norm with its own forward (a copy to the group), which the
+            # selective-checkpoint region would have to hold: not built
+            raise ConfigError("train.compile_save is not supported with parallel.tp > 1; leave it empty")
 
     def warmup_steps(self) -> int:
         if self.optim.warmup_steps >= 0:

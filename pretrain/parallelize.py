@@ -10,10 +10,11 @@ import functools
 import types
 from collections.abc import Callable
 
+import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pretrain.config import ConfigError, TrainConfig
+from pretrain.config import COMPILE_SAVE_CHOICES, ConfigError, TrainConfig
 from pretrain.parallel.layout import ParallelLayout
 from pretrain.parallel.sequence import SequenceParallel, apply_sequence_parallel
 from pretrain.parallel.tensor import apply_tensor_parallel
@@ -29,6 +30,72 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
             return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
 
         block.forward = forward
+
+
+# Selective-checkpoint policies, module-level functions (dynamo takes them as constants; a closure made while
+# tracing would break the graph). Every op but the kept one is prefer-save: the partitioner decides as before.
+def _swiglu_policy(ctx, op, *args, **kwargs):
+    # SiLU(a) * b is the SwiGLU's one elementwise product (the matmuls' outputs are saved at any budget; SiLU(a) is
+    # recomputed from a in the backward's elementwise kernel either way)
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if op is torch.ops.aten.mul.Tensor else CheckpointPolicy.PREFER_SAVE
+
+
+def _norm_policy_16bit(ctx, op, *args, **kwargs):
+    # the norm's output is the cast back to the input's 16-bit dtype; its fp32 intermediates are not kept (twice
+    # the bytes)
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    keep = op is torch.ops.aten._to_copy.default and kwargs.get("dtype") in (torch.bfloat16, torch.float16)
+    return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_SAVE
+
+
+def _norm_policy_fp32(ctx, op, *args, **kwargs):
+    # fp32 input: no casts; the output is RMSNorm's one product or LayerNorm's native_layer_norm
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    keep = op in (torch.ops.aten.mul.Tensor, torch.ops.aten.native_layer_norm.default)
+    return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_SAVE
+
+
+def _swiglu_policy_for(x):
+    return _swiglu_policy
+
+
+def _norm_policy_for(x):
+    return _norm_policy_16bit if x.dtype in (torch.bfloat16, torch.float16) else _norm_policy_fp32
+
+
+def _save_output(module: nn.Module, policy_for: Callable) -> None:
+    """Run `module` as a selective-checkpoint region whose policy marks its output must-save (every other op is
+    prefer-save: the partitioner decides as before). Compiled, the region traces into the surrounding graph (no graph
+    break) and the partitioner keeps the tensor at any `activation_memory_budget`. Bound as a method named `forward`:
+    a deep copy of the model rebinds to its own module (the class's forward, without the policy, on its own
+    weights)."""
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    def forward(self, x):
+        context = functools.partial(create_selective_checkpoint_contexts, policy_for(x))
+        return checkpoint(type(self).forward, self, x, use_reentrant=False, context_fn=context)
+
+    module.forward = types.MethodType(forward, module)
+
+
+def apply_compile_save(model: nn.Module, save: tuple[str, ...] | list[str]) -> None:
+    """`train.compile_save`: activations the compiled graphs keep for the backward whatever the memory budget.
+    "swiglu": SiLU(a) * b, the input of the down projection ([tokens, ffn], 2.75 [tokens, d_model] at the presets);
+    "mlp_norm": the SwiGLU's input norm's output, the input of its gate and up projections ([tokens, d_model]).
+    Below budget 1 the partitioner recomputes both in the backward; keeping them trades memory for that work. (The
+    mixer's norm output needs no choice: its copy padded for the short conv is kept at any budget.)"""
+    unknown = set(save) - set(COMPILE_SAVE_CHOICES)
+    if unknown:
+        raise ConfigError(f"train.compile_save: unknown {sorted(unknown)}; choose from {COMPILE_SAVE_CHOICES}")
+    for block in model.layers:
+        if "swiglu" in save:
+            _save_output(block.mlp, _swiglu_policy_for)
+        if "mlp_norm" in save:
+            _save_output(block.mlp_norm, _norm_policy_for)
 
 
 def _post_then_pre(block: nn.Module, nxt: nn.Module, x, o, parts, cu_seqlens):
@@ -63,7 +130,7 @@ def _boundary_runner(boundary: Callable) -> Callable:
 
 
 def apply_compile(model: nn.Module, backend: str = "inductor", fuse_boundaries: bool = True,
-                  memory_budget: float = 1.0, mode: str = "default") -> None:
+                  memory_budget: float = 1.0, mode: str = "default", save: tuple[str, ...] = ()) -> None:
     """torch.compile the stages of each block around the recurrent operator, in place (parameter names unchanged):
     `pre` (norm, short conv, projections) and `post` (head norm, gate, output projection, residuals, SwiGLU) are each
     one whole graph, where Inductor fuses the norms, the conv taps and the epilogues; the Triton recurrence runs
@@ -83,9 +150,11 @@ def apply_compile(model: nn.Module, backend: str = "inductor", fuse_boundaries: 
     from here on, process-wide (compiling is lazy, at the first call, so a scoped setting would be gone by then): the
     partitioner then recomputes elementwise outputs in the backward rather than saving them. `mode`
     (`train.compile_mode`): torch.compile's, e.g. "max-autotune-no-cudagraphs" (Triton GEMM templates, autotuned,
-    with the elementwise work fused into their epilogues)."""
-    import torch
+    with the elementwise work fused into their epilogues). `save` (`train.compile_save`): see `apply_compile_save`."""
     import torch._functorch.config as functorch_config
+
+    if save:
+        apply_compile_save(model, save)
 
     functorch_config.activation_memory_budget = memory_budget
     # non-Inductor backends (the tests' "aot_eager") take no mode
@@ -118,5 +187,6 @@ def parallelize(model: nn.Module, cfg: TrainConfig, layout: ParallelLayout) -> t
     if cfg.train.compile:
         # checkpointed blocks keep their per-block forward: the boundary graphs would span two checkpoints
         apply_compile(model, fuse_boundaries=not cfg.train.activation_checkpointing,
-                      memory_budget=cfg.train.compile_memory_budget, mode=cfg.train.compile_mode)
+                      memory_budget=cfg.train.compile_memory_budget, mode=cfg.train.compile_mode,
+                      save=tuple(cfg.train.compile_save))
     return model, sp

@@ -213,13 +213,64 @@ def test_memory_budget_recomputes_elementwise_work_not_matmuls(dynamo_counters):
     assert lean < 0.8 * full, seen
 
 
+def _saved_activations(backward_graphs: list) -> dict:
+    """name -> shape of every activation the forward graphs hand to the boundary graph's backward (post_i +
+    pre_{i+1}, the third compiled graph: pre_0, the last post, the boundary, the final norm in order of backward)."""
+    gm = backward_graphs[2]
+    return {n.name: tuple(n.meta["val"].shape) for n in gm.graph.nodes if n.op == "placeholder"
+            and not n.name.startswith(("tangents", "primals")) and n.meta["val"].dim() >= 2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compile_save_keeps_what_it_names_below_budget(dtype, dynamo_counters):
+    # train.compile_save: below budget 1 the partitioner recomputes SiLU(a) * b and the norm's output; named here,
+    # they are saved instead (1.3B: the SwiGLU product is 8.9 GB of the step's activations, the norm's output 3.2 GB).
+    # Kept: one more [tokens, ffn] tensor a boundary for "swiglu", one [tokens, d_model] for "mlp_norm"; no graph
+    # break, the same gradients
+    import torch._functorch.config as functorch_config
+
+    cfg = MetaLAConfig.from_preset("125m", vocab_size=64, n_layers=3, d_model=64, n_heads=2, attn_backend="chunk")
+    torch.manual_seed(0)
+    eager = MetaLAForCausalLM(cfg).to(dtype)
+    ids = torch.randint(0, 64, (2, 128), generator=torch.Generator().manual_seed(5))
+    eager(ids, labels=ids).loss.backward()
+    tokens, d, ffn = 2 * 128, cfg.d_model, cfg.intermediate_size
+    kept = {}
+    try:
+        for save in ((), ("swiglu",), ("mlp_norm",), ("swiglu", "mlp_norm")):
+            torch._dynamo.reset()
+            dynamo_counters.clear()
+            graphs = []
+            model = copy.deepcopy(eager)
+            model.zero_grad(set_to_none=True)
+            apply_compile(model, backend=_graph_capturing_backend(graphs), memory_budget=0.9, save=save)
+            model(ids, labels=ids).loss.backward()
+            assert dict(dynamo_counters["graph_break"]) == {}, save
+            grads = [p.grad for p in model.parameters()]
+            if not save:
+                reference = grads
+            for (name, _), g, r in zip(model.named_parameters(), grads, reference):
+                # the same graphs but for what the backward recomputes: the same values
+                torch.testing.assert_close(g, r, rtol=0, atol=0, msg=f"{save} {name}")
+            kept[save] = _saved_activations(graphs)
+    finally:
+        functorch_config.activation_memory_budget = 1.0
+    base = list(kept[()].values())
+    added = {save: sorted(v for k, v in kept[save].items() if k not in kept[()]) for save in kept}
+    # below budget 1 only the two matmul outputs a and b are kept of the SwiGLU, nothing of the norms
+    assert base.count((tokens, ffn)) == 2 and (tokens, d) not in base, base
+    assert added[("swiglu",)] == [(tokens, ffn)]
+    assert added[("mlp_norm",)] == [(tokens, d)]
+    assert added[("swiglu", "mlp_norm")] == sorted([(tokens, ffn), (tokens, d)])
+
+
 def test_compile_options_are_checked():
     from pretrain.config import ConfigError, config_from_dict
 
-    def cfg(**train):
+    def cfg(tp=1, **train):
         return config_from_dict({
             "name": "t", "model": {"preset": "125m", "vocab_size": 64}, "data": {"dir": "unused", "seq_len": 40},
-            "optim": {"lr": 1e-3},
+            "optim": {"lr": 1e-3}, "parallel": {"tp": tp},
             "train": {"steps": 1, "global_batch": 2, "micro_batch": 2, "out_dir": "unused", **train},
         })
 
@@ -229,6 +280,10 @@ def test_compile_options_are_checked():
     for bad, match in (({"compile": True, "compile_memory_budget": 0.0}, r"in \(0, 1\]"),
                        ({"compile": True, "compile_memory_budget": 1.5}, r"in \(0, 1\]"),
                        ({"compile": True, "compile_mode": "fast"}, "compile_mode must be one of"),
-                       ({"compile": True, "compile_mode": "reduce-overhead"}, "compile_mode must be one of")):
+                       ({"compile": True, "compile_mode": "reduce-overhead"}, "compile_mode must be one of"),
+                       ({"compile": True, "compile_save": ["gate"]}, "compile_save must hold names from"),
+                       ({"compile": True, "compile_save": ["mlp_norm"], "activation_checkpointing": True},
+                        "does not apply with activation_checkpointing"),
+                       ({"compile": True, "compile_save": ["swiglu"], "tp": 2}, "not supported with parallel.tp")):
         with pytest.raises(ConfigError, match=match):
             cfg(**bad)

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One lent-GPU call: training-step rows through our trainer, one process each, in the order given, each only while
+# the call's time allows (the device tool stops a command at 600 s). Rows of one kind alternating with another on
+# one machine are the A/B this repository's step-time figures come from.
+# Env: ROWS, a ';'-separated list of NAME=JSON (the JSON is --train-overrides for that row), e.g.
+#   ROWS='base={"compile_memory_budget": 0.9};swiglu={"compile_memory_budget": 0.9, "compile_save": ["swiglu"]}'
+# PRESET (1.3b), SEQLEN (2048), DEADLINE (seconds, 585), TAG; METALA_TRITON_CONFIG passes through.
+# Results go to $OUT (the device tool's output folder; bench/results when unset). Needs .whl/ (bench/gpu/wheels.sh)
+# carried. Example (device tool): ROWS='...' bash bench/gpu/train_rows.sh, carry [".whl"]
+set -u
+T0=$(date +%s)
+OUT=${OUT:-bench/results}
+DEADLINE=${DEADLINE:-585}
+TAG=${TAG:-rows}
+left() { echo $(( DEADLINE - ($(date +%s) - T0) )); }
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/*.whl .whl/ds/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+mkdir -p .gpucache
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 TORCHINDUCTOR_CACHE_DIR=$PWD/.gpucache/inductor \
+  TRITON_CACHE_DIR=$PWD/.gpucache/triton
+nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
+i=0
+IFS=';' read -ra rows <<< "${ROWS:?give ROWS}"
+for row in "${rows[@]}"; do
+  name=${row%%=*}; overrides=${row#*=}
+  i=$((i + 1))
+  l=$(left); [ "$l" -lt 70 ] && { echo "row $i $name skipped: $l s left"; continue; }
+  [ "$l" -gt 240 ] && l=240
+  timeout "$l" python -m bench.train_throughput --presets "${PRESET:-1.3b}" --seqlens "${SEQLEN:-2048}" --compile \
+    --no-eager --peers "" --harness trainer --train-overrides "$overrides" --out "$OUT" --tag "${TAG}_${i}_$name" \
+    > "$OUT/row_${i}_$name.log" 2>&1
+  echo "$i $name: $(grep -E "tok/s|out of memory|OutOfMemory|failed|Error" "$OUT/row_${i}_$name.log" | tail -1)  ($(( $(date +%s) - T0 )) s)"
+done
+echo "done in $(( $(date +%s) - T0 )) s"
