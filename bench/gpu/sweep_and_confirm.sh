@@ -10,21 +10,8 @@
 # ("new old new"), BUDGET (compile_memory_budget, 0.9), DEADLINE (seconds, 585), TAG.
 # Example (device tool): bash bench/gpu/sweep_and_confirm.sh, carry [".whl"]
 set -u
-T0=$(date +%s)
-OUT=${OUT:-bench/results}
-DEADLINE=${DEADLINE:-585}
 TAG=${TAG:-sweep}
-left() { echo $(( DEADLINE - ($(date +%s) - T0) )); }
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    .whl/*.whl .whl/ds/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-fi
-# compiled kernels and graphs kept in the (ignored) checkout between calls on one warm machine
-mkdir -p .gpucache
-export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 TORCHINDUCTOR_CACHE_DIR=$PWD/.gpucache/inductor \
-  TRITON_CACHE_DIR=$PWD/.gpucache/triton
-nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
+source bench/gpu/env.sh
 if [ -z "${CONFIG:-}" ]; then
   [ -n "${VARIANTS:-}" ] || { echo "give VARIANTS (a JSON list of {kernel: changes}) or CONFIG"; exit 2; }
   timeout $(( $(left) - 60 )) python -m bench.kernel_tune --aug --shapes 16x2048x16,16x2048x8 --segs "" \

@@ -8,20 +8,8 @@
 # Results go to $OUT (the device tool's output folder; bench/results when unset). Needs .whl/ (bench/gpu/wheels.sh)
 # carried. Example (device tool): ROWS='...' bash bench/gpu/train_rows.sh, carry [".whl"]
 set -u
-T0=$(date +%s)
-OUT=${OUT:-bench/results}
-DEADLINE=${DEADLINE:-585}
 TAG=${TAG:-rows}
-left() { echo $(( DEADLINE - ($(date +%s) - T0) )); }
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    .whl/*.whl .whl/ds/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-fi
-mkdir -p .gpucache
-export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 TORCHINDUCTOR_CACHE_DIR=$PWD/.gpucache/inductor \
-  TRITON_CACHE_DIR=$PWD/.gpucache/triton
-nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
+source bench/gpu/env.sh
 i=0
 IFS=';' read -ra rows <<< "${ROWS:?give ROWS}"
 for row in "${rows[@]}"; do
