@@ -121,14 +121,38 @@ def test_checkpointed_blocks_keep_the_per_block_stack(activation_checkpointing, 
     assert ("run_layers" in vars(model)) == (not activation_checkpointing)
 
 
-def test_a_deep_copy_runs_its_own_weights(dynamo_counters):
+def test_parallelize_applies_compile_save(dynamo_counters):
+    # train.compile_save reaches the trainer's model: the SwiGLU and its norm run as selective-checkpoint regions
+    from pretrain.config import config_from_dict
+    from pretrain.parallel.layout import ParallelLayout
+    from pretrain.parallelize import parallelize
+
+    def build(save):
+        cfg = config_from_dict({
+            "name": "t", "model": {"preset": "125m", "vocab_size": 64}, "data": {"dir": "unused", "seq_len": 40},
+            "optim": {"lr": 1e-3},
+            "train": {"steps": 1, "global_batch": 2, "micro_batch": 2, "out_dir": "unused", "compile": True,
+                      "compile_save": save},
+        })
+        model = MetaLAForCausalLM(MetaLAConfig.from_preset("125m", vocab_size=64, n_layers=2, d_model=64,
+                                                           n_heads=2, attn_backend="chunk"))
+        return parallelize(model, cfg, ParallelLayout(1, 0))[0]
+
+    for save, wrapped in (([], set()), (["swiglu"], {"mlp"}), (["swiglu", "mlp_norm"], {"mlp", "mlp_norm"})):
+        model = build(save)
+        for block in model.layers:
+            assert {n for n in ("mlp", "mlp_norm", "mixer_norm") if "forward" in vars(getattr(block, n))} == wrapped
+
+
+@pytest.mark.parametrize("save", [(), ("swiglu", "mlp_norm")])
+def test_a_deep_copy_runs_its_own_weights(save, dynamo_counters):
     # every compiled piece is bound to its module as a method: a copy of the compiled model (an EMA or evaluation
-    # copy, say) computes with its own weights, not the original's
+    # copy, say) computes with its own weights, not the original's (also with train.compile_save's regions)
     cfg = MetaLAConfig.from_preset("125m", vocab_size=64, n_layers=2, d_model=64, n_heads=2, attn_backend="chunk")
     torch.manual_seed(0)
     eager = MetaLAForCausalLM(cfg)
     compiled = copy.deepcopy(eager)
-    apply_compile(compiled, backend="aot_eager")
+    apply_compile(compiled, backend="aot_eager", save=save)
     twin = copy.deepcopy(compiled)
     ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(4))
     before = compiled(ids).logits.detach()
