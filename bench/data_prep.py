@@ -243,8 +243,8 @@ def measure_tokenizer(model_type: str, model: str, texts: list[str], inputs: lis
                       args: argparse.Namespace) -> dict:
     """All rounds for one tokenizer; returns its result row."""
     workers = sorted(set(args.workers) | {1})
-    runs: dict = {"raw_before": [], "raw_after": [], "datasets": [], "datasets_after": [], "marginal": [], "in_process": [],
-                  "plain_jsonl": [], **{v: [] for v in RAW_VARIANTS}, **{w: [] for w in workers}}
+    runs: dict = {"raw_before": [], "raw_after": [], "datasets": [], "datasets_after": [], "marginal": [],
+                  "in_process": [], "plain_jsonl": [], **{v: [] for v in RAW_VARIANTS}, **{w: [] for w in workers}}
     for _ in range(args.rounds):
         # raw encode right before and right after ours with one worker: the box's speed drifts by 10-30 % over
         # minutes, and the mean of the two brackets is what raw would have done while ours ran

@@ -161,7 +161,8 @@ class TrainSection:
         if not 0 < self.compile_memory_budget <= 1:
             raise ConfigError(f"train.compile_memory_budget must be in (0, 1], got {self.compile_memory_budget}")
         if not set(self.compile_save) <= set(COMPILE_SAVE_CHOICES):
-            raise ConfigError(f"train.compile_save must hold names from {COMPILE_SAVE_CHOICES}, got {self.compile_save}")
+            raise ConfigError(
+                f"train.compile_save must hold names from {COMPILE_SAVE_CHOICES}, got {self.compile_save}")
         if self.compile and self.compile_save and self.activation_checkpointing:
             raise ConfigError("train.compile_save does not apply with activation_checkpointing (whole blocks are "
                               "recomputed); leave it empty")

@@ -70,9 +70,8 @@ def _norm_policy_for(x):
 def _save_output(module: nn.Module, policy_for: Callable) -> None:
     """Run `module` as a selective-checkpoint region whose policy marks its output must-save (every other op is
     prefer-save: the partitioner decides as before). Compiled, the region traces into the surrounding graph (no graph
-    break) and the partitioner keeps the tensor at any `activation_memory_budget`. Bound as a method named `forward`:
-    a deep copy of the model rebinds to its own module (the class's forward, without the policy, on its own
-    weights)."""
+    break) and the partitioner keeps the tensor at any `activation_memory_budget`. Bound to the module as a method,
+    not closed over it: a deep copy of the model keeps the region, bound to its own module and weights."""
     from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
     def forward(self, x):

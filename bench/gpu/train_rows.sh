@@ -20,6 +20,7 @@ for row in "${rows[@]}"; do
   timeout "$l" python -m bench.train_throughput --presets "${PRESET:-1.3b}" --seqlens "${SEQLEN:-2048}" --compile \
     --no-eager --peers "" --harness trainer --train-overrides "$overrides" --out "$OUT" --tag "${TAG}_${i}_$name" \
     > "$OUT/row_${i}_$name.log" 2>&1
-  echo "$i $name: $(grep -E "tok/s|out of memory|OutOfMemory|failed|Error" "$OUT/row_${i}_$name.log" | tail -1)  ($(( $(date +%s) - T0 )) s)"
+  last=$(grep -E "tok/s|out of memory|OutOfMemory|failed|Error" "$OUT/row_${i}_$name.log" | tail -1)
+  echo "$i $name: $last  ($(( $(date +%s) - T0 )) s)"
 done
 echo "done in $(( $(date +%s) - T0 )) s"
