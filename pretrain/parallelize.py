@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pretrain.config import COMPILE_SAVE_CHOICES, ConfigError, TrainConfig
+from pretrain.config import ConfigError, TrainConfig
 from pretrain.parallel.layout import ParallelLayout
 from pretrain.parallel.sequence import SequenceParallel, apply_sequence_parallel
 from pretrain.parallel.tensor import apply_tensor_parallel
@@ -34,29 +34,30 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 
 # Selective-checkpoint policies, module-level functions (dynamo takes them as constants; a closure made while
 # tracing would break the graph). Every op but the kept one is prefer-save: the partitioner decides as before.
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def _must_save_if(keep: bool):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_SAVE
+
+
 def _swiglu_policy(ctx, op, *args, **kwargs):
     # SiLU(a) * b is the SwiGLU's one elementwise product (the matmuls' outputs are saved at any budget; SiLU(a) is
     # recomputed from a in the backward's elementwise kernel either way)
-    from torch.utils.checkpoint import CheckpointPolicy
-
-    return CheckpointPolicy.MUST_SAVE if op is torch.ops.aten.mul.Tensor else CheckpointPolicy.PREFER_SAVE
+    return _must_save_if(op is torch.ops.aten.mul.Tensor)
 
 
 def _norm_policy_16bit(ctx, op, *args, **kwargs):
     # the norm's output is the cast back to the input's 16-bit dtype; its fp32 intermediates are not kept (twice
     # the bytes)
-    from torch.utils.checkpoint import CheckpointPolicy
-
-    keep = op is torch.ops.aten._to_copy.default and kwargs.get("dtype") in (torch.bfloat16, torch.float16)
-    return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_SAVE
+    return _must_save_if(op is torch.ops.aten._to_copy.default and kwargs.get("dtype") in _HALF)
 
 
 def _norm_policy_fp32(ctx, op, *args, **kwargs):
     # fp32 input: no casts; the output is RMSNorm's one product or LayerNorm's native_layer_norm
-    from torch.utils.checkpoint import CheckpointPolicy
-
-    keep = op in (torch.ops.aten.mul.Tensor, torch.ops.aten.native_layer_norm.default)
-    return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_SAVE
+    return _must_save_if(op in (torch.ops.aten.mul.Tensor, torch.ops.aten.native_layer_norm.default))
 
 
 def _swiglu_policy_for(x):
@@ -64,7 +65,7 @@ def _swiglu_policy_for(x):
 
 
 def _norm_policy_for(x):
-    return _norm_policy_16bit if x.dtype in (torch.bfloat16, torch.float16) else _norm_policy_fp32
+    return _norm_policy_16bit if x.dtype in _HALF else _norm_policy_fp32
 
 
 def _save_output(module: nn.Module, policy_for: Callable) -> None:
@@ -86,10 +87,8 @@ def apply_compile_save(model: nn.Module, save: tuple[str, ...] | list[str]) -> N
     "swiglu": SiLU(a) * b, the input of the down projection ([tokens, ffn], 2.75 [tokens, d_model] at the presets);
     "mlp_norm": the SwiGLU's input norm's output, the input of its gate and up projections ([tokens, d_model]).
     Below budget 1 the partitioner recomputes both in the backward; keeping them trades memory for that work. (The
-    mixer's norm output needs no choice: its copy padded for the short conv is kept at any budget.)"""
-    unknown = set(save) - set(COMPILE_SAVE_CHOICES)
-    if unknown:
-        raise ConfigError(f"train.compile_save: unknown {sorted(unknown)}; choose from {COMPILE_SAVE_CHOICES}")
+    mixer's norm output needs no choice: its copy padded for the short conv is kept at any budget.) The names are
+    checked where the config is (`TrainSection`, COMPILE_SAVE_CHOICES)."""
     for block in model.layers:
         if "swiglu" in save:
             _save_output(block.mlp, _swiglu_policy_for)
