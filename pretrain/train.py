@@ -58,7 +58,8 @@ def plan(cfg: TrainConfig, world_size: int) -> list[str]:
         f"{t.micro_batch}/rank, grad accumulation {t.global_batch // (t.micro_batch * dp)}",
         f"schedule    {t.steps:,} steps = {t.steps * tokens_step / 1e9:,.3f}B tokens; lr {cfg.optim.lr:g} warm-up "
         f"{cfg.warmup_steps()} steps, cosine to {cfg.optim.lr * cfg.optim.min_lr_ratio:g}",
-        "compute     " + (f"torch.compile (mode {t.compile_mode}, activation memory budget {t.compile_memory_budget:g})"
+        "compute     " + (f"torch.compile (mode {t.compile_mode}, activation memory budget {t.compile_memory_budget:g}"
+                             + (f", saving {', '.join(t.compile_save)})" if t.compile_save else ")")
                              if t.compile else "eager (train.compile=false)")
         + f"; activation checkpointing {'on' if t.activation_checkpointing else 'off'}",
         f"checkpoint  {Path(t.out_dir) / 'checkpoints'} every {t.save_every or 'end'} steps, keep {t.keep_last}; "

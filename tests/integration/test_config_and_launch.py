@@ -36,7 +36,9 @@ def test_dry_run_every_recipe(recipe):
     recipe_train = yaml.safe_load((REPO / f"launch/configs/{recipe}.yaml").read_text())["train"]
     if recipe_train.get("compile"):
         budget = recipe_train.get("compile_memory_budget", 1.0)
-        assert f"torch.compile (mode default, activation memory budget {budget:g})" in r.stdout
+        kept = recipe_train.get("compile_save", [])
+        saved = f", saving {', '.join(kept)}" if kept else ""
+        assert f"torch.compile (mode default, activation memory budget {budget:g}{saved})" in r.stdout
     else:
         assert "eager (train.compile=false)" in r.stdout
 
