@@ -42,7 +42,8 @@ def plan(cfg: TrainConfig, world_size: int) -> list[str]:
         lines.append(f"data        {data_dir}: {m['splits']['train']['tokens']:,} train tokens, "
                      f"{m['splits']['val']['tokens']:,} val tokens")
     else:
-        lines.append(f"data        {data_dir}: NOT FOUND (prepare it with `python -m data_prep.prepare` before training)")
+        lines.append(f"data        {data_dir}: NOT FOUND "
+                     "(prepare it with `python -m data_prep.prepare` before training)")
         vocab_note = " (vocab from the preset; the data's tokenizer decides at start)"
     mcfg = cfg.model.build(vocab_size=vocab)
     if mcfg.n_heads % tp:
@@ -50,6 +51,8 @@ def plan(cfg: TrainConfig, world_size: int) -> list[str]:
     if cfg.data.seq_len % sp:
         raise ConfigError(f"parallel.sp={sp} must divide data.seq_len={cfg.data.seq_len}")
     tokens_step = t.global_batch * cfg.data.seq_len
+    # what train.compile_save keeps for the backward beyond what the memory budget keeps
+    kept = f", saving {', '.join(t.compile_save)}" if t.compile_save else ""
     lines += [
         f"model       {mcfg.name}: {mcfg.param_count() / 1e6:,.1f}M params, d={mcfg.d_model} L={mcfg.n_layers} "
         f"H={mcfg.n_heads} vocab={mcfg.vocab_size}{vocab_note}, tied={mcfg.tie_embeddings}",
@@ -59,8 +62,7 @@ def plan(cfg: TrainConfig, world_size: int) -> list[str]:
         f"schedule    {t.steps:,} steps = {t.steps * tokens_step / 1e9:,.3f}B tokens; lr {cfg.optim.lr:g} warm-up "
         f"{cfg.warmup_steps()} steps, cosine to {cfg.optim.lr * cfg.optim.min_lr_ratio:g}",
         "compute     " + (f"torch.compile (mode {t.compile_mode}, activation memory budget {t.compile_memory_budget:g}"
-                             + (f", saving {', '.join(t.compile_save)})" if t.compile_save else ")")
-                             if t.compile else "eager (train.compile=false)")
+                             f"{kept})" if t.compile else "eager (train.compile=false)")
         + f"; activation checkpointing {'on' if t.activation_checkpointing else 'off'}",
         f"checkpoint  {Path(t.out_dir) / 'checkpoints'} every {t.save_every or 'end'} steps, keep {t.keep_last}; "
         f"resume {t.resume}",
