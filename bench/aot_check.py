@@ -22,6 +22,7 @@ from metala.ops.incoming_state import kernel as incoming
 from metala.ops.metala import chunk_bwd, chunk_fwd, fused_recurrent_kernel
 from metala.ops.metala.chunk import (
     CONFIG,
+    DQK_ITEMS,
     FLAG_BLOCK,
     _bv,
     _gam_matmul,
@@ -158,7 +159,8 @@ def main() -> None:
                 ("bwd_dqk", chunk_bwd.chunk_metala_bwd_kernel_dqk, {**common, "BT_": 64, "BC_": 16, "BK": bk_dqk, "BV": bv_dqk,
                  "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec, "INTRA_PREC": prec, "INTRA_DT": intra_dt,
                  "AUG": False, "LOAD_DA": False, "PATH_FLAGS": chunk_bwd.WRITE_FLAGS.value, "FLAG_BLOCK": FLAG_BLOCK,
-                 "GAM_MATMUL": gam_matmul}, 4),
+                 "GAM_MATMUL": gam_matmul, "ITEMS": DQK_ITEMS[CONFIG["bwd_dqk"]["items"]],
+                 "LOOP_STAGES": CONFIG["bwd_dqk"]["loop_stages"]}, 4),
                 ("bwd_dq", chunk_bwd.chunk_metala_bwd_kernel_dq, {**common, "BT_": 64, "BC_": 16, "BK": min(CONFIG["bwd_dq"]["BK"], K), "BV": bv_dqk,
                  "GATE_LOGITS": True, "DT": dt, "DOT_PREC": prec, "INTRA_PREC": prec, "INTRA_DT": intra_dt,
                  "LOAD_DA": True, "AUG": False, "GAM_MATMUL": gam_matmul}, 4),

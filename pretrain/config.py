@@ -23,7 +23,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 # recurrent operator plans its launches from each batch's document boundaries on the host
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 # what train.compile_save may name (pretrain.parallelize.apply_compile_save)
-COMPILE_SAVE_CHOICES = ("swiglu", "mlp_norm")
+COMPILE_SAVE_CHOICES = ("swiglu", "mlp_norm", "conv_silu", "out_gate")
 
 
 class ConfigError(ValueError):
@@ -122,7 +122,8 @@ class TrainSection:
     # matmul recomputed at any budget in [0.6, 0.99] for the presets (tests/parallel/test_compile.py)
     compile_memory_budget: float = 1.0
     # with compile (ignored without): activations kept for the backward at any budget, from COMPILE_SAVE_CHOICES:
-    # "swiglu" (SiLU(a) * b), "mlp_norm" (the SwiGLU's input norm's output); see pretrain.parallelize.apply_compile_save
+    # "swiglu" (SiLU(a) * b), "mlp_norm" (the SwiGLU's input norm's output), "conv_silu" (SiLU of the mixer's short
+    # conv), "out_gate" (the mixer's gated head-norm output); see pretrain.parallelize.apply_compile_save
     compile_save: list[str] = field(default_factory=list)
     # with compile (ignored without): torch.compile's mode, one of COMPILE_MODES; "max-autotune-no-cudagraphs" autotunes
     # Triton GEMMs with fused epilogues (minutes of compiling; +0.7 % tokens/s at 360M on an H100)

@@ -11,6 +11,7 @@ import types
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -60,24 +61,51 @@ def _norm_policy_fp32(ctx, op, *args, **kwargs):
     return _must_save_if(op in (torch.ops.aten.mul.Tensor, torch.ops.aten.native_layer_norm.default))
 
 
+def _silu_policy_fp32(ctx, op, *args, **kwargs):
+    # the short conv's SiLU, the input of the mixer's four projections (the conv's padded input is kept at any budget)
+    return _must_save_if(op is torch.ops.aten.silu.default)
+
+
+def _silu_in_fp32(self, x):
+    """SiLU of a 16-bit tensor as its cast back from fp32 (what F.silu computes for it, one rounding at the end):
+    marked must-save, aten.silu's tag would reach its decomposition's fp32 input too, a second, fp32 copy of the
+    conv's output kept for SiLU's backward; the final cast is the 16-bit output alone."""
+    return F.silu(x.float()).to(x.dtype)
+
+
+def _gate_policy(ctx, op, *args, **kwargs):
+    # SiLU(gate) * x: the region's one product (SiLU(gate) is recomputed from the gate either way, as in the SwiGLU)
+    return _must_save_if(op is torch.ops.aten.mul.Tensor)
+
+
 def _swiglu_policy_for(x):
     return _swiglu_policy
+
+
+def _silu_policy_for(x):
+    return _norm_policy_16bit if x.dtype in _HALF else _silu_policy_fp32
+
+
+def _gate_policy_for(x):
+    return _gate_policy
 
 
 def _norm_policy_for(x):
     return _norm_policy_16bit if x.dtype in _HALF else _norm_policy_fp32
 
 
-def _save_output(module: nn.Module, policy_for: Callable) -> None:
+def _save_output(module: nn.Module, policy_for: Callable, half_forward: Callable | None = None) -> None:
     """Run `module` as a selective-checkpoint region whose policy marks its output must-save (every other op is
     prefer-save: the partitioner decides as before). Compiled, the region traces into the surrounding graph (no graph
     break) and the partitioner keeps the tensor at any `activation_memory_budget`. Bound to the module as a method,
-    not closed over it: a deep copy of the model keeps the region, bound to its own module and weights."""
+    not closed over it: a deep copy of the model keeps the region, bound to its own module and weights.
+    `half_forward`: what the region computes for 16-bit inputs instead of the module's forward (the same values)."""
     from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
-    def forward(self, x):
+    def forward(self, x, *rest):
         context = functools.partial(create_selective_checkpoint_contexts, policy_for(x))
-        return checkpoint(type(self).forward, self, x, use_reentrant=False, context_fn=context)
+        fn = half_forward if half_forward is not None and x.dtype in _HALF else type(self).forward
+        return checkpoint(fn, self, x, *rest, use_reentrant=False, context_fn=context)
 
     module.forward = types.MethodType(forward, module)
 
@@ -85,15 +113,21 @@ def _save_output(module: nn.Module, policy_for: Callable) -> None:
 def apply_compile_save(model: nn.Module, save: tuple[str, ...] | list[str]) -> None:
     """`train.compile_save`: activations the compiled graphs keep for the backward whatever the memory budget.
     "swiglu": SiLU(a) * b, the input of the down projection ([tokens, ffn], 2.75 [tokens, d_model] at the presets);
-    "mlp_norm": the SwiGLU's input norm's output, the input of its gate and up projections ([tokens, d_model]).
-    Below budget 1 the partitioner recomputes both in the backward; keeping them trades memory for that work. (The
-    mixer's norm output needs no choice: its copy padded for the short conv is kept at any budget.) The names are
-    checked where the config is (`TrainSection`, COMPILE_SAVE_CHOICES)."""
+    "mlp_norm": the SwiGLU's input norm's output, the input of its gate and up projections ([tokens, d_model]);
+    "conv_silu": SiLU of the mixer's short conv, the input of its four projections ([tokens, d_model]);
+    "out_gate": SiLU(gate) * head-norm(o), the input of the mixer's output projection ([tokens, d_model]).
+    Below budget 1 the partitioner recomputes all four in the backward; keeping them trades memory for that work.
+    (The mixer's norm output needs no choice: its copy padded for the short conv is kept at any budget.) The names
+    are checked where the config is (`TrainSection`, COMPILE_SAVE_CHOICES)."""
     for block in model.layers:
         if "swiglu" in save:
             _save_output(block.mlp, _swiglu_policy_for)
         if "mlp_norm" in save:
             _save_output(block.mlp_norm, _norm_policy_for)
+        if "conv_silu" in save:
+            _save_output(block.mixer.conv_act, _silu_policy_for, _silu_in_fp32)
+        if "out_gate" in save:
+            _save_output(block.mixer.out_gate, _gate_policy_for)
 
 
 def _post_then_pre(block: nn.Module, nxt: nn.Module, x, o, parts, cu_seqlens):

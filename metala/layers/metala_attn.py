@@ -79,6 +79,14 @@ class MixerParts(NamedTuple):
     conv_state: torch.Tensor | None
 
 
+class OutputGate(nn.Module):
+    """SiLU(gate) * x, the mixer's output gate. A module of its own (no parameters), like `conv_act`, so that a
+    trainer can mark its output as kept for the backward (pretrain/parallelize.py, `train.compile_save`)."""
+
+    def forward(self, gate: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(gate) * x
+
+
 class MetaLAAttention(nn.Module):
     """MetaLA token mixer: Chou, Yao et al., "MetaLA: Unified Optimal Linear Approximation to Softmax Attention
     Map", NeurIPS 2024 (arXiv 2411.10741).
@@ -104,12 +112,14 @@ class MetaLAAttention(nn.Module):
         self.backend = config.attn_backend
         self.scale = self.head_qk_dim**-0.5
         self.conv = ShortConv(d, config.conv_size) if config.use_conv else NoConv()
+        self.conv_act = nn.SiLU()
         self.q_proj = nn.Linear(d, dk, bias=False)
         self.a_proj = nn.Linear(d, dk, bias=False)
         self.key = ProjectedKey(d, dk, H) if config.use_key else DerivedKey()
         self.v_proj = nn.Linear(d, d, bias=False)
         self.g_proj = nn.Linear(d, d, bias=True)
         self.o_proj = nn.Linear(d, d, bias=False)
+        self.out_gate = OutputGate()
         self.self_aug = SelfAugmentation(H, self.head_qk_dim, config.decay_normalizer) if config.self_aug else NoSelfAugmentation()
         self.fuse_self_aug = config.fuse_self_aug and config.self_aug
         self.split_op_output = config.split_op_output
@@ -144,7 +154,7 @@ class MetaLAAttention(nn.Module):
         if attention_mask is not None:
             x = x * attention_mask[..., None].to(x.dtype)
         u, conv_state = self.conv(x, cu_seqlens, None if cache is None else cache.conv_state)
-        u = F.silu(u)
+        u = self.conv_act(u)
         q = self.q_proj(u).view(B, T, -1, K)
         z = self.a_proj(u).view(B, T, -1, K)
         k = self.key(u, z)
@@ -186,4 +196,4 @@ class MetaLAAttention(nn.Module):
             o = self.self_aug(o, parts.q, parts.z, parts.k, parts.v)
         o = head_layer_norm(o, self.head_norm_eps)
         gt = parts.gt
-        return self.o_proj(F.silu(gt) * o.reshape(B, T, -1).to(gt.dtype))
+        return self.o_proj(self.out_gate(gt, o.reshape(B, T, -1).to(gt.dtype)))

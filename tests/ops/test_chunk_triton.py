@@ -240,6 +240,11 @@ def test_model_on_triton_matches_model_on_chunk():
     pytest.param({"form": "split", "intra_dtype": "input", "gam_cumsum": "matmul"}, id="split-gam-matmul"),
     pytest.param({"form": "joint", "intra_dtype": "input", "gam_cumsum": "scan"}, id="joint-dqk-gam-scan"),
     pytest.param({"form": "split", "intra_dtype": "input", "gam_cumsum": "scan"}, id="split-gam-scan"),
+    # the joint kernel's program-to-item maps: a 1-D grid, and a fixed grid of looping programs (3 "SMs" under the
+    # interpreter: 6 programs over 3 chunks x 2 heads x 2 K-tiles, two items each; 2 and 3 stages of the loop)
+    pytest.param({"form": "joint", "items": "flat"}, id="joint-flat-items"),
+    pytest.param({"form": "joint", "items": "loop", "loop_stages": 2}, id="joint-loop-items"),
+    pytest.param({"form": "joint", "items": "loop", "programs_per_sm": 1, "loop_stages": 3}, id="joint-loop-items-4"),
 ])
 def test_every_backward_form_matches_naive(form, monkeypatch):
     """The backward can run as one joint dq/dk kernel or as dq + dk kernels (with dA from the dv kernel or
@@ -273,7 +278,8 @@ def test_half_precision_intra_products_are_bf16_only(monkeypatch):
     assert C._intra_dtype(torch.bfloat16) == tl.float32
 
 
-@pytest.mark.parametrize("bad", [{"form": "fused"}, {"intra_dtype": "bf16"}, {"gam_cumsum": "tree"}])
+@pytest.mark.parametrize("bad", [{"form": "fused"}, {"intra_dtype": "bf16"}, {"gam_cumsum": "tree"},
+                                 {"items": "persistent"}])
 def test_unknown_backward_form_is_an_error(bad, monkeypatch):
     from metala.ops.metala import chunk as C
 

@@ -138,10 +138,13 @@ def test_parallelize_applies_compile_save(dynamo_counters):
                                                            n_heads=2, attn_backend="chunk"))
         return parallelize(model, cfg, ParallelLayout(1, 0))[0]
 
-    for save, wrapped in (([], set()), (["swiglu"], {"mlp"}), (["swiglu", "mlp_norm"], {"mlp", "mlp_norm"})):
+    modules = {"mlp": "mlp", "mlp_norm": "mlp_norm", "mixer_norm": "mixer_norm", "conv_act": "mixer.conv_act",
+               "out_gate": "mixer.out_gate"}
+    for save, wrapped in (([], set()), (["swiglu"], {"mlp"}), (["swiglu", "mlp_norm"], {"mlp", "mlp_norm"}),
+                          (["conv_silu", "out_gate"], {"conv_act", "out_gate"})):
         model = build(save)
         for block in model.layers:
-            assert {n for n in ("mlp", "mlp_norm", "mixer_norm") if "forward" in vars(getattr(block, n))} == wrapped
+            assert {n for n, path in modules.items() if "forward" in vars(block.get_submodule(path))} == wrapped
 
 
 @pytest.mark.parametrize("save", [(), ("swiglu", "mlp_norm")])
@@ -261,7 +264,8 @@ def test_compile_save_keeps_what_it_names_below_budget(dtype, dynamo_counters):
     tokens, d, ffn = 2 * 128, cfg.d_model, cfg.intermediate_size
     kept = {}
     try:
-        for save in ((), ("swiglu",), ("mlp_norm",), ("swiglu", "mlp_norm")):
+        for save in ((), ("swiglu",), ("mlp_norm",), ("swiglu", "mlp_norm"), ("conv_silu",), ("out_gate",),
+                     ("mlp_norm", "conv_silu", "out_gate")):
             torch._dynamo.reset()
             dynamo_counters.clear()
             graphs = []
@@ -286,6 +290,10 @@ def test_compile_save_keeps_what_it_names_below_budget(dtype, dynamo_counters):
     assert added[("swiglu",)] == [(tokens, ffn)]
     assert added[("mlp_norm",)] == [(tokens, d)]
     assert added[("swiglu", "mlp_norm")] == sorted([(tokens, ffn), (tokens, d)])
+    # the mixer's: the short conv's SiLU and the gated head-norm output, one [tokens, d_model] tensor each
+    assert added[("conv_silu",)] == [(tokens, d)]
+    assert added[("out_gate",)] == [(tokens, d)]
+    assert added[("mlp_norm", "conv_silu", "out_gate")] == [(tokens, d)] * 3
 
 
 def test_compile_options_are_checked():

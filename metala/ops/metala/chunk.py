@@ -16,6 +16,9 @@ import triton.language as tl
 
 from metala.ops.metala.api import BACKENDS, SplitOutput, check_metala_args, check_w_aug
 from metala.ops.metala.chunk_bwd import (
+    FLAT_ITEMS,
+    GRID_ITEMS,
+    LOOP_ITEMS,
     NO_FLAGS,
     WALK_FLAGS,
     WRITE_FLAGS,
@@ -45,6 +48,7 @@ MAX_K, MAX_V = 128, 256
 # programs when no chunk needs that path, and still a full GPU's worth when every chunk does
 FLAG_BLOCK = 16
 BWD_FORMS = ("joint", "joint_dA", "split", "split_dA")
+DQK_ITEMS = {"grid": GRID_ITEMS.value, "flat": FLAT_ITEMS.value, "loop": LOOP_ITEMS.value}
 GAM_CUMSUMS = ("scan", "matmul")
 
 
@@ -184,8 +188,11 @@ CONFIG = {
     # -> 1.719 ms), -3.1 % at 360M (0.948 -> 0.908); the default since. Its sub-chunk launch (chunks past the
     # one-reference span) spills more with it (468 -> 612 B a thread with the self-augmentation, aligned AOT); that
     # launch's time with every chunk on it (METALA_ONE_REFERENCE_SPAN=-1) is not measured yet.
+    # items: how the full-grid launches map programs to (chunk, head, K-tile) items (chunk_bwd.GRID_ITEMS and the
+    # rest): "grid", "flat" (a K-tile's neighbour is the other K-tile of its (chunk, head)), or "loop" (a fixed grid
+    # of programs_per_sm programs an SM looping over the flat items, loop_stages software-pipelining stages)
     "bwd_dqk": {"num_warps": 4, "num_stages": 2, "BK": 32, "BV": 64, "form": "joint", "intra_dtype": "input",
-                "gam_cumsum": "matmul"},
+                "gam_cumsum": "matmul", "items": "grid", "programs_per_sm": 2, "loop_stages": 1},
     "bwd_dq": {"num_warps": 4, "num_stages": 2, "BK": 32},
     "bwd_dkg": {"num_warps": 8, "num_stages": 2, "BK": 64},
     "seg": {"num_warps": 4, "num_stages": 2},
@@ -235,6 +242,20 @@ def _bv(name: str, V: int) -> int:
 
 def _launch(name: str) -> dict:
     return {k: v for k, v in CONFIG[name].items() if k in _LAUNCH_KEYS}
+
+
+def _dqk_items(n_items: int, grid3: tuple[int, int, int], dev: torch.device) -> tuple[int, tuple]:
+    """The dq/dk kernel's ITEMS and its full-grid launch's grid (CONFIG["bwd_dqk"]["items"])."""
+    choice = CONFIG["bwd_dqk"]["items"]
+    if choice not in DQK_ITEMS:
+        raise ValueError(f"CONFIG['bwd_dqk']['items'] must be one of {sorted(DQK_ITEMS)}, got {choice!r}")
+    if choice == "grid":
+        return GRID_ITEMS.value, grid3
+    if choice == "flat":
+        return FLAT_ITEMS.value, (n_items,)
+    # the interpreter's "SMs": a few, so that its programs loop too
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 3
+    return LOOP_ITEMS.value, (min(n_items, sms * CONFIG["bwd_dqk"]["programs_per_sm"]),)
 
 
 def _stores_dA(V: int) -> bool:
@@ -364,15 +385,16 @@ def chunk_metala_bwd(q, gate, v, do, dht, scale, inv_tau, saved, plan: ChunkPlan
         paths = _intra_paths("bwd_dqk")
         n_items = plan.n_chunks * H * (K // BK_dqk)
         flags = torch.empty(n_items, device=dev, dtype=torch.int8) if len(paths) > 1 else dS_local
+        items, full_grid = _dqk_items(n_items, (plan.n_chunks, H, K // BK_dqk), dev)
         for path in paths:
             walk = path == SUB_CHUNKS.value and len(paths) > 1
-            grid = (triton.cdiv(n_items, FLAG_BLOCK),) if walk else (plan.n_chunks, H, K // BK_dqk)
+            grid = (triton.cdiv(n_items, FLAG_BLOCK),) if walk else full_grid
             mode = WALK_FLAGS if walk else WRITE_FLAGS if len(paths) > 1 else NO_FLAGS
             launch(chunk_metala_bwd_kernel_dqk, grid,
                    (q, gate, v, do, h_local, cdec, S_in, G, dS_local, Dout, dq, dgate, dA, w, da, dw_part, flags,
                     n_items, *tables),
                    dict(common, INTRA_PATH=path, AUG=aug, LOAD_DA=store_dA, PATH_FLAGS=mode.value,
-                        FLAG_BLOCK=FLAG_BLOCK))
+                        FLAG_BLOCK=FLAG_BLOCK, ITEMS=items, LOOP_STAGES=CONFIG["bwd_dqk"]["loop_stages"]))
     return dq, dgate, dv, dh0, dw_part.sum(0) if aug else None
 
 

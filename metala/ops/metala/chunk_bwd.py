@@ -305,6 +305,15 @@ NO_FLAGS: tl.constexpr = tl.constexpr(0)
 WRITE_FLAGS: tl.constexpr = tl.constexpr(1)
 WALK_FLAGS: tl.constexpr = tl.constexpr(2)
 
+# ITEMS of the dq/dk kernel's full-grid launches (CONFIG["bwd_dqk"]["items"]): GRID_ITEMS, a (chunk, head, K-tile)
+# grid, chunks fastest; FLAT_ITEMS, a 1-D grid of the same items with the K-tiles of one (chunk, head) adjacent, so
+# that the second reads that (chunk, head)'s v and dO while the first's are in L2; LOOP_ITEMS, a fixed number of
+# programs, each looping over the flat items at a stride of the grid (the compiler may then prefetch an item's
+# loads during the one before: LOOP_STAGES software-pipelining stages of that loop).
+GRID_ITEMS: tl.constexpr = tl.constexpr(0)
+FLAT_ITEMS: tl.constexpr = tl.constexpr(1)
+LOOP_ITEMS: tl.constexpr = tl.constexpr(2)
+
 
 @triton.jit
 def chunk_metala_bwd_kernel_dqk(
@@ -317,6 +326,7 @@ def chunk_metala_bwd_kernel_dqk(
     GATE_LOGITS: tl.constexpr, DT: tl.constexpr, DOT_PREC: tl.constexpr, INTRA_PREC: tl.constexpr,
     INTRA_DT: tl.constexpr, INTRA_PATH: tl.constexpr, AUG: tl.constexpr, LOAD_DA: tl.constexpr,
     PATH_FLAGS: tl.constexpr, FLAG_BLOCK: tl.constexpr, GAM_MATMUL: tl.constexpr,
+    ITEMS: tl.constexpr = GRID_ITEMS, LOOP_STAGES: tl.constexpr = 1,
 ):
     """dq and the decay gradient dg (or dz) per (chunk, head, K-tile); key channels are independent except
     through dA = dO v^T, which each K-tile recomputes (cheap) so that no program holds all K channels."""
@@ -335,10 +345,23 @@ def chunk_metala_bwd_kernel_dqk(
                                  item // (H * NK), (item // NK) % H, item % NK, False, path_flags,
                                  H, K, V, BT_, BC_, BK, BV, GATE_LOGITS, DT, DOT_PREC, INTRA_PREC, INTRA_DT,
                                  INTRA_PATH, AUG, LOAD_DA, False, GAM_MATMUL)
+    elif ITEMS == LOOP_ITEMS:
+        NK: tl.constexpr = K // BK
+        for item in tl.range(tl.program_id(0), n_items, tl.num_programs(0), num_stages=LOOP_STAGES):
+            dqk_item(q, gate, v, do, h_local, cdec, S_in, Gseg, dS_local, Dout, dq, dgate, dA_in, w_aug, da, dw_part,
+                     chunk_start, chunk_len, chunk_seg, scale, inv_tau,
+                     item // (H * NK), (item // NK) % H, item % NK, True, path_flags,
+                     H, K, V, BT_, BC_, BK, BV, GATE_LOGITS, DT, DOT_PREC, INTRA_PREC, INTRA_DT, INTRA_PATH, AUG,
+                     LOAD_DA, PATH_FLAGS == WRITE_FLAGS, GAM_MATMUL)
     else:
+        if ITEMS == GRID_ITEMS:
+            i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        else:
+            NK_: tl.constexpr = K // BK
+            item = tl.program_id(0)
+            i_c, i_h, i_k = item // (H * NK_), (item // NK_) % H, item % NK_
         dqk_item(q, gate, v, do, h_local, cdec, S_in, Gseg, dS_local, Dout, dq, dgate, dA_in, w_aug, da, dw_part,
-                 chunk_start, chunk_len, chunk_seg, scale, inv_tau,
-                 tl.program_id(0), tl.program_id(1), tl.program_id(2), True, path_flags,
+                 chunk_start, chunk_len, chunk_seg, scale, inv_tau, i_c, i_h, i_k, True, path_flags,
                  H, K, V, BT_, BC_, BK, BV, GATE_LOGITS, DT, DOT_PREC, INTRA_PREC, INTRA_DT, INTRA_PATH, AUG, LOAD_DA,
                  PATH_FLAGS == WRITE_FLAGS, GAM_MATMUL)
 
