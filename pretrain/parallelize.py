@@ -50,9 +50,9 @@ def _swiglu_policy(ctx, op, *args, **kwargs):
     return _must_save_if(op is torch.ops.aten.mul.Tensor)
 
 
-def _norm_policy_16bit(ctx, op, *args, **kwargs):
-    # the norm's output is the cast back to the input's 16-bit dtype; its fp32 intermediates are not kept (twice
-    # the bytes)
+def _cast_to_half_policy(ctx, op, *args, **kwargs):
+    # a 16-bit region computed in fp32 (the norms; the conv's SiLU, `_silu_in_fp32`): its output is the cast back
+    # to the input's 16-bit dtype; its fp32 intermediates are not kept (twice the bytes)
     return _must_save_if(op is torch.ops.aten._to_copy.default and kwargs.get("dtype") in _HALF)
 
 
@@ -67,9 +67,10 @@ def _silu_policy_fp32(ctx, op, *args, **kwargs):
 
 
 def _silu_in_fp32(self, x):
-    """SiLU of a 16-bit tensor as its cast back from fp32 (what F.silu computes for it, one rounding at the end):
-    marked must-save, aten.silu's tag would reach its decomposition's fp32 input too, a second, fp32 copy of the
-    conv's output kept for SiLU's backward; the final cast is the 16-bit output alone."""
+    """SiLU of a 16-bit tensor as F.silu computes it (in fp32, rounded once at the end), with the rounding as an op
+    of its own. Marking aten.silu must-save would tag every op of its 16-bit decomposition, and the partitioner then
+    also kept the fp32 copy of the conv's output that SiLU's backward reads; marking the final cast keeps the
+    16-bit output alone."""
     return F.silu(x.float()).to(x.dtype)
 
 
@@ -83,7 +84,7 @@ def _swiglu_policy_for(x):
 
 
 def _silu_policy_for(x):
-    return _norm_policy_16bit if x.dtype in _HALF else _silu_policy_fp32
+    return _cast_to_half_policy if x.dtype in _HALF else _silu_policy_fp32
 
 
 def _gate_policy_for(x):
@@ -91,7 +92,7 @@ def _gate_policy_for(x):
 
 
 def _norm_policy_for(x):
-    return _norm_policy_16bit if x.dtype in _HALF else _norm_policy_fp32
+    return _cast_to_half_policy if x.dtype in _HALF else _norm_policy_fp32
 
 
 def _save_output(module: nn.Module, policy_for: Callable, half_forward: Callable | None = None) -> None:

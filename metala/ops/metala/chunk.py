@@ -190,7 +190,11 @@ CONFIG = {
     # launch's time with every chunk on it (METALA_ONE_REFERENCE_SPAN=-1) is not measured yet.
     # items: how the full-grid launches map programs to (chunk, head, K-tile) items (chunk_bwd.GRID_ITEMS and the
     # rest): "grid", "flat" (a K-tile's neighbour is the other K-tile of its (chunk, head)), or "loop" (a fixed grid
-    # of programs_per_sm programs an SM looping over the flat items, loop_stages software-pipelining stages)
+    # of programs_per_sm programs an SM looping over the flat items, loop_stages software-pipelining stages).
+    # Not timed yet (session 23 got no GPU). Aligned AOT compile for sm_90 at the 1.3B shape with the
+    # self-augmentation (`METALA_TRITON_CONFIG='{"bwd_dqk": {"items": ...}}' python -m bench.aot_check --quick
+    # --heads 16 --only bwd_dqk/one+aug`), 255 registers each: grid 52 B of spills a thread, flat 56 B, loop
+    # 556 / 648 / 764 B at 1 / 2 / 3 stages (the loop keeps its state live across items)
     "bwd_dqk": {"num_warps": 4, "num_stages": 2, "BK": 32, "BV": 64, "form": "joint", "intra_dtype": "input",
                 "gam_cumsum": "matmul", "items": "grid", "programs_per_sm": 2, "loop_stages": 1},
     "bwd_dq": {"num_warps": 4, "num_stages": 2, "BK": 32},

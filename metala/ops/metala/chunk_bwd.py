@@ -330,8 +330,8 @@ def chunk_metala_bwd_kernel_dqk(
 ):
     """dq and the decay gradient dg (or dz) per (chunk, head, K-tile); key channels are independent except
     through dA = dO v^T, which each K-tile recomputes (cheap) so that no program holds all K channels."""
+    NK: tl.constexpr = K // BK
     if PATH_FLAGS == WALK_FLAGS:
-        NK: tl.constexpr = K // BK
         first = tl.program_id(0) * FLAG_BLOCK
         offs = first + tl.arange(0, FLAG_BLOCK)
         # one read of the block's records; a block without any (ordinary gates: every block) ends here
@@ -346,7 +346,6 @@ def chunk_metala_bwd_kernel_dqk(
                                  H, K, V, BT_, BC_, BK, BV, GATE_LOGITS, DT, DOT_PREC, INTRA_PREC, INTRA_DT,
                                  INTRA_PATH, AUG, LOAD_DA, False, GAM_MATMUL)
     elif ITEMS == LOOP_ITEMS:
-        NK: tl.constexpr = K // BK
         for item in tl.range(tl.program_id(0), n_items, tl.num_programs(0), num_stages=LOOP_STAGES):
             dqk_item(q, gate, v, do, h_local, cdec, S_in, Gseg, dS_local, Dout, dq, dgate, dA_in, w_aug, da, dw_part,
                      chunk_start, chunk_len, chunk_seg, scale, inv_tau,
@@ -357,9 +356,8 @@ def chunk_metala_bwd_kernel_dqk(
         if ITEMS == GRID_ITEMS:
             i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         else:
-            NK_: tl.constexpr = K // BK
             item = tl.program_id(0)
-            i_c, i_h, i_k = item // (H * NK_), (item // NK_) % H, item % NK_
+            i_c, i_h, i_k = item // (H * NK), (item // NK) % H, item % NK
         dqk_item(q, gate, v, do, h_local, cdec, S_in, Gseg, dS_local, Dout, dq, dgate, dA_in, w_aug, da, dw_part,
                  chunk_start, chunk_len, chunk_seg, scale, inv_tau, i_c, i_h, i_k, True, path_flags,
                  H, K, V, BT_, BC_, BK, BV, GATE_LOGITS, DT, DOT_PREC, INTRA_PREC, INTRA_DT, INTRA_PATH, AUG, LOAD_DA,
