@@ -44,9 +44,9 @@ def _must_save_if(keep: bool):
     return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_SAVE
 
 
-def _swiglu_policy(ctx, op, *args, **kwargs):
-    # SiLU(a) * b is the SwiGLU's one elementwise product (the matmuls' outputs are saved at any budget; SiLU(a) is
-    # recomputed from a in the backward's elementwise kernel either way)
+def _product_policy(ctx, op, *args, **kwargs):
+    # SiLU(a) * b, the region's one elementwise product: the SwiGLU's (the matmuls' outputs are saved at any budget)
+    # and the mixer's output gate; SiLU(a) is recomputed from a in the backward's elementwise kernel either way
     return _must_save_if(op is torch.ops.aten.mul.Tensor)
 
 
@@ -74,21 +74,12 @@ def _silu_in_fp32(self, x):
     return F.silu(x.float()).to(x.dtype)
 
 
-def _gate_policy(ctx, op, *args, **kwargs):
-    # SiLU(gate) * x: the region's one product (SiLU(gate) is recomputed from the gate either way, as in the SwiGLU)
-    return _must_save_if(op is torch.ops.aten.mul.Tensor)
-
-
-def _swiglu_policy_for(x):
-    return _swiglu_policy
+def _product_policy_for(x):
+    return _product_policy
 
 
 def _silu_policy_for(x):
     return _cast_to_half_policy if x.dtype in _HALF else _silu_policy_fp32
-
-
-def _gate_policy_for(x):
-    return _gate_policy
 
 
 def _norm_policy_for(x):
@@ -111,6 +102,15 @@ def _save_output(module: nn.Module, policy_for: Callable, half_forward: Callable
     module.forward = types.MethodType(forward, module)
 
 
+# compile_save name -> (the block's module whose output is kept, its policy chooser, its 16-bit forward or None)
+_SAVE_REGIONS = {
+    "swiglu": ("mlp", _product_policy_for, None),
+    "mlp_norm": ("mlp_norm", _norm_policy_for, None),
+    "conv_silu": ("mixer.conv_act", _silu_policy_for, _silu_in_fp32),
+    "out_gate": ("mixer.out_gate", _product_policy_for, None),
+}
+
+
 def apply_compile_save(model: nn.Module, save: tuple[str, ...] | list[str]) -> None:
     """`train.compile_save`: activations the compiled graphs keep for the backward whatever the memory budget.
     "swiglu": SiLU(a) * b, the input of the down projection ([tokens, ffn], 2.75 [tokens, d_model] at the presets);
@@ -121,14 +121,9 @@ def apply_compile_save(model: nn.Module, save: tuple[str, ...] | list[str]) -> N
     (The mixer's norm output needs no choice: its copy padded for the short conv is kept at any budget.) The names
     are checked where the config is (`TrainSection`, COMPILE_SAVE_CHOICES)."""
     for block in model.layers:
-        if "swiglu" in save:
-            _save_output(block.mlp, _swiglu_policy_for)
-        if "mlp_norm" in save:
-            _save_output(block.mlp_norm, _norm_policy_for)
-        if "conv_silu" in save:
-            _save_output(block.mixer.conv_act, _silu_policy_for, _silu_in_fp32)
-        if "out_gate" in save:
-            _save_output(block.mixer.out_gate, _gate_policy_for)
+        for name in save:
+            path, policy_for, half_forward = _SAVE_REGIONS[name]
+            _save_output(block.get_submodule(path), policy_for, half_forward)
 
 
 def _post_then_pre(block: nn.Module, nxt: nn.Module, x, o, parts, cu_seqlens):
