@@ -3,7 +3,7 @@ trainer's own code path against fla GLA and HF Llama (SDPA) of the same size, sa
 
     python -m bench.train_throughput [--presets 360m,1.3b] [--seqlens 2048,8192,16384] [--peers gla,llama]
                                      [--harness trainer,plain] [--compile] [--profile] [--micro-batch N]
-                                     [--doc-len N]
+                                     [--doc-len N] [--tokens-per-step N]
 
 Harnesses (both are run when asked; each row says which):
   trainer  ours: `pretrain.trainer.build_training_model` + the DeepSpeed engine from `deepspeed_config` (bf16
@@ -12,9 +12,9 @@ Harnesses (both are run when asked; each row says which):
            Peers go through the same DeepSpeed config and optimizer.
   plain    the spec's anchor harness for every model: `model.to(bfloat16)`, `AdamW(fused=True)`, no grad clipping
            (with --micro-batch, each micro-batch's loss scaled by N / B before its backward).
-Every run: 32,768 tokens per step (B = 32768 / T), random tokens (packed into documents of mean length N with
-cu_seqlens under --doc-len; otherwise no boundaries), 3 warm-up steps, then 8 timed steps between
-`cuda.synchronize()` calls; peak memory is `max_memory_allocated` over the timed steps.
+Every run: 32,768 tokens per optimizer step unless --tokens-per-step (B = tokens / T), random tokens (packed into
+documents of mean length N with cu_seqlens under --doc-len; otherwise no boundaries), 3 warm-up steps, then 8 timed
+steps between `cuda.synchronize()` calls; peak memory is `max_memory_allocated` over the timed steps.
 
 Correctness gate (a model that fails it gets no time; the script exits non-zero): ours at the bench preset, one
 batch of T = 1024 with two packed documents: loss and every parameter gradient of the Triton path against the
@@ -40,7 +40,10 @@ import torch
 from bench import gpu_tag, merge_sections, result_path
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKENS = 32768
+# tokens per optimizer step (--tokens-per-step; the anchors' 32,768 by default). With --micro-batch, a larger
+# step is the recipes' form: several micro-batches of 16 sequences accumulated per optimizer step, so the step's
+# fixed cost (the optimizer, the gradient copies and norm) spreads over more tokens
+TOKENS = {"n": 32768}
 H100_PEAK = 989e12
 WARMUP, TIMED = 3, 8
 PEER_SIZES = {  # the anchors' peers (performance.md 2.3 / 2.4)
@@ -290,7 +293,7 @@ def gate(preset: str, compiled: bool = False) -> dict:
 
             # the budget and mode the timed rows get (--train-overrides), resolved by the trainer's own config (its
             # batch fields are those of a timed row at this T; only the compile fields are read)
-            t = train_config(preset, T, TOKENS // T, True, False).train
+            t = train_config(preset, T, TOKENS["n"] // T, True, False).train
             apply_compile(m, memory_budget=t.compile_memory_budget, mode=t.compile_mode, save=tuple(t.compile_save))
         with torch.no_grad():  # non-zero w_aug so the self-augmentation path is exercised
             gen = torch.Generator().manual_seed(0)
@@ -470,6 +473,8 @@ def main() -> int:
                     help='JSON merged into the trainer harness\'s DeepSpeed config, e.g. \'{"bf16": {"check_grad_overflow": true}}\'')
     ap.add_argument("--micro-batch", type=int, default=0,
                     help="sequences per forward/backward, accumulated to the full batch (default: all at once)")
+    ap.add_argument("--tokens-per-step", type=int, default=TOKENS["n"],
+                    help="tokens per optimizer step (B = this / T); with --micro-batch, accumulated micro-batches")
     ap.add_argument("--doc-len", type=int, default=0,
                     help="pack documents of this mean length (tokens) into each step's batch, with cu_seqlens as the "
                          "trainer passes them (default: no boundaries)")
@@ -484,12 +489,15 @@ def main() -> int:
         return 0
     set_options({"model_overrides": args.model_overrides, "train_overrides": args.train_overrides,
                  "ds_config": args.ds_config, "micro_batch": args.micro_batch, "doc_len": args.doc_len})
+    TOKENS["n"] = args.tokens_per_step
+    if any(args.tokens_per_step % T for T in map(int, args.seqlens.split(","))):
+        raise SystemExit(f"--tokens-per-step {args.tokens_per_step} must be a multiple of every --seqlens")
     if args.doc_len and args.micro_batch:
         raise SystemExit("--doc-len and --micro-batch together are not supported (boundaries span the whole batch)")
     torch.backends.cuda.matmul.allow_tf32 = True
     gpu = torch.cuda.get_device_name()
     result = {"bench": "train_throughput", "gpu": gpu, "torch": torch.__version__,
-              "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "tokens_per_step": TOKENS,
+              "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "tokens_per_step": TOKENS["n"],
               "peak_flops": H100_PEAK, "model_overrides": MODEL_OVERRIDES, "train_overrides": TRAIN_OVERRIDES,
               "ds_config_changes": DS_CONFIG_CHANGES, "micro_batch": MICRO_BATCH["n"], "doc_len": DOC_LEN["n"], "gates": {}, "rows": [], "profiles": {}}
     # the operator's launch configuration (METALA_TRITON_CONFIG reaches the row processes through the environment)
@@ -509,7 +517,7 @@ def main() -> int:
         result["gates"][preset] = g
         all_ok &= g["correct"]
         for T in map(int, args.seqlens.split(",")):
-            B = TOKENS // T
+            B = TOKENS["n"] // T
             variants = ([] if args.no_eager else [(False, False)]) + ([(True, False)] if args.compile else []) + ([(False, True)] if args.ac else [])
             for h in ([] if args.only_profile else harnesses):
                 for comp, ac in variants:

@@ -4,7 +4,9 @@
 # one machine are the A/B this repository's step-time figures come from.
 # Env: ROWS, a ';'-separated list of NAME=JSON (the JSON is --train-overrides for that row), e.g.
 #   ROWS='base={"compile_memory_budget": 0.9};swiglu={"compile_memory_budget": 0.9, "compile_save": ["swiglu"]}'
-# PRESET (1.3b), SEQLEN (2048), DEADLINE (seconds, 585), TAG; METALA_TRITON_CONFIG passes through.
+# PRESET (1.3b), SEQLEN (2048), DEADLINE (seconds, 585), TAG; METALA_TRITON_CONFIG passes through. A row's JSON may
+# end in '|' and more arguments of bench.train_throughput for that row, e.g.
+#   'acc4={...}|--tokens-per-step 131072 --micro-batch 16'
 # Results go to $OUT (the device tool's output folder; bench/results when unset). Needs .whl/ (bench/gpu/wheels.sh)
 # carried. Example (device tool): ROWS='...' bash bench/gpu/train_rows.sh, carry [".whl"]
 set -u
@@ -13,12 +15,13 @@ source bench/gpu/env.sh
 i=0
 IFS=';' read -ra rows <<< "${ROWS:?give ROWS}"
 for row in "${rows[@]}"; do
-  name=${row%%=*}; overrides=${row#*=}
+  name=${row%%=*}; spec=${row#*=}; overrides=${spec%%|*}; extra=""
+  [ "$spec" != "$overrides" ] && extra=${spec#*|}
   i=$((i + 1))
   l=$(left); [ "$l" -lt 70 ] && { echo "row $i $name skipped: $l s left"; continue; }
   [ "$l" -gt 240 ] && l=240
   timeout "$l" python -m bench.train_throughput --presets "${PRESET:-1.3b}" --seqlens "${SEQLEN:-2048}" --compile \
-    --no-eager --peers "" --harness trainer --train-overrides "$overrides" --out "$OUT" --tag "${TAG}_${i}_$name" \
+    --no-eager --peers "" --harness trainer --train-overrides "$overrides" $extra --out "$OUT" --tag "${TAG}_${i}_$name" \
     > "$OUT/row_${i}_$name.log" 2>&1
   last=$(grep -E "tok/s|out of memory|OutOfMemory|failed|Error" "$OUT/row_${i}_$name.log" | tail -1)
   echo "$i $name: $last  ($(( $(date +%s) - T0 )) s)"
