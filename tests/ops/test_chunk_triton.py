@@ -240,9 +240,10 @@ def test_model_on_triton_matches_model_on_chunk():
     pytest.param({"form": "split", "intra_dtype": "input", "gam_cumsum": "matmul"}, id="split-gam-matmul"),
     pytest.param({"form": "joint", "intra_dtype": "input", "gam_cumsum": "scan"}, id="joint-dqk-gam-scan"),
     pytest.param({"form": "split", "intra_dtype": "input", "gam_cumsum": "scan"}, id="split-gam-scan"),
-    # the joint kernel's program-to-item maps: a 1-D grid, and a fixed grid of looping programs (3 "SMs" under the
-    # interpreter: 6 programs over 3 chunks x 2 heads x 2 K-tiles, two items each; 2 and 3 stages of the loop)
-    pytest.param({"form": "joint", "items": "flat"}, id="joint-flat-items"),
+    # the joint kernel's program-to-item maps besides the default 1-D grid ("flat"): the 3-D grid, and a fixed grid
+    # of looping programs (3 "SMs" under the interpreter: 6 programs over 3 chunks x 2 heads x 2 K-tiles, two items
+    # each; 2 and 3 stages of the loop)
+    pytest.param({"form": "joint", "items": "grid"}, id="joint-grid-items"),
     pytest.param({"form": "joint", "items": "loop", "loop_stages": 2}, id="joint-loop-items"),
     pytest.param({"form": "joint", "items": "loop", "programs_per_sm": 1, "loop_stages": 3}, id="joint-loop-items-4"),
 ])
