@@ -41,8 +41,8 @@ from bench import gpu_tag, merge_sections, result_path
 
 ROOT = Path(__file__).resolve().parents[1]
 # tokens per optimizer step (--tokens-per-step; the anchors' 32,768 by default). With --micro-batch, a larger
-# step is the recipes' form: several micro-batches of 16 sequences accumulated per optimizer step, so the step's
-# fixed cost (the optimizer, the gradient copies and norm) spreads over more tokens
+# step is the recipes' form: several micro-batches accumulated per optimizer step, so the step's fixed cost (the
+# optimizer, the gradient copies and norm) spreads over more tokens
 TOKENS = {"n": 32768}
 H100_PEAK = 989e12
 WARMUP, TIMED = 3, 8
@@ -490,8 +490,8 @@ def main() -> int:
     set_options({"model_overrides": args.model_overrides, "train_overrides": args.train_overrides,
                  "ds_config": args.ds_config, "micro_batch": args.micro_batch, "doc_len": args.doc_len})
     TOKENS["n"] = args.tokens_per_step
-    if any(args.tokens_per_step % T for T in map(int, args.seqlens.split(","))):
-        raise SystemExit(f"--tokens-per-step {args.tokens_per_step} must be a multiple of every --seqlens")
+    if args.tokens_per_step < 1 or any(args.tokens_per_step % T for T in map(int, args.seqlens.split(","))):
+        raise SystemExit(f"--tokens-per-step {args.tokens_per_step} must be a positive multiple of every --seqlens")
     if args.doc_len and args.micro_batch:
         raise SystemExit("--doc-len and --micro-batch together are not supported (boundaries span the whole batch)")
     torch.backends.cuda.matmul.allow_tf32 = True
