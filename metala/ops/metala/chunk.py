@@ -194,10 +194,11 @@ CONFIG = {
     # "flat" is the default: the second K-tile of a (chunk, head) then reads its v and dO from L2. H100, session 24,
     # `python -m bench.kernel_tune --aug --shapes 16x2048x16,16x2048x8 --segs "" --variants '[{"bwd_dqk": {"items":
     # "flat"}}]'` (20261207_h100_kernel_tune_aug_s24k.json; outputs bit-identical): backward 1.660 -> 1.590 ms at
-    # the 1.3B shape (-4.2 %), 0.870 -> 0.841 at 360M (-3.3 %); forward unchanged. "loop" not timed. Aligned AOT compile for sm_90 at the 1.3B shape with the
-    # self-augmentation (`METALA_TRITON_CONFIG='{"bwd_dqk": {"items": ...}}' python -m bench.aot_check --quick
-    # --heads 16 --only bwd_dqk/one+aug`), 255 registers each: grid 52 B of spills a thread, flat 56 B, loop
-    # 556 / 648 / 764 B at 1 / 2 / 3 stages (the loop keeps its state live across items)
+    # the 1.3B shape (-4.2 %), 0.870 -> 0.841 at 360M (-3.3 %); forward unchanged. "loop" not timed. Aligned AOT
+    # compile for sm_90 at the 1.3B shape with the self-augmentation (`METALA_TRITON_CONFIG='{"bwd_dqk":
+    # {"items": ...}}' python -m bench.aot_check --quick --heads 16 --only bwd_dqk/one+aug`), 255 registers each:
+    # grid 52 B of spills a thread, flat 56 B, loop 556 / 648 / 764 B at 1 / 2 / 3 stages (the loop keeps its state
+    # live across items)
     "bwd_dqk": {"num_warps": 4, "num_stages": 2, "BK": 32, "BV": 64, "form": "joint", "intra_dtype": "input",
                 "gam_cumsum": "matmul", "items": "flat", "programs_per_sm": 2, "loop_stages": 1},
     "bwd_dq": {"num_warps": 4, "num_stages": 2, "BK": 32},

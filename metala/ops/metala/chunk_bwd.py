@@ -316,6 +316,13 @@ LOOP_ITEMS: tl.constexpr = tl.constexpr(2)
 
 
 @triton.jit
+def item_coords(item, H: tl.constexpr, NK: tl.constexpr):
+    """(chunk, head, K-tile) of a flat dq/dk item: the K-tiles of one (chunk, head) adjacent, then heads, then chunks
+    (the order of the path flags and of the flat and loop launches)."""
+    return item // (H * NK), (item // NK) % H, item % NK
+
+
+@triton.jit
 def chunk_metala_bwd_kernel_dqk(
     q, gate, v, do, h_local, cdec, S_in, Gseg, dS_local, Dout,
     dq, dgate, dA_in, w_aug, da, dw_part, path_flags, n_items,
@@ -340,24 +347,25 @@ def chunk_metala_bwd_kernel_dqk(
                 item = first + j
                 if item < n_items:
                     if tl.load(path_flags + item) != 0:
+                        i_c, i_h, i_k = item_coords(item, H, NK)
                         dqk_item(q, gate, v, do, h_local, cdec, S_in, Gseg, dS_local, Dout, dq, dgate, dA_in, w_aug,
                                  da, dw_part, chunk_start, chunk_len, chunk_seg, scale, inv_tau,
-                                 item // (H * NK), (item // NK) % H, item % NK, False, path_flags,
+                                 i_c, i_h, i_k, False, path_flags,
                                  H, K, V, BT_, BC_, BK, BV, GATE_LOGITS, DT, DOT_PREC, INTRA_PREC, INTRA_DT,
                                  INTRA_PATH, AUG, LOAD_DA, False, GAM_MATMUL)
     elif ITEMS == LOOP_ITEMS:
         for item in tl.range(tl.program_id(0), n_items, tl.num_programs(0), num_stages=LOOP_STAGES):
+            i_c, i_h, i_k = item_coords(item, H, NK)
             dqk_item(q, gate, v, do, h_local, cdec, S_in, Gseg, dS_local, Dout, dq, dgate, dA_in, w_aug, da, dw_part,
                      chunk_start, chunk_len, chunk_seg, scale, inv_tau,
-                     item // (H * NK), (item // NK) % H, item % NK, True, path_flags,
+                     i_c, i_h, i_k, True, path_flags,
                      H, K, V, BT_, BC_, BK, BV, GATE_LOGITS, DT, DOT_PREC, INTRA_PREC, INTRA_DT, INTRA_PATH, AUG,
                      LOAD_DA, PATH_FLAGS == WRITE_FLAGS, GAM_MATMUL)
     else:
         if ITEMS == GRID_ITEMS:
             i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         else:
-            item = tl.program_id(0)
-            i_c, i_h, i_k = item // (H * NK), (item // NK) % H, item % NK
+            i_c, i_h, i_k = item_coords(tl.program_id(0), H, NK)
         dqk_item(q, gate, v, do, h_local, cdec, S_in, Gseg, dS_local, Dout, dq, dgate, dA_in, w_aug, da, dw_part,
                  chunk_start, chunk_len, chunk_seg, scale, inv_tau, i_c, i_h, i_k, True, path_flags,
                  H, K, V, BT_, BC_, BK, BV, GATE_LOGITS, DT, DOT_PREC, INTRA_PREC, INTRA_DT, INTRA_PATH, AUG, LOAD_DA,
