@@ -29,6 +29,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -61,6 +62,8 @@ SKIP_LOG_CAP = 100_000
 # test hook: stop (as if killed) after this many train shards were committed
 STOP_AFTER_ENV = "METALA_PREPARE_STOP_AFTER_SHARDS"
 DEFAULT_START_METHOD = "fork" if sys.platform == "linux" else "spawn"
+# how long a stopping run lets its workers finish the tasks in flight before it kills them (`_shut_down`)
+DRAIN_SECONDS = 120.0
 
 
 @dataclass(kw_only=True, slots=True)
@@ -187,7 +190,9 @@ def _spill_blocks(tasks: Iterator[Task], folder: str) -> Iterator[Task]:
 
 def _init_worker(model: str | Tokenizer, sha256: str, cfg: dict) -> None:
     """`model`: the parent's loaded Tokenizer when the worker is forked (it inherits the object: no second load of
-    the model, ~50 ms of every run's start here), else the model file, loaded and checked against the parent's."""
+    the model, ~50 ms of every run's start here), else the model file, loaded and checked against the parent's.
+    Ctrl-C is the parent's to handle (see `_shut_down`): a worker interrupted mid-task would lose that task."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     tok = model if isinstance(model, Tokenizer) else Tokenizer(model)
     if tok.sha256 != sha256:
         raise RuntimeError(f"{model} changed while preparing (sha256 {tok.sha256} != {sha256})")
@@ -267,6 +272,31 @@ def _bounded(it: Iterator[Task], sem: threading.Semaphore, stop: threading.Event
         if stop.is_set():
             return
         yield item
+
+
+def _shut_down(pool, results, drain_s: float | None = None) -> None:
+    """Stop the pool without killing a worker that may be writing a result. `Pool.terminate()` SIGTERMs workers
+    whatever they are doing; one killed while it holds the result queue's lock leaves that lock taken, and the
+    pool's task-handler thread, which puts its end-of-work marker on the same queue, then waits forever (an early
+    exit hung so once, in `test_resume_after_interruption`). So the feed being stopped, the tasks still in flight
+    (at most 2 * workers + 2) finish and are discarded, and the workers exit on the pool's own end-of-work markers;
+    `terminate()` is left for a pool that does not drain within `drain_s` (DRAIN_SECONDS) or a second Ctrl-C."""
+    deadline = time.monotonic() + (DRAIN_SECONDS if drain_s is None else drain_s)
+    try:
+        while results is not None:
+            try:
+                results.next(timeout=max(deadline - time.monotonic(), 0.0))
+            except StopIteration:
+                break
+            except mp.TimeoutError:
+                raise
+            except Exception:  # noqa: BLE001 - a failed task in flight: the run is already stopping
+                continue
+        pool.close()
+        pool.join()
+    except (mp.TimeoutError, KeyboardInterrupt):
+        pool.terminate()
+        pool.join()
 
 
 def _fingerprint(cfg: PrepareConfig, tok: Tokenizer) -> str:
@@ -432,7 +462,7 @@ class Preparer:
         new_tokens = 0
         from tqdm import tqdm
 
-        pool = None
+        pool = results = None
         feed_stop = threading.Event()
         bar = None
         try:
@@ -471,8 +501,7 @@ class Preparer:
                 bar.close()
             feed_stop.set()
             if pool is not None:
-                pool.terminate()
-                pool.join()
+                _shut_down(pool, results)
             if spill_dir is not None:
                 shutil.rmtree(spill_dir, ignore_errors=True)
         elapsed = time.time() - t0

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
+import multiprocessing.pool
 import os
+import signal
 import tempfile
 
 import pytest
@@ -90,8 +93,13 @@ def test_worker_init_takes_the_forked_tokenizer_or_loads_and_checks_the_file(tok
     from data_prep import prepare
 
     tok = Tokenizer(tokenizer_model)
-    # forked workers get the parent's object itself: no second load
-    prepare._init_worker(tok, tok.sha256, {"encoder": "whole"})
+    # forked workers get the parent's object itself: no second load; and they leave Ctrl-C to the parent
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        prepare._init_worker(tok, tok.sha256, {"encoder": "whole"})
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, sigint)
     assert prepare._WORKER["tok"] is tok and prepare._WORKER["encoder"] == "whole"
     # spawned workers get the path: loaded afresh, and refused if the file is not the one the parent hashed
     prepare._init_worker(str(tok.path), tok.sha256, {})
@@ -131,6 +139,95 @@ def test_resume_after_interruption(small_corpus, tokenizer_model, tmp_path, monk
         run_prepare(inputs, tokenizer_model, out, "--val-fraction", "0.2")
     redone = run_prepare(inputs, tokenizer_model, out, "--val-fraction", "0.2", "--overwrite")
     assert redone["settings"]["val_fraction"] == 0.2
+
+
+@pytest.fixture
+def terminations(monkeypatch):
+    """Calls of Pool.terminate() (which may kill a worker mid-write, see `prepare._shut_down`), counted."""
+    calls = []
+    terminate = multiprocessing.pool.Pool.terminate
+
+    def counted(self):
+        calls.append(self)
+        terminate(self)
+
+    monkeypatch.setattr(multiprocessing.pool.Pool, "terminate", counted)
+    return calls
+
+
+def test_stopping_early_lets_the_workers_finish_instead_of_killing_them(small_corpus, tokenizer_model, tmp_path,
+                                                                        monkeypatch, terminations):
+    from data_prep import prepare
+
+    inputs, _ = small_corpus
+    args = ("--workers", "2", "--shard-tokens", "20000", "--task-bytes", "20000")
+    # finished, stopped after a shard, and interrupted (Ctrl-C in the parent while tasks are in flight)
+    run_prepare(inputs, tokenizer_model, tmp_path / "done", *args)
+    monkeypatch.setenv(STOP_AFTER_ENV, "1")
+    with pytest.raises(SystemExit, match="stopped after 1 shards"):
+        run_prepare(inputs, tokenizer_model, tmp_path / "stopped", *args)
+    monkeypatch.delenv(STOP_AFTER_ENV)
+    absorb, seen = prepare.Preparer._absorb, []
+
+    def interrupted(self, res):
+        seen.append(res["index"])
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+        absorb(self, res)
+
+    monkeypatch.setattr(prepare.Preparer, "_absorb", interrupted)
+    with pytest.raises(SystemExit, match="interrupted"):
+        run_prepare(inputs, tokenizer_model, tmp_path / "interrupted", *args)
+    assert terminations == [] and mp.active_children() == []
+    assert len(list((tmp_path / "stopped").glob("train-*.arrow"))) == 1
+
+
+class _FakePool:
+    def __init__(self):
+        self.calls = []
+
+    def close(self):
+        self.calls.append("close")
+
+    def join(self):
+        self.calls.append("join")
+
+    def terminate(self):
+        self.calls.append("terminate")
+
+
+class _FakeResults:
+    """IMapIterator.next(timeout) stand-in: hands out the given outcomes in order, then StopIteration."""
+
+    def __init__(self, *outcomes):
+        self.outcomes, self.timeouts = list(outcomes), []
+
+    def next(self, timeout):
+        self.timeouts.append(timeout)
+        if not self.outcomes:
+            raise StopIteration
+        out = self.outcomes.pop(0)
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+
+def test_shut_down_drains_then_closes_and_kills_only_a_pool_that_does_not_drain():
+    from data_prep.prepare import _shut_down
+
+    # results in flight and a failed task are drained, then the workers exit on the pool's own markers
+    pool, results = _FakePool(), _FakeResults({"index": 3}, ValueError("task failed"), {"index": 5})
+    _shut_down(pool, results, drain_s=60)
+    assert pool.calls == ["close", "join"] and len(results.timeouts) == 4 and 0 < min(results.timeouts) <= 60
+    # nothing issued yet
+    pool = _FakePool()
+    _shut_down(pool, None)
+    assert pool.calls == ["close", "join"]
+    # a task that does not finish in time, or a second Ctrl-C during the drain: kill
+    for stuck in (mp.TimeoutError(), KeyboardInterrupt()):
+        pool = _FakePool()
+        _shut_down(pool, _FakeResults({"index": 0}, stuck), drain_s=60)
+        assert pool.calls == ["terminate", "join"]
 
 
 def test_bad_input_is_skipped_counted_and_reported(tokenizer_model, tmp_path):
