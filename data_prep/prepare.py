@@ -263,8 +263,8 @@ def make_tasks(inputs: list[str], task_bytes: int, start: int, errors: ReadError
 
 def _bounded(it: Iterator[Task], sem: threading.Semaphore, stop: threading.Event) -> Iterator[Task]:
     # back-pressure: the reader waits until the writer has consumed a result before cutting another task.
-    # `stop` ends the feed at teardown: Pool.terminate() joins this (task-handler) thread, so it must never be
-    # left blocked on the semaphore, or an early exit (stop-after, Ctrl-C, a bad shard) hangs forever.
+    # `stop` ends the feed at teardown: the pool's shutdown (`_shut_down`) waits for this (task-handler) thread, so it
+    # must never be left blocked on the semaphore, or an early exit (stop-after, Ctrl-C, a bad shard) hangs forever.
     for item in it:
         while not sem.acquire(timeout=0.1):
             if stop.is_set():
