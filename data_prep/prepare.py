@@ -27,6 +27,7 @@ import argparse
 import hashlib
 import json
 import multiprocessing as mp
+import multiprocessing.pool
 import os
 import shutil
 import signal
@@ -274,7 +275,7 @@ def _bounded(it: Iterator[Task], sem: threading.Semaphore, stop: threading.Event
         yield item
 
 
-def _shut_down(pool, results, drain_s: float | None = None) -> None:
+def _shut_down(pool: mp.pool.Pool, results: mp.pool.IMapIterator | None, drain_s: float | None = None) -> None:
     """Stop the pool without killing a worker that may be writing a result. `Pool.terminate()` SIGTERMs workers
     whatever they are doing; one killed while it holds the result queue's lock leaves that lock taken, and the
     pool's task-handler thread, which puts its end-of-work marker on the same queue, then waits forever (an early
