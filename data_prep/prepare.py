@@ -65,6 +65,8 @@ STOP_AFTER_ENV = "METALA_PREPARE_STOP_AFTER_SHARDS"
 DEFAULT_START_METHOD = "fork" if sys.platform == "linux" else "spawn"
 # how long a stopping run lets its workers finish the tasks in flight before it kills them (`_shut_down`)
 DRAIN_SECONDS = 120.0
+# how often a run waiting for a result checks that no worker died (`_until_a_worker_dies`)
+WORKER_CHECK_SECONDS = 1.0
 
 
 @dataclass(kw_only=True, slots=True)
@@ -275,6 +277,32 @@ def _bounded(it: Iterator[Task], sem: threading.Semaphore, stop: threading.Event
         yield item
 
 
+class WorkerDied(RuntimeError):
+    """A tokenizer worker process exited during the run; the task it held is lost."""
+
+
+def _until_a_worker_dies(pool: mp.pool.Pool, results: mp.pool.IMapIterator) -> Iterator[dict]:
+    """`results` in order, or WorkerDied once a worker process has exited mid-run (the out-of-memory killer, a crash
+    in the tokenizer library): Pool starts a replacement without a word, and the result of the task the dead worker
+    held never comes, so the run would wait forever. Checked every WORKER_CHECK_SECONDS spent waiting. Every worker
+    seen is kept (Pool drops a dead one from its list when it replaces it); `pool._pool` is private, but Pool has no
+    public view of its workers."""
+    workers: set = set()
+    while True:
+        workers.update(pool._pool)
+        try:
+            yield results.next(timeout=WORKER_CHECK_SECONDS)
+        except StopIteration:
+            return
+        except mp.TimeoutError:
+            dead = [p for p in workers if p.exitcode is not None]
+            if dead:
+                code = dead[0].exitcode
+                how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+                hint = " (SIGKILL: often the out-of-memory killer)" if code == -signal.SIGKILL else ""
+                raise WorkerDied(f"a tokenizer worker (pid {dead[0].pid}) {how}{hint}; the task it held is lost")
+
+
 def _shut_down(pool: mp.pool.Pool, results: mp.pool.IMapIterator | None, drain_s: float | None = None) -> None:
     """Stop the pool without killing a worker that may be writing a result. `Pool.terminate()` SIGTERMs workers
     whatever they are doing; one killed while it holds the result queue's lock leaves that lock taken, and the
@@ -464,6 +492,7 @@ class Preparer:
         from tqdm import tqdm
 
         pool = results = None
+        broken = False
         feed_stop = threading.Event()
         bar = None
         try:
@@ -481,7 +510,7 @@ class Preparer:
                 results = pool.imap(tokenize_task, _spill_blocks(_bounded(tasks, sem, feed_stop), spill_dir),
                                     chunksize=1)
             bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenize", file=sys.stderr, smoothing=0.1)
-            for res in results:
+            for res in results if pool is None else _until_a_worker_dies(pool, results):
                 if sem is not None:
                     sem.release()
                 self._absorb(res)
@@ -497,12 +526,16 @@ class Preparer:
             self._commit(self.state["next_task"], final=True)
         except KeyboardInterrupt:
             raise SystemExit("interrupted: rerun the same command to resume from the last written shard")
+        except WorkerDied as e:
+            # the lost task would never come back: no point waiting for the pool to drain
+            broken = True
+            raise SystemExit(f"{e}: rerun the same command to resume from the last written shard") from e
         finally:
             if bar is not None:
                 bar.close()
             feed_stop.set()
             if pool is not None:
-                _shut_down(pool, results)
+                _shut_down(pool, results, drain_s=0.0 if broken else None)
             if spill_dir is not None:
                 shutil.rmtree(spill_dir, ignore_errors=True)
         elapsed = time.time() - t0

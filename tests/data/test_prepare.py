@@ -7,7 +7,11 @@ import multiprocessing as mp
 import multiprocessing.pool
 import os
 import signal
+import subprocess
+import sys
 import tempfile
+import time
+from pathlib import Path
 
 import pytest
 import zstandard
@@ -17,6 +21,8 @@ from data_prep.prepare import main as prepare_main
 from data_prep.shards import ShardView
 from data_prep.tokenizer import Tokenizer
 from tests.corpus import demo_documents
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def write_jsonl_zst(path, records):
@@ -180,6 +186,38 @@ def test_stopping_early_lets_the_workers_finish_instead_of_killing_them(small_co
         run_prepare(inputs, tokenizer_model, tmp_path / "interrupted", *args)
     assert terminations == [] and mp.active_children() == []
     assert len(list((tmp_path / "stopped").glob("train-*.arrow"))) == 1
+
+
+# a run whose second task kills its worker the way the out-of-memory killer would, in a process of its own (so that
+# a regression hangs that process, which the test times out, not the test session)
+_DYING_WORKER = """
+import os, signal, sys
+from data_prep import prepare
+task_fn = prepare.tokenize_task
+def dying(task):
+    if task.index == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return task_fn(task)
+prepare.tokenize_task = dying
+prepare.WORKER_CHECK_SECONDS = 0.2
+prepare.main(sys.argv[1:])
+"""
+
+
+def test_a_worker_killed_mid_run_stops_the_run_with_its_reason(small_corpus, tokenizer_model, tmp_path):
+    inputs, _ = small_corpus
+    out = tmp_path / "out"
+    extra = ["--workers", "2", "--shard-tokens", "20000", "--task-bytes", "20000"]
+    args = ["--input", *inputs, "--tokenizer", tokenizer_model, "--output", str(out), *extra]
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", _DYING_WORKER, *args], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT)
+    assert proc.returncode == 1 and time.monotonic() - t0 < 60
+    assert "was killed by signal 9 (SIGKILL: often the out-of-memory killer)" in proc.stderr
+    assert "rerun the same command to resume" in proc.stderr
+    # what was written before stays resumable: the same command without the dying task finishes the run
+    done = run_prepare(inputs, tokenizer_model, out, *extra)
+    assert done["splits"]["train"]["docs"] + done["splits"]["val"]["docs"] == len(small_corpus[1])
 
 
 class _FakePool:
