@@ -67,6 +67,10 @@ DEFAULT_START_METHOD = "fork" if sys.platform == "linux" else "spawn"
 DRAIN_SECONDS = 120.0
 # how often a run waiting for a result checks that no worker died (`_until_a_worker_dies`)
 WORKER_CHECK_SECONDS = 1.0
+# after a worker died: how long a queue lock may stay taken with every worker gone before it counts as left held by
+# a dead one, and how long the pool's own shutdown may take before the run leaves it (`_tear_down_after_a_death`)
+STALE_LOCK_SECONDS = 1.0
+TEARDOWN_SECONDS = 30.0
 
 
 @dataclass(kw_only=True, slots=True)
@@ -328,6 +332,35 @@ def _shut_down(pool: mp.pool.Pool, results: mp.pool.IMapIterator | None, drain_s
         pool.join()
 
 
+def _tear_down_after_a_death(pool: mp.pool.Pool) -> None:
+    """Stop a pool one of whose workers died. `terminate()` alone hangs when the dead worker held one of the two
+    locks it takes: the task queue's read lock, which an idle worker holds while it waits for a task (an idle worker
+    is what the out-of-memory killer often picks), or the result queue's write lock, mid-result. So the pool first
+    stops replacing workers, every worker is killed and reaped, and a lock that stays taken with no worker alive is
+    released (in `STALE_LOCK_SECONDS` the pool's own task thread would have let go of the result lock: its reader is
+    alive); then `terminate()`, in a thread the run does not wait on past `TEARDOWN_SECONDS` (a worker killed halfway
+    through writing a result leaves a torn message that the pool's result thread waits on forever).
+    `Pool` has no public view of its workers, handler threads or queues; these are CPython's own names (3.8+)."""
+    handler = pool._worker_handler
+    handler._state = mp.pool.TERMINATE
+    pool._change_notifier.put(None)  # wakes the handler, which then exits instead of starting replacements
+    handler.join(TEARDOWN_SECONDS)
+    for p in pool._pool:
+        p.kill()
+    for p in pool._pool:
+        p.join(TEARDOWN_SECONDS)
+    for lock in (pool._inqueue._rlock, pool._outqueue._wlock):
+        # taken here within the wait, or still held by a process that no longer exists: free either way
+        lock.acquire(timeout=STALE_LOCK_SECONDS)
+        lock.release()
+    stopper = threading.Thread(target=lambda: (pool.terminate(), pool.join()), daemon=True)
+    stopper.start()
+    stopper.join(TEARDOWN_SECONDS)
+    if stopper.is_alive():
+        print("warning: the tokenizer pool's threads did not stop; its worker processes were killed",
+              file=sys.stderr)
+
+
 def _fingerprint(cfg: PrepareConfig, tok: Tokenizer) -> str:
     sources = []
     for spec in cfg.inputs:
@@ -534,8 +567,10 @@ class Preparer:
             if bar is not None:
                 bar.close()
             feed_stop.set()
-            if pool is not None:
-                _shut_down(pool, results, drain_s=0.0 if broken else None)
+            if pool is not None and broken:
+                _tear_down_after_a_death(pool)
+            elif pool is not None:
+                _shut_down(pool, results)
             if spill_dir is not None:
                 shutil.rmtree(spill_dir, ignore_errors=True)
         elapsed = time.time() - t0

@@ -189,35 +189,54 @@ def test_stopping_early_lets_the_workers_finish_instead_of_killing_them(small_co
 
 
 # a run whose second task kills its worker the way the out-of-memory killer would, in a process of its own (so that
-# a regression hangs that process, which the test times out, not the test session)
+# a regression hangs that process, which the test times out, not the test session); first argument: what the worker
+# holds when it dies
 _DYING_WORKER = """
-import os, signal, sys
+import os, signal, struct, sys
 from data_prep import prepare
 task_fn = prepare.tokenize_task
+HOLD = sys.argv.pop(1)
 def dying(task):
     if task.index == 1:
+        # the pool's queues, from the frame of multiprocessing.pool.worker, which runs this task
+        frame = sys._getframe()
+        while frame.f_code.co_name != "worker":
+            frame = frame.f_back
+        tasks, results = frame.f_locals["inqueue"], frame.f_locals["outqueue"]
+        if HOLD == "task-lock":  # as an idle worker does while it waits for a task
+            tasks._rlock.acquire()
+        elif HOLD in ("result-lock", "torn-result"):  # as a worker writing its result
+            results._wlock.acquire()
+            if HOLD == "torn-result":  # a result's length header and the start of its bytes, no more
+                results._writer._send(struct.pack("!i", 1 << 20) + bytes(100))
         os.kill(os.getpid(), signal.SIGKILL)
     return task_fn(task)
 prepare.tokenize_task = dying
 prepare.WORKER_CHECK_SECONDS = 0.2
+prepare.TEARDOWN_SECONDS = 3.0
 prepare.main(sys.argv[1:])
 """
 
 
-def test_a_worker_killed_mid_run_stops_the_run_with_its_reason(small_corpus, tokenizer_model, tmp_path):
+@pytest.mark.parametrize("hold", ["nothing", "task-lock", "result-lock", "torn-result"])
+def test_a_worker_killed_mid_run_stops_the_run_with_its_reason(hold, small_corpus, tokenizer_model, tmp_path):
+    """Whatever the dead worker held: Pool.terminate() alone hangs on either queue lock left taken (checked)."""
     inputs, _ = small_corpus
     out = tmp_path / "out"
     extra = ["--workers", "2", "--shard-tokens", "20000", "--task-bytes", "20000"]
     args = ["--input", *inputs, "--tokenizer", tokenizer_model, "--output", str(out), *extra]
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", _DYING_WORKER, *args], capture_output=True, text=True, timeout=120,
-                          cwd=ROOT)
+    proc = subprocess.run([sys.executable, "-c", _DYING_WORKER, hold, *args], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
     assert proc.returncode == 1 and time.monotonic() - t0 < 60
     assert "was killed by signal 9 (SIGKILL: often the out-of-memory killer)" in proc.stderr
     assert "rerun the same command to resume" in proc.stderr
-    # what was written before stays resumable: the same command without the dying task finishes the run
-    done = run_prepare(inputs, tokenizer_model, out, *extra)
-    assert done["splits"]["train"]["docs"] + done["splits"]["val"]["docs"] == len(small_corpus[1])
+    # only a torn result keeps the pool's own threads from stopping (the run leaves them, its workers killed)
+    assert ("pool's threads did not stop" in proc.stderr) == (hold == "torn-result")
+    if hold == "nothing":
+        # what was written before stays resumable: the same command without the dying task finishes the run
+        done = run_prepare(inputs, tokenizer_model, out, *extra)
+        assert done["splits"]["train"]["docs"] + done["splits"]["val"]["docs"] == len(small_corpus[1])
 
 
 class _FakePool:
