@@ -32,6 +32,7 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -259,10 +260,14 @@ def time_model(name: str, build, harness: str, B: int, T: int, cfg=None) -> dict
     row = {"model": name, "harness": harness, "T": T, "B": B, "micro_batch": micro_batch(B),
            "documents_per_step": 0 if cu_host is None else len(cu_host) - 1, "tokens_per_step": B * T, "step_s": dt,
            "tokens_per_s": tps, "mfu": 6 * n * tps / H100_PEAK, "n_nonemb": n,
-           "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9, "loss_first": losses[0],
+           "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9,
+           # reserved - allocated is the caching allocator's slack (fragmentation); the setting that shapes it
+           "peak_reserved_gb": torch.cuda.max_memory_reserved() / 1e9,
+           "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""), "loss_first": losses[0],
            "loss_last": losses[-1], "loss_ok": ok, "build_and_warmup_s": warm_s}
     print(f"{name:14s} {harness:7s} T={T:6d} B={B:3d}  {dt * 1e3:8.1f} ms  {tps / 1e3:7.1f}k tok/s  "
-          f"MFU {100 * row['mfu']:5.1f}%  mem {row['peak_memory_gb']:5.1f} GB  loss {losses[0]:.3f}->{losses[-1]:.3f}"
+          f"MFU {100 * row['mfu']:5.1f}%  mem {row['peak_memory_gb']:5.1f} GB ({row['peak_reserved_gb']:.1f} reserved)  "
+          f"loss {losses[0]:.3f}->{losses[-1]:.3f}"
           f"{'' if ok else '  LOSS CHECK FAILED'}", flush=True)
     del model, step
     torch.cuda.empty_cache()
