@@ -307,14 +307,14 @@ def _until_a_worker_dies(pool: mp.pool.Pool, results: mp.pool.IMapIterator) -> I
                 raise WorkerDied(f"a tokenizer worker (pid {dead[0].pid}) {how}{hint}; the task it held is lost")
 
 
-def _shut_down(pool: mp.pool.Pool, results: mp.pool.IMapIterator | None, drain_s: float | None = None) -> None:
+def _shut_down(pool: mp.pool.Pool, results: mp.pool.IMapIterator | None) -> None:
     """Stop the pool without killing a worker that may be writing a result. `Pool.terminate()` SIGTERMs workers
     whatever they are doing; one killed while it holds the result queue's lock leaves that lock taken, and the
     pool's task-handler thread, which puts its end-of-work marker on the same queue, then waits forever (an early
     exit hung so once, in `test_resume_after_interruption`). So the feed being stopped, the tasks still in flight
     (at most 2 * workers + 2) finish and are discarded, and the workers exit on the pool's own end-of-work markers;
-    `terminate()` is left for a pool that does not drain within `drain_s` (DRAIN_SECONDS) or a second Ctrl-C."""
-    deadline = time.monotonic() + (DRAIN_SECONDS if drain_s is None else drain_s)
+    `terminate()` is left for a pool that does not drain within DRAIN_SECONDS or a second Ctrl-C."""
+    deadline = time.monotonic() + DRAIN_SECONDS
     try:
         while results is not None:
             try:

@@ -269,12 +269,15 @@ class _FakeResults:
         return out
 
 
-def test_shut_down_drains_then_closes_and_kills_only_a_pool_that_does_not_drain():
+def test_shut_down_drains_then_closes_and_kills_only_a_pool_that_does_not_drain(monkeypatch):
+    from data_prep import prepare
     from data_prep.prepare import _shut_down
+
+    monkeypatch.setattr(prepare, "DRAIN_SECONDS", 60.0)
 
     # results in flight and a failed task are drained, then the workers exit on the pool's own markers
     pool, results = _FakePool(), _FakeResults({"index": 3}, ValueError("task failed"), {"index": 5})
-    _shut_down(pool, results, drain_s=60)
+    _shut_down(pool, results)
     assert pool.calls == ["close", "join"] and len(results.timeouts) == 4 and 0 < min(results.timeouts) <= 60
     # nothing issued yet
     pool = _FakePool()
@@ -283,7 +286,7 @@ def test_shut_down_drains_then_closes_and_kills_only_a_pool_that_does_not_drain(
     # a task that does not finish in time, or a second Ctrl-C during the drain: kill
     for stuck in (mp.TimeoutError(), KeyboardInterrupt()):
         pool = _FakePool()
-        _shut_down(pool, _FakeResults({"index": 0}, stuck), drain_s=60)
+        _shut_down(pool, _FakeResults({"index": 0}, stuck))
         assert pool.calls == ["terminate", "join"]
 
 
