@@ -68,7 +68,7 @@ DRAIN_SECONDS = 120.0
 # how often a run waiting for a result checks that no worker died (`_until_a_worker_dies`)
 WORKER_CHECK_SECONDS = 1.0
 # after a worker died: how long a queue lock may stay taken with every worker gone before it counts as left held by
-# a dead one, and how long the pool's own shutdown may take before the run leaves it (`_tear_down_after_a_death`)
+# a dead one, and how long the pool's own shutdown may take before the run leaves it (`_kill_pool`)
 STALE_LOCK_SECONDS = 1.0
 TEARDOWN_SECONDS = 30.0
 
@@ -285,12 +285,24 @@ class WorkerDied(RuntimeError):
     """A tokenizer worker process exited during the run; the task it held is lost."""
 
 
+def _death(workers: set, exit_0_ok: bool = False) -> str | None:
+    """What ended the first of `workers` that has exited (with a code other than 0 if `exit_0_ok`: after
+    `Pool.close()` a worker exits 0 on its end-of-work marker), or None. The callers add the pool's current workers
+    (`pool._pool`: private, but Pool has no public view of them) before each wait: Pool starts a replacement for a
+    dead worker without a word and drops the dead one from its list."""
+    dead = [p for p in workers if p.exitcode is not None and not (exit_0_ok and p.exitcode == 0)]
+    if not dead:
+        return None
+    code = dead[0].exitcode
+    how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+    hint = " (SIGKILL: often the out-of-memory killer)" if code == -signal.SIGKILL else ""
+    return f"a tokenizer worker (pid {dead[0].pid}) {how}{hint}; the task it held is lost"
+
+
 def _until_a_worker_dies(pool: mp.pool.Pool, results: mp.pool.IMapIterator) -> Iterator[dict]:
     """`results` in order, or WorkerDied once a worker process has exited mid-run (the out-of-memory killer, a crash
-    in the tokenizer library): Pool starts a replacement without a word, and the result of the task the dead worker
-    held never comes, so the run would wait forever. Checked every WORKER_CHECK_SECONDS spent waiting. Every worker
-    seen is kept (Pool drops a dead one from its list when it replaces it); `pool._pool` is private, but Pool has no
-    public view of its workers."""
+    in the tokenizer library): the result of the task the dead worker held never comes, so the run would wait
+    forever. Checked every WORKER_CHECK_SECONDS spent waiting."""
     workers: set = set()
     while True:
         workers.update(pool._pool)
@@ -299,12 +311,9 @@ def _until_a_worker_dies(pool: mp.pool.Pool, results: mp.pool.IMapIterator) -> I
         except StopIteration:
             return
         except mp.TimeoutError:
-            dead = [p for p in workers if p.exitcode is not None]
-            if dead:
-                code = dead[0].exitcode
-                how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-                hint = " (SIGKILL: often the out-of-memory killer)" if code == -signal.SIGKILL else ""
-                raise WorkerDied(f"a tokenizer worker (pid {dead[0].pid}) {how}{hint}; the task it held is lost")
+            reason = _death(workers)
+            if reason:
+                raise WorkerDied(reason)
 
 
 def _shut_down(pool: mp.pool.Pool, results: mp.pool.IMapIterator | None) -> None:
@@ -312,30 +321,51 @@ def _shut_down(pool: mp.pool.Pool, results: mp.pool.IMapIterator | None) -> None
     whatever they are doing; one killed while it holds the result queue's lock leaves that lock taken, and the
     pool's task-handler thread, which puts its end-of-work marker on the same queue, then waits forever (an early
     exit hung so once, in `test_resume_after_interruption`). So the feed being stopped, the tasks still in flight
-    (at most 2 * workers + 2) finish and are discarded, and the workers exit on the pool's own end-of-work markers;
-    `terminate()` is left for a pool that does not drain within DRAIN_SECONDS or a second Ctrl-C."""
+    (at most 2 * workers + 2) finish and are discarded, and the workers exit on the pool's own end-of-work markers.
+    A pool that does not drain and exit within DRAIN_SECONDS, a worker that dies meanwhile, and a second Ctrl-C get
+    `_kill_pool`, which does not hang on a queue lock a dead worker held. Without it the run would wait forever: for
+    the result of a task whose worker died, or in `Pool.join()` for workers that never get their end-of-work marker
+    because a dead idle worker holds the task queue's read lock."""
     deadline = time.monotonic() + DRAIN_SECONDS
+    workers: set = set()
+
+    def check(exit_0_ok: bool = False) -> None:
+        reason = _death(workers, exit_0_ok)
+        if reason:
+            print(f"warning: while the run stopped, {reason}", file=sys.stderr)
+            raise mp.TimeoutError
+        if time.monotonic() > deadline:
+            raise mp.TimeoutError
+
     try:
         while results is not None:
+            workers.update(pool._pool)
             try:
-                results.next(timeout=max(deadline - time.monotonic(), 0.0))
+                results.next(timeout=min(max(deadline - time.monotonic(), 0.0), WORKER_CHECK_SECONDS))
             except StopIteration:
                 break
             except mp.TimeoutError:
-                raise
+                check()
             except Exception:  # noqa: BLE001 - a failed task in flight: the run is already stopping
                 continue
         pool.close()
+        while True:
+            workers.update(pool._pool)
+            alive = [p for p in workers if p.exitcode is None]
+            if not alive:
+                break
+            alive[0].join(WORKER_CHECK_SECONDS)
+            check(exit_0_ok=True)
         pool.join()
     except (mp.TimeoutError, KeyboardInterrupt):
-        pool.terminate()
-        pool.join()
+        _kill_pool(pool)
 
 
-def _tear_down_after_a_death(pool: mp.pool.Pool) -> None:
-    """Stop a pool one of whose workers died. `terminate()` alone hangs when the dead worker held one of the two
-    locks it takes: the task queue's read lock, which an idle worker holds while it waits for a task (an idle worker
-    is what the out-of-memory killer often picks), or the result queue's write lock, mid-result. So the pool first
+def _kill_pool(pool: mp.pool.Pool) -> None:
+    """Stop a pool whatever its workers are doing, one of them possibly dead. `terminate()` alone hangs when a dead
+    worker held one of the two locks it takes: the task queue's read lock, which an idle worker holds while it waits
+    for a task (an idle worker is what the out-of-memory killer often picks), or the result queue's write lock,
+    mid-result (a worker that `terminate()` itself SIGTERMs mid-result leaves it so too). So the pool first
     stops replacing workers, every worker is killed and reaped, and a lock that stays taken with no worker alive is
     released (in `STALE_LOCK_SECONDS` the pool's own task thread would have let go of the result lock: its reader is
     alive); then `terminate()`, in a thread the run does not wait on past `TEARDOWN_SECONDS` (a worker killed halfway
@@ -568,7 +598,7 @@ class Preparer:
                 bar.close()
             feed_stop.set()
             if pool is not None and broken:
-                _tear_down_after_a_death(pool)
+                _kill_pool(pool)
             elif pool is not None:
                 _shut_down(pool, results)
             if spill_dir is not None:

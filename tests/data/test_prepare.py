@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -189,15 +190,34 @@ def test_stopping_early_lets_the_workers_finish_instead_of_killing_them(small_co
 
 
 # a run whose second task kills its worker the way the out-of-memory killer would, in a process of its own (so that
-# a regression hangs that process, which the test times out, not the test session); first argument: what the worker
-# holds when it dies
+# a regression hangs that process, which the test times out, not the test session). First argument: what the dying
+# worker holds, or "idle-sibling": it kills the other worker instead, once that one is idle (and so holds the task
+# queue's read lock), and then finishes its own task. Second: when, "mid-run" or "draining" (once the run, stopping,
+# waits for the tasks in flight)
 _DYING_WORKER = """
-import os, signal, struct, sys
+import os, signal, struct, sys, time
 from data_prep import prepare
-task_fn = prepare.tokenize_task
-HOLD = sys.argv.pop(1)
+task_fn, shut_down, init_worker = prepare.tokenize_task, prepare._shut_down, prepare._init_worker
+HOLD, WHEN = sys.argv.pop(1), sys.argv.pop(1)
+OUT = sys.argv[sys.argv.index("--output") + 1]
+DRAINING, WORKERS = OUT + ".draining", OUT + ".workers"
+os.makedirs(WORKERS)
+def draining(*args):
+    open(DRAINING, "w").close()
+    shut_down(*args)
+def init(*args):
+    open(os.path.join(WORKERS, str(os.getpid())), "w").close()
+    init_worker(*args)
 def dying(task):
     if task.index == 1:
+        while WHEN == "draining" and not os.path.exists(DRAINING):
+            time.sleep(0.05)
+        if HOLD == "idle-sibling":
+            time.sleep(1.0)  # the other worker's tasks (20 kB each) take milliseconds
+            for pid in os.listdir(WORKERS):
+                if int(pid) != os.getpid():
+                    os.kill(int(pid), signal.SIGKILL)
+            return task_fn(task)
         # the pool's queues, from the frame of multiprocessing.pool.worker, which runs this task
         frame = sys._getframe()
         while frame.f_code.co_name != "worker":
@@ -211,8 +231,9 @@ def dying(task):
                 results._writer._send(struct.pack("!i", 1 << 20) + bytes(100))
         os.kill(os.getpid(), signal.SIGKILL)
     return task_fn(task)
-prepare.tokenize_task = dying
+prepare.tokenize_task, prepare._shut_down, prepare._init_worker = dying, draining, init
 prepare.WORKER_CHECK_SECONDS = 0.2
+prepare.DRAIN_SECONDS = 60.0
 prepare.TEARDOWN_SECONDS = 3.0
 prepare.main(sys.argv[1:])
 """
@@ -224,11 +245,7 @@ def test_a_worker_killed_mid_run_stops_the_run_with_its_reason(hold, small_corpu
     inputs, _ = small_corpus
     out = tmp_path / "out"
     extra = ["--workers", "2", "--shard-tokens", "20000", "--task-bytes", "20000"]
-    args = ["--input", *inputs, "--tokenizer", tokenizer_model, "--output", str(out), *extra]
-    t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", _DYING_WORKER, hold, *args], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT)
-    assert proc.returncode == 1 and time.monotonic() - t0 < 60
+    proc = _run_dying_worker(hold, "mid-run", inputs, tokenizer_model, out, extra)
     assert "was killed by signal 9 (SIGKILL: often the out-of-memory killer)" in proc.stderr
     assert "rerun the same command to resume" in proc.stderr
     # only a torn result keeps the pool's own threads from stopping (the run leaves them, its workers killed)
@@ -239,9 +256,34 @@ def test_a_worker_killed_mid_run_stops_the_run_with_its_reason(hold, small_corpu
         assert done["splits"]["train"]["docs"] + done["splits"]["val"]["docs"] == len(small_corpus[1])
 
 
+@pytest.mark.parametrize("hold", ["idle-sibling", "result-lock"])
+def test_a_worker_killed_while_the_run_stops_ends_the_drain(hold, small_corpus, tokenizer_model, tmp_path):
+    """The run stops after its first shard (as on Ctrl-C) and lets the tasks in flight finish; meanwhile a worker
+    dies: an idle one (all results then come, but the other workers never get their end-of-work markers past the
+    task-queue lock it held), or one holding the result lock (its task's result never comes). The run must neither
+    wait out DRAIN_SECONDS (60 s here) nor hang (the old drain hung in both: checked)."""
+    inputs, _ = small_corpus
+    extra = ["--workers", "2", "--shard-tokens", "1000", "--task-bytes", "20000"]
+    env = {**os.environ, STOP_AFTER_ENV: "1"}
+    proc = _run_dying_worker(hold, "draining", inputs, tokenizer_model, tmp_path / "out", extra, env=env)
+    assert "stopped after 1 shards" in proc.stderr
+    assert "warning: while the run stopped, a tokenizer worker (pid" in proc.stderr
+    assert "was killed by signal 9" in proc.stderr
+    assert len(list((tmp_path / "out").glob("train-*.arrow"))) == 1
+
+
+def _run_dying_worker(hold, when, inputs, tokenizer_model, out, extra, env=None):
+    args = ["--input", *inputs, "--tokenizer", tokenizer_model, "--output", str(out), *extra]
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", _DYING_WORKER, hold, when, *args], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT, env=env)
+    assert proc.returncode == 1 and time.monotonic() - t0 < 30, proc.stderr[-2000:]
+    return proc
+
+
 class _FakePool:
     def __init__(self):
-        self.calls = []
+        self.calls, self._pool = [], []
 
     def close(self):
         self.calls.append("close")
@@ -249,8 +291,12 @@ class _FakePool:
     def join(self):
         self.calls.append("join")
 
-    def terminate(self):
-        self.calls.append("terminate")
+
+
+@dataclass(eq=False)
+class _FakeWorker:
+    exitcode: int | None
+    pid: int
 
 
 class _FakeResults:
@@ -264,6 +310,8 @@ class _FakeResults:
         if not self.outcomes:
             raise StopIteration
         out = self.outcomes.pop(0)
+        if isinstance(out, mp.TimeoutError):
+            time.sleep(timeout)
         if isinstance(out, BaseException):
             raise out
         return out
@@ -274,20 +322,35 @@ def test_shut_down_drains_then_closes_and_kills_only_a_pool_that_does_not_drain(
     from data_prep.prepare import _shut_down
 
     monkeypatch.setattr(prepare, "DRAIN_SECONDS", 60.0)
+    monkeypatch.setattr(prepare, "_kill_pool", lambda pool: pool.calls.append("kill"))
 
     # results in flight and a failed task are drained, then the workers exit on the pool's own markers
     pool, results = _FakePool(), _FakeResults({"index": 3}, ValueError("task failed"), {"index": 5})
     _shut_down(pool, results)
-    assert pool.calls == ["close", "join"] and len(results.timeouts) == 4 and 0 < min(results.timeouts) <= 60
+    assert pool.calls == ["close", "join"] and len(results.timeouts) == 4
+    assert 0 < min(results.timeouts) <= prepare.WORKER_CHECK_SECONDS
     # nothing issued yet
     pool = _FakePool()
     _shut_down(pool, None)
     assert pool.calls == ["close", "join"]
-    # a task that does not finish in time, or a second Ctrl-C during the drain: kill
-    for stuck in (mp.TimeoutError(), KeyboardInterrupt()):
-        pool = _FakePool()
-        _shut_down(pool, _FakeResults({"index": 0}, stuck))
-        assert pool.calls == ["terminate", "join"]
+    # a second Ctrl-C during the drain: kill
+    pool = _FakePool()
+    _shut_down(pool, _FakeResults({"index": 0}, KeyboardInterrupt()))
+    assert pool.calls == ["kill"]
+    # a task that does not finish within DRAIN_SECONDS (waited for in slices, between which dead workers are looked
+    # for): kill at the deadline
+    monkeypatch.setattr(prepare, "DRAIN_SECONDS", 0.5)
+    monkeypatch.setattr(prepare, "WORKER_CHECK_SECONDS", 0.05)
+    pool, results = _FakePool(), _FakeResults({"index": 0}, *[mp.TimeoutError() for _ in range(100)])
+    t0 = time.monotonic()
+    _shut_down(pool, results)
+    assert pool.calls == ["kill"] and 0.5 <= time.monotonic() - t0 < 2 and 9 <= len(results.timeouts) <= 13
+    # a worker that died during the drain: its task's result never comes; kill at the first slice, not the deadline
+    pool = _FakePool()
+    pool._pool = [_FakeWorker(exitcode=None, pid=1), _FakeWorker(exitcode=-9, pid=2)]
+    results = _FakeResults({"index": 0}, *[mp.TimeoutError() for _ in range(100)])
+    _shut_down(pool, results)
+    assert pool.calls == ["kill"] and len(results.timeouts) == 2
 
 
 def test_bad_input_is_skipped_counted_and_reported(tokenizer_model, tmp_path):
