@@ -296,7 +296,7 @@ def _death(workers: set, exit_0_ok: bool = False) -> str | None:
     code = dead[0].exitcode
     how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
     hint = " (SIGKILL: often the out-of-memory killer)" if code == -signal.SIGKILL else ""
-    return f"a tokenizer worker (pid {dead[0].pid}) {how}{hint}; the task it held is lost"
+    return f"a tokenizer worker (pid {dead[0].pid}) {how}{hint}"
 
 
 def _until_a_worker_dies(pool: mp.pool.Pool, results: mp.pool.IMapIterator) -> Iterator[dict]:
@@ -313,7 +313,7 @@ def _until_a_worker_dies(pool: mp.pool.Pool, results: mp.pool.IMapIterator) -> I
         except mp.TimeoutError:
             reason = _death(workers)
             if reason:
-                raise WorkerDied(reason)
+                raise WorkerDied(f"{reason}; the task it held is lost")
 
 
 def _shut_down(pool: mp.pool.Pool, results: mp.pool.IMapIterator | None) -> None:

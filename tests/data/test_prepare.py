@@ -246,7 +246,7 @@ def test_a_worker_killed_mid_run_stops_the_run_with_its_reason(hold, small_corpu
     out = tmp_path / "out"
     extra = ["--workers", "2", "--shard-tokens", "20000", "--task-bytes", "20000"]
     proc = _run_dying_worker(hold, "mid-run", inputs, tokenizer_model, out, extra)
-    assert "was killed by signal 9 (SIGKILL: often the out-of-memory killer)" in proc.stderr
+    assert "was killed by signal 9 (SIGKILL: often the out-of-memory killer); the task it held is lost" in proc.stderr
     assert "rerun the same command to resume" in proc.stderr
     # only a torn result keeps the pool's own threads from stopping (the run leaves them, its workers killed)
     assert ("pool's threads did not stop" in proc.stderr) == (hold == "torn-result")
