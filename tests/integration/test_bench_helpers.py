@@ -125,3 +125,31 @@ def test_aot_compile_specialises_pointers_as_a_gpu_launch_does():
     mix = dict(zip(words[words.index("sass") + 2::2], map(int, words[words.index("sass") + 3::2])))
     total = int(words[words.index("sass") + 1].rstrip(":"))
     assert total > 50 and mix["fp32"] > 0 and mix["mufu"] > 0 and mix["mma"] == 0 and mix["spill"] == 0, r.stdout
+
+
+def test_op_host_launch_timer_sees_every_kernel_launch_of_the_operator_and_restores_the_launcher():
+    """`bench.op_host` charges host time to kernels through this wrapper: it must sit on the path the operator really
+    launches through (under the interpreter here), once per kernel launch, forward and backward."""
+    import pytest
+    import torch
+
+    import metala.ops.metala.chunk as chunk
+    from bench.op_host import LaunchTimer
+    from metala.ops.metala.api import triton_usable
+
+    if not triton_usable(torch.device("cpu")):
+        pytest.skip("needs the Triton CPU interpreter")
+    q, z = (torch.randn(1, 20, 2, 16, requires_grad=True) for _ in range(2))
+    v = torch.randn(1, 20, 2, 16, requires_grad=True)
+    launcher = chunk.launch
+    with LaunchTimer() as timer:
+        o, _ = chunk.chunk_metala_from_logits(q, z, v)
+        forward = {name: len(us) for name, us in timer.us.items()}
+        o.sum().backward()
+    assert chunk.launch is launcher
+    assert set(forward) == {"chunk_metala_fwd_kernel_h", "chunk_metala_fwd_kernel_seg", "chunk_metala_fwd_kernel_o"}
+    backward = {name: len(us) - forward.get(name, 0) for name, us in timer.us.items()}
+    assert {"chunk_metala_bwd_kernel_dh", "chunk_metala_bwd_kernel_seg", "chunk_metala_bwd_kernel_dv",
+            "chunk_metala_bwd_kernel_dqk"} <= {n for n, c in backward.items() if c > 0}
+    assert all(us > 0 for times in timer.us.values() for us in times)
+    assert q.grad is not None and torch.isfinite(q.grad).all()

@@ -1,0 +1,167 @@
+"""Where the operator's host time goes. `bench.ops` at the 360M shape and T = 8k / 32k measured an enqueue time
+(its `host` column: the CPU time of one fwd+bwd call after a sync) as long as the GPU time, 1.26 / 1.38 ms against
+0.91 ms at 2k for the same kernels and launches (H100, session 27): there the operator's figure is the host's.
+Per shape, after the correctness gate of `bench.ops` (ours against the fp32 chunked reference):
+  - host_ms: that enqueue time, and split into the forward's and the backward's;
+  - launch_us: the median host time of each kernel's launch (`metala.ops.utils.launch_cache.launch`, wrapped);
+  - fwdbwd_ms: `triton.testing.do_bench` quantiles (20/50/80 %), as `bench.ops` times it;
+  - graph_fwdbwd_ms: the same call captured once in a CUDA graph and replayed, i.e. the kernels with the host out of
+    the way; the replay's gradients must equal the eager call's first (else no time is given).
+Writes bench/results/<yyyymmdd>_<gpu>_op_host[_<tag>].json and prints a table.
+
+    python -m bench.op_host [--shapes metala-360m,metala-1.3b] [--seqlens 2048,8192,32768] [--tag NAME]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from bench import gpu_tag, result_path
+from bench.ops import SHAPES, TOKENS, check_shape, git_info, host_ms, make_inputs, ours, reference_chunked
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
+
+
+class LaunchTimer:
+    """Wraps the operator's `launch` and keeps each kernel's host time per call, in microseconds."""
+
+    def __init__(self) -> None:
+        import metala.ops.metala.chunk as chunk
+
+        self.chunk, self.inner, self.us = chunk, chunk.launch, {}
+
+    def __enter__(self) -> LaunchTimer:
+        def timed(kernel, grid, args, kw):
+            t0 = time.perf_counter()
+            self.inner(kernel, grid, args, kw)
+            self.us.setdefault(kernel.fn.__name__, []).append((time.perf_counter() - t0) * 1e6)
+
+        self.chunk.launch = timed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.chunk.launch = self.inner
+
+
+def split_host_ms(leaves, do, reps: int = 20) -> tuple[float, float]:
+    """Median enqueue time of the forward and of the backward, each after a sync."""
+    fwd, bwd = [], []
+    for _ in range(reps):
+        for t in leaves:
+            t.grad = None
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        o = ours(*leaves)[0]
+        fwd.append((time.perf_counter() - t0) * 1e3)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        o.backward(do)
+        bwd.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    return median(fwd), median(bwd)
+
+
+def graph_time(leaves, do) -> dict:
+    """The fwd+bwd call replayed from a CUDA graph: its gradients against the eager call's, then do_bench times."""
+    from triton.testing import do_bench
+
+    for t in leaves:
+        t.grad = None
+    ours(*leaves)[0].backward(do)
+    eager = [t.grad.clone() for t in leaves]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as graph capture asks
+        for _ in range(3):
+            for t in leaves:
+                t.grad = None
+            ours(*leaves)[0].backward(do)
+    torch.cuda.current_stream().wait_stream(side)
+    for t in leaves:
+        t.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ours(*leaves)[0].backward(do)
+    for t in leaves:
+        t.grad.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    diff = max(((t.grad.float() - e.float()).abs().max() / e.float().abs().max().clamp_min(1e-30)).item()
+               for t, e in zip(leaves, eager))
+    out = {"grads_max_rel_diff": diff, "correct": diff <= 1e-3}
+    if out["correct"]:
+        out["fwdbwd_ms"] = do_bench(graph.replay, warmup=25, rep=100, quantiles=[0.2, 0.5, 0.8])
+    return out
+
+
+def measure(H: int, K: int, V: int, T: int) -> dict:
+    from triton.testing import do_bench
+
+    B = TOKENS // T
+    q, z, v, do = make_inputs(B, T, H, K, V, seed=T + H)
+    gate = check_shape(q, z, v, do, reference_chunked(q, z, v, do))["metala"]
+    row = {"B": B, "T": T, "H": H, "dk": K, "dv": V, "gate": gate}
+    if not gate["correct"]:
+        return row
+    leaves = [t.clone().requires_grad_() for t in (q, z, v)]
+    fb = lambda: ours(*leaves)[0].backward(do)  # noqa: E731
+    for _ in range(5):
+        fb()
+    torch.cuda.synchronize()
+    with LaunchTimer() as timer:
+        row["host_ms"] = host_ms(fb, leaves, reps=40)
+    row["launch_us"] = {name: median(us) for name, us in timer.us.items()}
+    row["launches_per_call"] = {name: len(us) // 40 for name, us in timer.us.items()}
+    row["host_fwd_ms"], row["host_bwd_ms"] = split_host_ms(leaves, do)
+    row["fwdbwd_ms"] = do_bench(fb, warmup=25, rep=100, grad_to_none=leaves, quantiles=[0.2, 0.5, 0.8])
+    try:
+        row["graph"] = graph_time(leaves, do)
+    except Exception as e:  # noqa: BLE001 - a capture failure is a result too; the other figures stand
+        row["graph"] = {"error": repr(e)[:500], "correct": False}
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="metala-360m,metala-1.3b")
+    ap.add_argument("--seqlens", default="2048,8192,32768")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench/results")
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args()
+    gpu = torch.cuda.get_device_name()
+    sha, dirty = git_info()
+    result = {"bench": "op_host", "git_sha": sha, "git_dirty": dirty, "gpu": gpu, "torch": torch.__version__,
+              "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": []}
+    path = result_path(args.out, gpu_tag(gpu), "op_host", args.tag)
+    print(f"{'shape':<12} {'T':>6} {'host':>7} {'fwd':>6} {'bwd':>6} {'gpu q50':>8} {'graph':>7}  launches (us)")
+    ok = True
+    for shape in args.shapes.split(","):
+        H, K, V = SHAPES[shape]
+        for T in map(int, args.seqlens.split(",")):
+            row = {"shape": shape, **measure(H, K, V, T)}
+            result["rows"].append(row)
+            path.write_text(json.dumps(result, indent=2))  # kept after every shape: a time limit keeps what ran
+            if "host_ms" not in row:
+                ok = False
+                print(f"{shape:<12} {T:>6} gate failed: {json.dumps(row['gate'])}")
+                continue
+            graph = row["graph"].get("fwdbwd_ms", [float("nan")] * 3)[1]
+            launches = " ".join(f"{n.removeprefix('chunk_metala_')}={us:.0f}" for n, us in row["launch_us"].items())
+            print(f"{shape:<12} {T:>6} {row['host_ms']:>7.3f} {row['host_fwd_ms']:>6.3f} {row['host_bwd_ms']:>6.3f} "
+                  f"{row['fwdbwd_ms'][1]:>8.3f} {graph:>7.3f}  {launches}", flush=True)
+    print(f"wrote {path}")
+    if not ok:
+        raise SystemExit("correctness gate failed")
+
+
+if __name__ == "__main__":
+    main()
