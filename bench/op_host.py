@@ -25,6 +25,7 @@ from bench import gpu_tag, result_path
 from bench.ops import SHAPES, TOKENS, check_shape, git_info, host_ms, make_inputs, ours, reference_chunked
 
 ROOT = Path(__file__).resolve().parents[1]
+HOST_REPS = 40  # timed calls behind host_ms and the per-launch medians
 
 
 def median(xs: list[float]) -> float:
@@ -118,9 +119,9 @@ def measure(H: int, K: int, V: int, T: int) -> dict:
         fb()
     torch.cuda.synchronize()
     with LaunchTimer() as timer:
-        row["host_ms"] = host_ms(fb, leaves, reps=40)
+        row["host_ms"] = host_ms(fb, leaves, reps=HOST_REPS)
     row["launch_us"] = {name: median(us) for name, us in timer.us.items()}
-    row["launches_per_call"] = {name: len(us) // 40 for name, us in timer.us.items()}
+    row["launches_per_call"] = {name: len(us) // HOST_REPS for name, us in timer.us.items()}
     row["host_fwd_ms"], row["host_bwd_ms"] = split_host_ms(leaves, do)
     row["fwdbwd_ms"] = do_bench(fb, warmup=25, rep=100, grad_to_none=leaves, quantiles=[0.2, 0.5, 0.8])
     try:
