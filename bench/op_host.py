@@ -6,7 +6,13 @@ Per shape, after the correctness gate of `bench.ops` (ours against the fp32 chun
   - launch_us: the median host time of each kernel's launch (`metala.ops.utils.launch_cache.launch`, wrapped);
   - fwdbwd_ms: `triton.testing.do_bench` quantiles (20/50/80 %), as `bench.ops` times it;
   - graph_fwdbwd_ms: the same call captured once in a CUDA graph and replayed, i.e. the kernels with the host out of
-    the way; the replay's gradients must equal the eager call's first (else no time is given).
+    the way; the replay's gradients must equal the eager call's first (else no time is given);
+  - host_events: torch.profiler's CPU-side events of a few calls (aten ops, autograd nodes, CUDA runtime/driver calls
+    such as launches, allocations and synchronisations), the heaviest by self time, in microseconds a call: a call
+    that waits on the GPU inside shows it here as a synchronising runtime call;
+  - python_profile: cProfile's Python functions with the most own time, per call;
+  - launch_anatomy: per kernel, the microseconds of one launch through the launch cache, split into its key, the
+    compiled kernel's runner and Triton's C launcher called directly.
 Writes bench/results/<yyyymmdd>_<gpu>_op_host[_<tag>].json and prints a table.
 
     python -m bench.op_host [--shapes metala-360m,metala-1.3b] [--seqlens 2048,8192,32768] [--tag NAME]
@@ -26,6 +32,12 @@ from bench.ops import SHAPES, TOKENS, check_shape, git_info, host_ms, make_input
 
 ROOT = Path(__file__).resolve().parents[1]
 HOST_REPS = 40  # timed calls behind host_ms and the per-launch medians
+
+
+def sync() -> None:
+    # the profiling helpers also run under the CPU interpreter (tests), where there is nothing to wait for
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def median(xs: list[float]) -> float:
@@ -104,6 +116,82 @@ def graph_time(leaves, do) -> dict:
     return out
 
 
+def host_events(fn, leaves, calls: int = 10, top: int = 15) -> list[dict]:
+    """The heaviest host-side events of `calls` enqueues, each after a sync, by self CPU time a call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(calls):
+            for t in leaves:
+                t.grad = None
+            sync()
+            fn()
+        sync()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return [{"name": e.key[:80], "self_us": e.self_cpu_time_total / calls, "count": e.count / calls}
+            for e in events]
+
+
+def python_profile(fn, leaves, calls: int = 100, top: int = 25) -> list[dict]:
+    """cProfile over `calls` back-to-back fwd+bwd calls: the Python functions with the most own time, in
+    microseconds a call (cProfile's own overhead included: compare rows, not totals)."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    for t in leaves:
+        t.grad = None
+    sync()
+    prof.enable()
+    for _ in range(calls):
+        for t in leaves:
+            t.grad = None
+        fn()
+    prof.disable()
+    sync()
+    stats = pstats.Stats(prof).stats  # {(file, line, name): (prim calls, calls, tottime, cumtime, callers)}
+    rows = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
+    return [{"fn": f"{Path(f).name}:{line}:{name}"[:90], "own_us": tt / calls * 1e6, "cum_us": ct / calls * 1e6,
+             "calls": n / calls} for (f, line, name), (_, n, tt, ct, _) in rows]
+
+
+def launch_anatomy(captured: dict, reps: int = 200) -> dict:
+    """For one captured launch (kernel, grid, args, kw): microseconds a launch of the launch cache's key alone, the
+    cache's whole `launch`, the compiled kernel's runner (`compiled[grid](*args)`), and its C launcher called with
+    everything prepared (Triton's floor from Python), each over `reps` back-to-back launches."""
+    from metala.ops.utils import launch_cache as lc
+
+    kernel, grid, args, kw = captured
+    key = (kernel, lc._device(), tuple(kw.items()), tuple(lc._arg_key(a) for a in args))
+    compiled, consts = lc._COMPILED[key]
+    grid3 = tuple(grid) + (1,) * (3 - len(grid))
+    stream = torch.cuda.current_stream().cuda_stream
+    full = (*args, *consts)
+
+    def key_only():
+        k = (kernel, lc._device(), tuple(kw.items()), tuple(lc._arg_key(a) for a in args))
+        lc._COMPILED.get(k)
+
+    ways = {"key_us": key_only, "launch_us": lambda: lc.launch(kernel, grid, args, kw),
+            "runner_us": lambda: compiled[grid3](*full),
+            "c_launcher_us": lambda: compiled.run(*grid3, stream, compiled.function, compiled.packed_metadata, None,
+                                                  None, None, *full)}
+    out = {"kernel": kernel.fn.__name__, "n_args": len(args)}
+    for name, f in ways.items():
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            f()
+        out[name] = (time.perf_counter() - t0) / reps * 1e6
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        torch.empty(1 << 20, device="cuda")
+    out["torch_empty_us"] = (time.perf_counter() - t0) / reps * 1e6
+    return out
+
+
 def measure(H: int, K: int, V: int, T: int) -> dict:
     from triton.testing import do_bench
 
@@ -123,6 +211,18 @@ def measure(H: int, K: int, V: int, T: int) -> dict:
     row["launch_us"] = {name: median(us) for name, us in timer.us.items()}
     row["launches_per_call"] = {name: len(us) // HOST_REPS for name, us in timer.us.items()}
     row["host_fwd_ms"], row["host_bwd_ms"] = split_host_ms(leaves, do)
+    row["host_events"] = host_events(fb, leaves)
+    row["python_profile"] = python_profile(fb, leaves)
+    import metala.ops.metala.chunk as chunk
+
+    captured, inner = {}, chunk.launch  # each kernel's first launch of one call, replayed by launch_anatomy
+    chunk.launch = lambda k, g, a, kw: (captured.setdefault(k.fn.__name__, (k, g, a, kw)), inner(k, g, a, kw))
+    try:
+        fb()
+    finally:
+        chunk.launch = inner
+    torch.cuda.synchronize()
+    row["launch_anatomy"] = [launch_anatomy(c) for c in captured.values()]
     row["fwdbwd_ms"] = do_bench(fb, warmup=25, rep=100, grad_to_none=leaves, quantiles=[0.2, 0.5, 0.8])
     try:
         row["graph"] = graph_time(leaves, do)
@@ -159,6 +259,14 @@ def main() -> None:
             launches = " ".join(f"{n.removeprefix('chunk_metala_')}={us:.0f}" for n, us in row["launch_us"].items())
             print(f"{shape:<12} {T:>6} {row['host_ms']:>7.3f} {row['host_fwd_ms']:>6.3f} {row['host_bwd_ms']:>6.3f} "
                   f"{row['fwdbwd_ms'][1]:>8.3f} {graph:>7.3f}  {launches}", flush=True)
+    for row in result["rows"][:1]:
+        for a in row.get("launch_anatomy", []):
+            print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in a.items()}))
+        for f in row.get("python_profile", [])[:20]:
+            print(f"  {f['own_us']:8.1f} {f['cum_us']:8.1f} {f['calls']:6.1f} {f['fn']}")
+    for row in result["rows"]:
+        events = ", ".join(f"{e['name']} {e['self_us']:.0f}" for e in row.get("host_events", [])[:8])
+        print(f"{row['shape']} T={row['T']} host us a call: {events}")
     print(f"wrote {path}")
     if not ok:
         raise SystemExit("correctness gate failed")

@@ -150,3 +150,28 @@ def test_op_host_launch_timer_sees_every_kernel_launch_of_the_operator_and_resto
             "chunk_metala_bwd_kernel_dqk"} <= {n for n, c in backward.items() if c > 0}
     assert all(us > 0 for times in timer.us.values() for us in times)
     assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_op_host_profiles_charge_the_operators_host_work_to_its_functions_per_call():
+    """`bench.op_host`'s profiles report per call: the Python profile must name the operator's own host functions
+    with one forward and one backward a call, and the profiler's events must include the operator's autograd nodes."""
+    import torch
+
+    from bench.op_host import host_events, python_profile
+    from metala.ops.metala.chunk import chunk_metala_from_logits
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    leaves = [torch.randn(1, 20, 2, 16, device=dev, requires_grad=True) for _ in range(3)]
+    do = torch.randn(1, 20, 2, 16, device=dev)
+
+    def fwd_bwd():
+        chunk_metala_from_logits(*leaves)[0].backward(do)
+
+    rows = {r["fn"].rsplit(":", 1)[-1]: r for r in python_profile(fwd_bwd, leaves, calls=3, top=10**6)}
+    for name in ("chunk_metala_fwd", "chunk_metala_bwd"):
+        assert rows[name]["calls"] == 1.0, rows[name]
+        assert rows[name]["cum_us"] >= rows[name]["own_us"] > 0
+    names = {e["name"]: e for e in host_events(fwd_bwd, leaves, calls=2, top=10**6)}
+    assert names["ChunkMetaLAFunction"]["count"] == 1.0
+    assert names["ChunkMetaLAFunctionBackward"]["count"] == 1.0
+    assert all(leaf.grad is not None for leaf in leaves)
