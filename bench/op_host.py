@@ -1,6 +1,6 @@
-"""Where the operator's host time goes. `bench.ops` at the 360M shape and T = 8k / 32k measured an enqueue time
-(its `host` column: the CPU time of one fwd+bwd call after a sync) as long as the GPU time, 1.26 / 1.38 ms against
-0.91 ms at 2k for the same kernels and launches (H100, session 27): there the operator's figure is the host's.
+"""Where the operator's host time goes. At the 360M shape one fwd+bwd call's kernels take ~1 ms on an H100, and
+its enqueue time (`bench.ops`'s `host` column: the CPU time of one call after a sync) is 0.8-1.6 ms depending on the
+machine's host (sessions 25-28): on a slow host the eager call's figure is the host's.
 Per shape, after the correctness gate of `bench.ops` (ours against the fp32 chunked reference):
   - host_ms: that enqueue time, and split into the forward's and the backward's;
   - launch_us: the median host time of each kernel's launch (`metala.ops.utils.launch_cache.launch`, wrapped);
@@ -12,7 +12,7 @@ Per shape, after the correctness gate of `bench.ops` (ours against the fp32 chun
     that waits on the GPU inside shows it here as a synchronising runtime call;
   - python_profile: cProfile's Python functions with the most own time, per call;
   - launch_anatomy: per kernel, the microseconds of one launch through the launch cache, split into its key, the
-    compiled kernel's runner and Triton's C launcher called directly.
+    compiled kernel's runner and Triton's C launcher called directly; and torch_empty_us, one GPU allocation.
 Writes bench/results/<yyyymmdd>_<gpu>_op_host[_<tag>].json and prints a table.
 
     python -m bench.op_host [--shapes metala-360m,metala-1.3b] [--seqlens 2048,8192,32768] [--tag NAME]
@@ -45,18 +45,20 @@ def median(xs: list[float]) -> float:
 
 
 class LaunchTimer:
-    """Wraps the operator's `launch` and keeps each kernel's host time per call, in microseconds."""
+    """Wraps the operator's `launch` and keeps each kernel's host time per call, in microseconds, and each kernel's
+    first launch (kernel, grid, args, kw), which `launch_anatomy` replays."""
 
     def __init__(self) -> None:
         import metala.ops.metala.chunk as chunk
 
-        self.chunk, self.inner, self.us = chunk, chunk.launch, {}
+        self.chunk, self.inner, self.us, self.first = chunk, chunk.launch, {}, {}
 
     def __enter__(self) -> LaunchTimer:
         def timed(kernel, grid, args, kw):
             t0 = time.perf_counter()
             self.inner(kernel, grid, args, kw)
             self.us.setdefault(kernel.fn.__name__, []).append((time.perf_counter() - t0) * 1e6)
+            self.first.setdefault(kernel.fn.__name__, (kernel, grid, args, kw))
 
         self.chunk.launch = timed
         return self
@@ -156,40 +158,37 @@ def python_profile(fn, leaves, calls: int = 100, top: int = 25) -> list[dict]:
              "calls": n / calls} for (f, line, name), (_, n, tt, ct, _) in rows]
 
 
-def launch_anatomy(captured: dict, reps: int = 200) -> dict:
-    """For one captured launch (kernel, grid, args, kw): microseconds a launch of the launch cache's key alone, the
+def launch_anatomy(first: tuple, reps: int = 200) -> dict:
+    """For one recorded launch (kernel, grid, args, kw): microseconds a launch of the launch cache's key alone, the
     cache's whole `launch`, the compiled kernel's runner (`compiled[grid](*args)`), and its C launcher called with
     everything prepared (Triton's floor from Python), each over `reps` back-to-back launches."""
     from metala.ops.utils import launch_cache as lc
 
-    kernel, grid, args, kw = captured
-    key = (kernel, lc._device(), tuple(kw.items()), tuple(lc._arg_key(a) for a in args))
-    compiled, consts = lc._COMPILED[key]
+    kernel, grid, args, kw = first
+    compiled, consts = lc._COMPILED[lc.cache_key(kernel, args, kw)]
     grid3 = tuple(grid) + (1,) * (3 - len(grid))
     stream = torch.cuda.current_stream().cuda_stream
     full = (*args, *consts)
-
-    def key_only():
-        k = (kernel, lc._device(), tuple(kw.items()), tuple(lc._arg_key(a) for a in args))
-        lc._COMPILED.get(k)
-
-    ways = {"key_us": key_only, "launch_us": lambda: lc.launch(kernel, grid, args, kw),
+    ways = {"key_us": lambda: lc._COMPILED.get(lc.cache_key(kernel, args, kw)),
+            "launch_us": lambda: lc.launch(kernel, grid, args, kw),
             "runner_us": lambda: compiled[grid3](*full),
             "c_launcher_us": lambda: compiled.run(*grid3, stream, compiled.function, compiled.packed_metadata, None,
                                                   None, None, *full)}
     out = {"kernel": kernel.fn.__name__, "n_args": len(args)}
     for name, f in ways.items():
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            f()
-        out[name] = (time.perf_counter() - t0) / reps * 1e6
-        torch.cuda.synchronize()
+        out[name] = host_us(f, reps)
+    return out
+
+
+def host_us(f, reps: int) -> float:
+    """Host microseconds a call of `f` over `reps` back-to-back calls, from an idle GPU."""
+    torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(reps):
-        torch.empty(1 << 20, device="cuda")
-    out["torch_empty_us"] = (time.perf_counter() - t0) / reps * 1e6
-    return out
+        f()
+    us = (time.perf_counter() - t0) / reps * 1e6
+    torch.cuda.synchronize()
+    return us
 
 
 def measure(H: int, K: int, V: int, T: int) -> dict:
@@ -213,16 +212,8 @@ def measure(H: int, K: int, V: int, T: int) -> dict:
     row["host_fwd_ms"], row["host_bwd_ms"] = split_host_ms(leaves, do)
     row["host_events"] = host_events(fb, leaves)
     row["python_profile"] = python_profile(fb, leaves)
-    import metala.ops.metala.chunk as chunk
-
-    captured, inner = {}, chunk.launch  # each kernel's first launch of one call, replayed by launch_anatomy
-    chunk.launch = lambda k, g, a, kw: (captured.setdefault(k.fn.__name__, (k, g, a, kw)), inner(k, g, a, kw))
-    try:
-        fb()
-    finally:
-        chunk.launch = inner
-    torch.cuda.synchronize()
-    row["launch_anatomy"] = [launch_anatomy(c) for c in captured.values()]
+    row["launch_anatomy"] = [launch_anatomy(first) for first in timer.first.values()]
+    row["torch_empty_us"] = host_us(lambda: torch.empty(1 << 20, device="cuda"), 200)
     row["fwdbwd_ms"] = do_bench(fb, warmup=25, rep=100, grad_to_none=leaves, quantiles=[0.2, 0.5, 0.8])
     try:
         row["graph"] = graph_time(leaves, do)

@@ -58,7 +58,8 @@ def test_kernel_sweep_combines_winners_of_different_kernels_only():
 
     def shape(base, variants):
         return {"fwd_ms": base / 2, "bwd_ms": base / 2,
-                "variants": [{"change": c, "fwd_ms": ms / 2, "bwd_ms": ms / 2, "max_rel_diff": d} for c, ms, d in variants]}
+                "variants": [{"change": c, "fwd_ms": ms / 2, "bwd_ms": ms / 2, "max_rel_diff": d}
+                             for c, ms, d in variants]}
 
     dh_warps, dh_cap = {"bwd_dh": {"num_warps": 4}}, {"bwd_dh": {"maxnreg": 128}}
     gam, fwd_o = {"bwd_dqk": {"gam_cumsum": "matmul"}}, {"fwd_o": {"maxnreg": 128}}
@@ -149,6 +150,8 @@ def test_op_host_launch_timer_sees_every_kernel_launch_of_the_operator_and_resto
     assert {"chunk_metala_bwd_kernel_dh", "chunk_metala_bwd_kernel_seg", "chunk_metala_bwd_kernel_dv",
             "chunk_metala_bwd_kernel_dqk"} <= {n for n, c in backward.items() if c > 0}
     assert all(us > 0 for times in timer.us.values() for us in times)
+    assert set(timer.first) == set(timer.us)  # each kernel's first launch, as launch_anatomy replays it
+    assert all(first[0].fn.__name__ == name and isinstance(first[2], tuple) for name, first in timer.first.items())
     assert q.grad is not None and torch.isfinite(q.grad).all()
 
 

@@ -44,13 +44,18 @@ def _arg_key(a):
     return type(a)
 
 
+def cache_key(kernel, args: tuple, kw: dict) -> tuple:
+    """What a launch's compiled kernel is keyed on (module docstring)."""
+    return kernel, _device(), tuple(kw.items()), tuple(_arg_key(a) for a in args)
+
+
 def launch(kernel, grid: tuple, args: tuple, kw: dict) -> None:
     """`kernel[grid](*args, **kw)`: runtime arguments positional (in signature order), constexprs and launch
     options as keywords."""
     if not ENABLED:
         kernel[grid](*args, **kw)
         return
-    key = (kernel, _device(), tuple(kw.items()), tuple(_arg_key(a) for a in args))
+    key = cache_key(kernel, args, kw)
     hit = _COMPILED.get(key)
     if hit is None:
         compiled = kernel[grid](*args, **kw)
