@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 
 from bench import gpu_tag, result_path
-from bench.ops import SHAPES, TOKENS, check_shape, git_info, host_ms, make_inputs, ours, reference_chunked
+from bench.ops import (SHAPES, TOKENS, add_shape_args, check_shape, clear_grads, git_info, host_ms, make_inputs,
+                       ours, reference_chunked)
 
-ROOT = Path(__file__).resolve().parents[1]
 HOST_REPS = 40  # timed calls behind host_ms and the per-launch medians
 
 
@@ -71,8 +71,7 @@ def split_host_ms(leaves, do, reps: int = 20) -> tuple[float, float]:
     """Median enqueue time of the forward and of the backward, each after a sync."""
     fwd, bwd = [], []
     for _ in range(reps):
-        for t in leaves:
-            t.grad = None
+        clear_grads(leaves)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         o = ours(*leaves)[0]
@@ -89,20 +88,17 @@ def graph_time(leaves, do) -> dict:
     """The fwd+bwd call replayed from a CUDA graph: its gradients against the eager call's, then do_bench times."""
     from triton.testing import do_bench
 
-    for t in leaves:
-        t.grad = None
+    clear_grads(leaves)
     ours(*leaves)[0].backward(do)
     eager = [t.grad.clone() for t in leaves]
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up off the default stream, as graph capture asks
         for _ in range(3):
-            for t in leaves:
-                t.grad = None
+            clear_grads(leaves)
             ours(*leaves)[0].backward(do)
     torch.cuda.current_stream().wait_stream(side)
-    for t in leaves:
-        t.grad = None
+    clear_grads(leaves)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         ours(*leaves)[0].backward(do)
@@ -125,8 +121,7 @@ def host_events(fn, leaves, calls: int = 10, top: int = 15) -> list[dict]:
     cuda = torch.cuda.is_available()
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         for _ in range(calls):
-            for t in leaves:
-                t.grad = None
+            clear_grads(leaves)
             sync()
             fn()
         sync()
@@ -142,13 +137,10 @@ def python_profile(fn, leaves, calls: int = 100, top: int = 25) -> list[dict]:
     import pstats
 
     prof = cProfile.Profile()
-    for t in leaves:
-        t.grad = None
     sync()
     prof.enable()
     for _ in range(calls):
-        for t in leaves:
-            t.grad = None
+        clear_grads(leaves)
         fn()
     prof.disable()
     sync()
@@ -224,9 +216,7 @@ def measure(H: int, K: int, V: int, T: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", default="metala-360m,metala-1.3b")
-    ap.add_argument("--seqlens", default="2048,8192,32768")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench/results")
+    add_shape_args(ap, "2048,8192,32768")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
     gpu = torch.cuda.get_device_name()

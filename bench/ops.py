@@ -165,13 +165,24 @@ def bench(fn_fwd, fn_fb, grads):
             "peak_mem_GB": torch.cuda.max_memory_allocated() / 1e9}
 
 
+def clear_grads(leaves) -> None:
+    for t in leaves:
+        t.grad = None
+
+
+def add_shape_args(ap, seqlens: str) -> None:
+    """The operator benchmarks' common arguments: bench.ops SHAPES names, sequence lengths and the output folder."""
+    ap.add_argument("--shapes", default="metala-360m,metala-1.3b")
+    ap.add_argument("--seqlens", default=seqlens)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench/results")
+
+
 def host_ms(fn, grads, reps: int = 20) -> float:
     """Median CPU time to enqueue one call (the GPU idle before it): when it nears the GPU time, the launches
     (Python, Triton's argument binding, allocations) bound the operator rather than its kernels."""
     times = []
     for _ in range(reps):
-        for t in grads:
-            t.grad = None
+        clear_grads(grads)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         fn()
@@ -219,9 +230,7 @@ def git_info() -> tuple[str, bool]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", default="metala-360m,metala-1.3b")
-    ap.add_argument("--seqlens", default="2048,8192,32768")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench/results")
+    add_shape_args(ap, "2048,8192,32768")
     args = ap.parse_args()
     import triton
 

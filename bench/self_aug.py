@@ -18,15 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from bench import gpu_tag, result_path
-from bench.ops import SHAPES, TAU, TOKENS, err, finite, make_inputs
-
-ROOT = Path(__file__).resolve().parents[1]
+from bench.ops import SHAPES, TAU, TOKENS, add_shape_args, err, finite, make_inputs
 
 
 def fused(q, z, v, w):
@@ -95,9 +92,7 @@ def time_variants(q, z, v, w, do) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", default="metala-360m,metala-1.3b")
-    ap.add_argument("--seqlens", default="2048,8192")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench/results")
+    add_shape_args(ap, "2048,8192")
     args = ap.parse_args()
     gpu = torch.cuda.get_device_name()
     result = {"bench": "self_aug", "gpu": gpu, "torch": torch.__version__,
