@@ -285,12 +285,28 @@ class WorkerDied(RuntimeError):
     """A tokenizer worker process exited during the run; the task it held is lost."""
 
 
-def _death(workers: set, exit_0_ok: bool = False) -> str | None:
-    """What ended the first of `workers` that has exited (with a code other than 0 if `exit_0_ok`: after
-    `Pool.close()` a worker exits 0 on its end-of-work marker), or None. The callers add the pool's current workers
-    (`pool._pool`: private, but Pool has no public view of them) before each wait: Pool starts a replacement for a
-    dead worker without a word and drops the dead one from its list."""
-    dead = [p for p in workers if p.exitcode is not None and not (exit_0_ok and p.exitcode == 0)]
+class WorkerPool(mp.pool.Pool):
+    """A Pool that remembers every worker process it starts (`started`). Pool replaces a dead worker without a word
+    and drops the dead one from its own list (`_pool`), so a run that looked at that list could miss a worker that
+    died before its first look (a loaded box, slow to draw its progress bar, missed one so and waited forever for the
+    lost task). `Process` is Pool's hook for making its workers; this instance's own one shadows the class's."""
+
+    def __init__(self, *args, **kwargs):
+        self.started: list = []
+
+        def process(ctx, *process_args, **process_kwargs):
+            worker = ctx.Process(*process_args, **process_kwargs)
+            self.started.append(worker)
+            return worker
+
+        self.Process = process
+        super().__init__(*args, **kwargs)
+
+
+def _death(workers: list, exit_0_ok: bool = False) -> str | None:
+    """What ended the first of `workers` (a WorkerPool's `started`) that has exited (with a code other than 0 if
+    `exit_0_ok`: after `Pool.close()` a worker exits 0 on its end-of-work marker), or None."""
+    dead = [p for p in list(workers) if p.exitcode is not None and not (exit_0_ok and p.exitcode == 0)]
     if not dead:
         return None
     code = dead[0].exitcode
@@ -299,24 +315,22 @@ def _death(workers: set, exit_0_ok: bool = False) -> str | None:
     return f"a tokenizer worker (pid {dead[0].pid}) {how}{hint}"
 
 
-def _until_a_worker_dies(pool: mp.pool.Pool, results: mp.pool.IMapIterator) -> Iterator[dict]:
+def _until_a_worker_dies(pool: WorkerPool, results: mp.pool.IMapIterator) -> Iterator[dict]:
     """`results` in order, or WorkerDied once a worker process has exited mid-run (the out-of-memory killer, a crash
     in the tokenizer library): the result of the task the dead worker held never comes, so the run would wait
     forever. Checked every WORKER_CHECK_SECONDS spent waiting."""
-    workers: set = set()
     while True:
-        workers.update(pool._pool)
         try:
             yield results.next(timeout=WORKER_CHECK_SECONDS)
         except StopIteration:
             return
         except mp.TimeoutError:
-            reason = _death(workers)
+            reason = _death(pool.started)
             if reason:
                 raise WorkerDied(f"{reason}; the task it held is lost")
 
 
-def _shut_down(pool: mp.pool.Pool, results: mp.pool.IMapIterator | None) -> None:
+def _shut_down(pool: WorkerPool, results: mp.pool.IMapIterator | None) -> None:
     """Stop the pool without killing a worker that may be writing a result. `Pool.terminate()` SIGTERMs workers
     whatever they are doing; one killed while it holds the result queue's lock leaves that lock taken, and the
     pool's task-handler thread, which puts its end-of-work marker on the same queue, then waits forever (an early
@@ -327,10 +341,9 @@ def _shut_down(pool: mp.pool.Pool, results: mp.pool.IMapIterator | None) -> None
     the result of a task whose worker died, or in `Pool.join()` for workers that never get their end-of-work marker
     because a dead idle worker holds the task queue's read lock."""
     deadline = time.monotonic() + DRAIN_SECONDS
-    workers: set = set()
 
     def check(exit_0_ok: bool = False) -> None:
-        reason = _death(workers, exit_0_ok)
+        reason = _death(pool.started, exit_0_ok)
         if reason:
             print(f"warning: while the run stopped, {reason}", file=sys.stderr)
             raise mp.TimeoutError
@@ -339,7 +352,6 @@ def _shut_down(pool: mp.pool.Pool, results: mp.pool.IMapIterator | None) -> None
 
     try:
         while results is not None:
-            workers.update(pool._pool)
             try:
                 results.next(timeout=min(max(deadline - time.monotonic(), 0.0), WORKER_CHECK_SECONDS))
             except StopIteration:
@@ -350,8 +362,7 @@ def _shut_down(pool: mp.pool.Pool, results: mp.pool.IMapIterator | None) -> None
                 continue
         pool.close()
         while True:
-            workers.update(pool._pool)
-            alive = [p for p in workers if p.exitcode is None]
+            alive = [p for p in list(pool.started) if p.exitcode is None]
             if not alive:
                 break
             alive[0].join(WORKER_CHECK_SECONDS)
@@ -361,7 +372,7 @@ def _shut_down(pool: mp.pool.Pool, results: mp.pool.IMapIterator | None) -> None
         _kill_pool(pool)
 
 
-def _kill_pool(pool: mp.pool.Pool) -> None:
+def _kill_pool(pool: WorkerPool) -> None:
     """Stop a pool whatever its workers are doing, one of them possibly dead. `terminate()` alone hangs when a dead
     worker held one of the two locks it takes: the task queue's read lock, which an idle worker holds while it waits
     for a task (an idle worker is what the out-of-memory killer often picks), or the result queue's write lock,
@@ -375,9 +386,10 @@ def _kill_pool(pool: mp.pool.Pool) -> None:
     handler._state = mp.pool.TERMINATE
     pool._change_notifier.put(None)  # wakes the handler, which then exits instead of starting replacements
     handler.join(TEARDOWN_SECONDS)
-    for p in pool._pool:
-        p.kill()
-    for p in pool._pool:
+    for p in pool.started:
+        if p.exitcode is None:
+            p.kill()
+    for p in pool.started:
         p.join(TEARDOWN_SECONDS)
     for lock in (pool._inqueue._rlock, pool._outqueue._wlock):
         # taken here within the wait, or still held by a process that no longer exists: free either way
@@ -568,7 +580,8 @@ class Preparer:
                 ctx = mp.get_context(cfg.start_method)
                 # forked workers inherit the loaded tokenizer; other start methods pickle initargs: the path
                 model = self.tok if cfg.start_method == "fork" else str(self.tok.path)
-                pool = ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(model, self.tok.sha256, worker_cfg))
+                pool = WorkerPool(cfg.workers, initializer=_init_worker, initargs=(model, self.tok.sha256, worker_cfg),
+                                  context=ctx)
                 sem = threading.Semaphore(2 * cfg.workers + 2)
                 results = pool.imap(tokenize_task, _spill_blocks(_bounded(tasks, sem, feed_stop), spill_dir),
                                     chunksize=1)

@@ -232,6 +232,12 @@ def dying(task):
         os.kill(os.getpid(), signal.SIGKILL)
     return task_fn(task)
 prepare.tokenize_task, prepare._shut_down, prepare._init_worker = dying, draining, init
+if WHEN == "before-first-check":  # as a loaded box, slow to draw its progress bar before it first waits
+    until = prepare._until_a_worker_dies
+    def late(pool, results):
+        time.sleep(1.0)  # the dead worker is reaped, and replaced, within milliseconds
+        yield from until(pool, results)
+    prepare._until_a_worker_dies = late
 prepare.WORKER_CHECK_SECONDS = 0.2
 prepare.DRAIN_SECONDS = 60.0
 prepare.TEARDOWN_SECONDS = 3.0
@@ -254,6 +260,15 @@ def test_a_worker_killed_mid_run_stops_the_run_with_its_reason(hold, small_corpu
         # what was written before stays resumable: the same command without the dying task finishes the run
         done = run_prepare(inputs, tokenizer_model, out, *extra)
         assert done["splits"]["train"]["docs"] + done["splits"]["val"]["docs"] == len(small_corpus[1])
+
+
+def test_a_worker_that_died_before_the_runs_first_check_still_stops_the_run(small_corpus, tokenizer_model, tmp_path):
+    """The pool had already replaced the dead worker, and dropped it from its own list, when the run first looked for
+    dead workers (a loaded CI box once hung so until its 120 s timeout; reproduced with this 1 s delay)."""
+    inputs, _ = small_corpus
+    extra = ["--workers", "2", "--shard-tokens", "20000", "--task-bytes", "20000"]
+    proc = _run_dying_worker("nothing", "before-first-check", inputs, tokenizer_model, tmp_path / "out", extra)
+    assert "was killed by signal 9 (SIGKILL: often the out-of-memory killer); the task it held is lost" in proc.stderr
 
 
 @pytest.mark.parametrize("hold", ["idle-sibling", "result-lock"])
@@ -283,7 +298,7 @@ def _run_dying_worker(hold, when, inputs, tokenizer_model, out, extra, env=None)
 
 class _FakePool:
     def __init__(self):
-        self.calls, self._pool = [], []
+        self.calls, self.started = [], []
 
     def close(self):
         self.calls.append("close")
@@ -346,7 +361,7 @@ def test_shut_down_drains_then_closes_and_kills_only_a_pool_that_does_not_drain(
     assert pool.calls == ["kill"] and 0.5 <= time.monotonic() - t0 < 5 and len(results.timeouts) > 2
     # a worker that died during the drain: its task's result never comes; kill at the first slice, not the deadline
     pool = _FakePool()
-    pool._pool = [_FakeWorker(exitcode=None, pid=1), _FakeWorker(exitcode=-9, pid=2)]
+    pool.started = [_FakeWorker(exitcode=None, pid=1), _FakeWorker(exitcode=-9, pid=2)]
     results = _FakeResults({"index": 0}, *[mp.TimeoutError() for _ in range(100)])
     _shut_down(pool, results)
     assert pool.calls == ["kill"] and len(results.timeouts) == 2
