@@ -27,13 +27,12 @@ import argparse
 import hashlib
 import json
 import multiprocessing as mp
-import multiprocessing.pool
+import pickle
 import os
 import shutil
 import signal
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -54,6 +53,7 @@ from data_prep.readers import (
     parse_record,
 )
 from data_prep.tokenizer import ENCODERS, Tokenizer
+from data_prep.workers import WorkerDied, Workers
 
 # bump when the shard layout or the task cutting changes: an old progress.json then no longer matches
 SHARD_SCHEMA_VERSION = 1
@@ -63,14 +63,6 @@ SKIP_LOG_CAP = 100_000
 # test hook: stop (as if killed) after this many train shards were committed
 STOP_AFTER_ENV = "METALA_PREPARE_STOP_AFTER_SHARDS"
 DEFAULT_START_METHOD = "fork" if sys.platform == "linux" else "spawn"
-# how long a stopping run lets its workers finish the tasks in flight before it kills them (`_shut_down`)
-DRAIN_SECONDS = 120.0
-# how often a run waiting for a result checks that no worker died (`_until_a_worker_dies`)
-WORKER_CHECK_SECONDS = 1.0
-# after a worker died: how long a queue lock may stay taken with every worker gone before it counts as left held by
-# a dead one, and how long the pool's own shutdown may take before the run leaves it (`_kill_pool`)
-STALE_LOCK_SECONDS = 1.0
-TEARDOWN_SECONDS = 30.0
 
 
 @dataclass(kw_only=True, slots=True)
@@ -123,12 +115,16 @@ class Task:
     records: list[RawRecord] = field(default_factory=list)
     # bytes of input read when the task was cut (for the progress bar)
     bytes_read: int = 0
-    # the block moved to this file (see `_spill_blocks`)
+    # the block (.jsonl) or the pickled records (.pickle) moved to this file (see `_spill_payloads`)
     spill: str = ""
 
     def raw_records(self) -> Iterator[RawRecord]:
         if self.spill:
-            self.block = _take_file(self.spill)
+            data = _take_file(self.spill)
+            if self.spill.endswith(".pickle"):
+                self.records = pickle.loads(data)
+            else:
+                self.block = data
             self.spill = ""
         if self.block:
             for line_no, line in block_lines(self.first_line, self.block):
@@ -170,7 +166,7 @@ _WORKER: dict = {}
 
 
 # Big buffers (a task's 4 MB block, a result's token ids) travel between the processes through files in a private
-# temp folder rather than through the pool's pipes: a pipe moves them 64 KB at a time, each chunk a wake-up of the
+# temp folder rather than through the workers' pipes: a pipe moves them 64 KB at a time, each chunk a wake-up of the
 # other side, which cost ~25-50 ms per task here (10-15 % of the worker's time); one write and one read of a file
 # that lives in the page cache cost ~5 ms. Small things (lengths, subset names, counters) still go by pickle.
 def _give_file(folder: str, name: str, data: bytes | np.ndarray) -> str:
@@ -187,18 +183,23 @@ def _take_file(path: str, dtype: type | None = None) -> bytes | np.ndarray:
     return data
 
 
-def _spill_blocks(tasks: Iterator[Task], folder: str) -> Iterator[Task]:
+def _spill_payloads(tasks: Iterator[Task], folder: str) -> Iterator[Task]:
+    """Tasks with their block or records moved to files: what the parent sends a worker stays small (see
+    `data_prep.workers`: the parent must never block on a full pipe)."""
     for task in tasks:
         if task.block:
             task.spill = _give_file(folder, f"task-{task.index}.jsonl", task.block)
             task.block = b""
+        elif task.records:
+            task.spill = _give_file(folder, f"task-{task.index}.pickle", pickle.dumps(task.records, protocol=5))
+            task.records = []
         yield task
 
 
 def _init_worker(model: str | Tokenizer, sha256: str, cfg: dict) -> None:
     """`model`: the parent's loaded Tokenizer when the worker is forked (it inherits the object: no second load of
     the model, ~50 ms of every run's start here), else the model file, loaded and checked against the parent's.
-    Ctrl-C is the parent's to handle (see `_shut_down`): a worker interrupted mid-task would lose that task."""
+    Ctrl-C is the parent's to handle: it stops the run and ends the workers itself."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     tok = model if isinstance(model, Tokenizer) else Tokenizer(model)
     if tok.sha256 != sha256:
@@ -266,141 +267,6 @@ def make_tasks(inputs: list[str], task_bytes: int, start: int, errors: ReadError
             if index >= start:
                 yield Task(index, source, records=batch, bytes_read=errors.bytes_read)
             index += 1
-
-
-def _bounded(it: Iterator[Task], sem: threading.Semaphore, stop: threading.Event) -> Iterator[Task]:
-    # back-pressure: the reader waits until the writer has consumed a result before cutting another task.
-    # `stop` ends the feed at teardown: the pool's shutdown (`_shut_down`) waits for this (task-handler) thread, so it
-    # must never be left blocked on the semaphore, or an early exit (stop-after, Ctrl-C, a bad shard) hangs forever.
-    for item in it:
-        while not sem.acquire(timeout=0.1):
-            if stop.is_set():
-                return
-        if stop.is_set():
-            return
-        yield item
-
-
-class WorkerDied(RuntimeError):
-    """A tokenizer worker process exited during the run; the task it held is lost."""
-
-
-class WorkerPool(mp.pool.Pool):
-    """A Pool that remembers every worker process it starts (`started`). Pool replaces a dead worker without a word
-    and drops the dead one from its own list (`_pool`), so a run that looked at that list could miss a worker that
-    died before its first look (a loaded box, slow to draw its progress bar, missed one so and waited forever for the
-    lost task). `Process` is Pool's hook for making its workers; this instance's own one shadows the class's."""
-
-    def __init__(self, *args, **kwargs):
-        self.started: list = []
-
-        def process(ctx, *process_args, **process_kwargs):
-            worker = ctx.Process(*process_args, **process_kwargs)
-            self.started.append(worker)
-            return worker
-
-        self.Process = process
-        super().__init__(*args, **kwargs)
-
-
-def _death(workers: list, exit_0_ok: bool = False) -> str | None:
-    """What ended the first of `workers` (a WorkerPool's `started`) that has exited (with a code other than 0 if
-    `exit_0_ok`: after `Pool.close()` a worker exits 0 on its end-of-work marker), or None."""
-    dead = [p for p in list(workers) if p.exitcode is not None and not (exit_0_ok and p.exitcode == 0)]
-    if not dead:
-        return None
-    code = dead[0].exitcode
-    how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-    hint = " (SIGKILL: often the out-of-memory killer)" if code == -signal.SIGKILL else ""
-    return f"a tokenizer worker (pid {dead[0].pid}) {how}{hint}"
-
-
-def _until_a_worker_dies(pool: WorkerPool, results: mp.pool.IMapIterator) -> Iterator[dict]:
-    """`results` in order, or WorkerDied once a worker process has exited mid-run (the out-of-memory killer, a crash
-    in the tokenizer library): the result of the task the dead worker held never comes, so the run would wait
-    forever. Checked every WORKER_CHECK_SECONDS spent waiting."""
-    while True:
-        try:
-            yield results.next(timeout=WORKER_CHECK_SECONDS)
-        except StopIteration:
-            return
-        except mp.TimeoutError:
-            reason = _death(pool.started)
-            if reason:
-                raise WorkerDied(f"{reason}; the task it held is lost")
-
-
-def _shut_down(pool: WorkerPool, results: mp.pool.IMapIterator | None) -> None:
-    """Stop the pool without killing a worker that may be writing a result. `Pool.terminate()` SIGTERMs workers
-    whatever they are doing; one killed while it holds the result queue's lock leaves that lock taken, and the
-    pool's task-handler thread, which puts its end-of-work marker on the same queue, then waits forever (an early
-    exit hung so once, in `test_resume_after_interruption`). So the feed being stopped, the tasks still in flight
-    (at most 2 * workers + 2) finish and are discarded, and the workers exit on the pool's own end-of-work markers.
-    A pool that does not drain and exit within DRAIN_SECONDS, a worker that dies meanwhile, and a second Ctrl-C get
-    `_kill_pool`, which does not hang on a queue lock a dead worker held. Without it the run would wait forever: for
-    the result of a task whose worker died, or in `Pool.join()` for workers that never get their end-of-work marker
-    because a dead idle worker holds the task queue's read lock."""
-    deadline = time.monotonic() + DRAIN_SECONDS
-
-    def check(exit_0_ok: bool = False) -> None:
-        reason = _death(pool.started, exit_0_ok)
-        if reason:
-            print(f"warning: while the run stopped, {reason}", file=sys.stderr)
-            raise mp.TimeoutError
-        if time.monotonic() > deadline:
-            raise mp.TimeoutError
-
-    try:
-        while results is not None:
-            try:
-                results.next(timeout=min(max(deadline - time.monotonic(), 0.0), WORKER_CHECK_SECONDS))
-            except StopIteration:
-                break
-            except mp.TimeoutError:
-                check()
-            except Exception:  # noqa: BLE001 - a failed task in flight: the run is already stopping
-                continue
-        pool.close()
-        while True:
-            alive = [p for p in list(pool.started) if p.exitcode is None]
-            if not alive:
-                break
-            alive[0].join(WORKER_CHECK_SECONDS)
-            check(exit_0_ok=True)
-        pool.join()
-    except (mp.TimeoutError, KeyboardInterrupt):
-        _kill_pool(pool)
-
-
-def _kill_pool(pool: WorkerPool) -> None:
-    """Stop a pool whatever its workers are doing, one of them possibly dead. `terminate()` alone hangs when a dead
-    worker held one of the two locks it takes: the task queue's read lock, which an idle worker holds while it waits
-    for a task (an idle worker is what the out-of-memory killer often picks), or the result queue's write lock,
-    mid-result (a worker that `terminate()` itself SIGTERMs mid-result leaves it so too). So the pool first
-    stops replacing workers, every worker is killed and reaped, and a lock that stays taken with no worker alive is
-    released (in `STALE_LOCK_SECONDS` the pool's own task thread would have let go of the result lock: its reader is
-    alive); then `terminate()`, in a thread the run does not wait on past `TEARDOWN_SECONDS` (a worker killed halfway
-    through writing a result leaves a torn message that the pool's result thread waits on forever).
-    `Pool` has no public view of its workers, handler threads or queues; these are CPython's own names (3.8+)."""
-    handler = pool._worker_handler
-    handler._state = mp.pool.TERMINATE
-    pool._change_notifier.put(None)  # wakes the handler, which then exits instead of starting replacements
-    handler.join(TEARDOWN_SECONDS)
-    for p in pool.started:
-        if p.exitcode is None:
-            p.kill()
-    for p in pool.started:
-        p.join(TEARDOWN_SECONDS)
-    for lock in (pool._inqueue._rlock, pool._outqueue._wlock):
-        # taken here within the wait, or still held by a process that no longer exists: free either way
-        lock.acquire(timeout=STALE_LOCK_SECONDS)
-        lock.release()
-    stopper = threading.Thread(target=lambda: (pool.terminate(), pool.join()), daemon=True)
-    stopper.start()
-    stopper.join(TEARDOWN_SECONDS)
-    if stopper.is_alive():
-        print("warning: the tokenizer pool's threads did not stop; its worker processes were killed",
-              file=sys.stderr)
 
 
 def _fingerprint(cfg: PrepareConfig, tok: Tokenizer) -> str:
@@ -566,29 +432,23 @@ class Preparer:
         new_tokens = 0
         from tqdm import tqdm
 
-        pool = results = None
-        broken = False
-        feed_stop = threading.Event()
+        workers = None
         bar = None
         try:
             if cfg.workers == 0:
                 _init_worker(str(self.tok.path), self.tok.sha256, worker_cfg)
                 results: Iterator[dict] = map(tokenize_task, tasks)
-                sem = None
             else:
                 # before the progress bar: tqdm's monitor thread must not exist when the workers are forked
                 ctx = mp.get_context(cfg.start_method)
                 # forked workers inherit the loaded tokenizer; other start methods pickle initargs: the path
                 model = self.tok if cfg.start_method == "fork" else str(self.tok.path)
-                pool = WorkerPool(cfg.workers, initializer=_init_worker, initargs=(model, self.tok.sha256, worker_cfg),
+                workers = Workers(cfg.workers, tokenize_task, _init_worker, (model, self.tok.sha256, worker_cfg),
                                   context=ctx)
-                sem = threading.Semaphore(2 * cfg.workers + 2)
-                results = pool.imap(tokenize_task, _spill_blocks(_bounded(tasks, sem, feed_stop), spill_dir),
-                                    chunksize=1)
+                # each worker holds at most two tasks: the reader cannot run ahead of the writer
+                results = workers.imap(_spill_payloads(tasks, spill_dir))
             bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenize", file=sys.stderr, smoothing=0.1)
-            for res in results if pool is None else _until_a_worker_dies(pool, results):
-                if sem is not None:
-                    sem.release()
+            for res in results:
                 self._absorb(res)
                 new_tokens += sum(int(res[s][1].sum()) for s in ("train", "val"))
                 bar.update(res["bytes_read"] - bar.n)
@@ -600,20 +460,18 @@ class Preparer:
                     if stop_after and len(self.state["shards"]["train"]) >= stop_after:
                         raise SystemExit(f"stopped after {stop_after} shards ({STOP_AFTER_ENV})")
             self._commit(self.state["next_task"], final=True)
+            if workers is not None:
+                workers.close()
         except KeyboardInterrupt:
             raise SystemExit("interrupted: rerun the same command to resume from the last written shard")
         except WorkerDied as e:
-            # the lost task would never come back: no point waiting for the pool to drain
-            broken = True
             raise SystemExit(f"{e}: rerun the same command to resume from the last written shard") from e
         finally:
             if bar is not None:
                 bar.close()
-            feed_stop.set()
-            if pool is not None and broken:
-                _kill_pool(pool)
-            elif pool is not None:
-                _shut_down(pool, results)
+            if workers is not None:
+                # a run that stops early discards the tasks in flight: killing the workers loses nothing
+                workers.close(kill=True)
             if spill_dir is not None:
                 shutil.rmtree(spill_dir, ignore_errors=True)
         elapsed = time.time() - t0

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import multiprocessing.pool
 import os
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -96,6 +94,28 @@ def test_deterministic_across_worker_counts_and_start_methods(small_corpus, toke
     assert len(shas[0]) > 2 and all(s == shas[0] for s in shas)
 
 
+def test_parquet_records_reach_the_workers_through_the_spill_folder(small_corpus, tokenizer_model, tmp_path,
+                                                                       monkeypatch):
+    """Decoded records (parquet, HF) go to the workers as pickles in the spill folder, like JSON blocks: what the
+    parent sends a worker must stay small (data_prep.workers). Same shards as in-process and as the jsonl input."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    inputs, docs = small_corpus
+    pq.write_table(pa.Table.from_pylist(docs), tmp_path / "all.parquet", row_group_size=50)
+    spill_root = tmp_path / "tmp"
+    spill_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spill_root))
+    args = ("--shard-tokens", "50000", "--task-bytes", "20000")
+    two = run_prepare([str(tmp_path / "all.parquet")], tokenizer_model, tmp_path / "two", "--workers", "2", *args)
+    zero = run_prepare([str(tmp_path / "all.parquet")], tokenizer_model, tmp_path / "zero", "--workers", "0", *args)
+    jsonl = run_prepare(inputs, tokenizer_model, tmp_path / "jsonl", "--workers", "2", *args)
+    assert list(spill_root.iterdir()) == [] and two["records"] == len(docs)
+    assert read_split(tmp_path / "two", two, "train") == read_split(tmp_path / "zero", zero, "train")
+    assert read_split(tmp_path / "two", two, "train") == read_split(tmp_path / "jsonl", jsonl, "train")
+    assert two["splits"]["train"]["subsets"] == jsonl["splits"]["train"]["subsets"]
+
+
 def test_worker_init_takes_the_forked_tokenizer_or_loads_and_checks_the_file(tokenizer_model, tmp_path):
     from data_prep import prepare
 
@@ -148,31 +168,19 @@ def test_resume_after_interruption(small_corpus, tokenizer_model, tmp_path, monk
     assert redone["settings"]["val_fraction"] == 0.2
 
 
-@pytest.fixture
-def terminations(monkeypatch):
-    """Calls of Pool.terminate() (which may kill a worker mid-write, see `prepare._shut_down`), counted."""
-    calls = []
-    terminate = multiprocessing.pool.Pool.terminate
-
-    def counted(self):
-        calls.append(self)
-        terminate(self)
-
-    monkeypatch.setattr(multiprocessing.pool.Pool, "terminate", counted)
-    return calls
-
-
-def test_stopping_early_lets_the_workers_finish_instead_of_killing_them(small_corpus, tokenizer_model, tmp_path,
-                                                                        monkeypatch, terminations):
+def test_stopping_early_ends_the_workers_and_leaves_a_resumable_output(small_corpus, tokenizer_model, tmp_path,
+                                                                         monkeypatch):
     from data_prep import prepare
 
     inputs, _ = small_corpus
     args = ("--workers", "2", "--shard-tokens", "20000", "--task-bytes", "20000")
-    # finished, stopped after a shard, and interrupted (Ctrl-C in the parent while tasks are in flight)
-    run_prepare(inputs, tokenizer_model, tmp_path / "done", *args)
+    done = run_prepare(inputs, tokenizer_model, tmp_path / "done", *args)
+    assert mp.active_children() == []
+    # stopped after a shard, and interrupted (Ctrl-C in the parent while tasks are in flight): the workers are gone
     monkeypatch.setenv(STOP_AFTER_ENV, "1")
     with pytest.raises(SystemExit, match="stopped after 1 shards"):
         run_prepare(inputs, tokenizer_model, tmp_path / "stopped", *args)
+    assert mp.active_children() == []
     monkeypatch.delenv(STOP_AFTER_ENV)
     absorb, seen = prepare.Preparer._absorb, []
 
@@ -185,186 +193,75 @@ def test_stopping_early_lets_the_workers_finish_instead_of_killing_them(small_co
     monkeypatch.setattr(prepare.Preparer, "_absorb", interrupted)
     with pytest.raises(SystemExit, match="interrupted"):
         run_prepare(inputs, tokenizer_model, tmp_path / "interrupted", *args)
-    assert terminations == [] and mp.active_children() == []
+    assert mp.active_children() == []
+    monkeypatch.setattr(prepare.Preparer, "_absorb", absorb)
     assert len(list((tmp_path / "stopped").glob("train-*.arrow"))) == 1
+    for name in ("stopped", "interrupted"):
+        resumed = run_prepare(inputs, tokenizer_model, tmp_path / name, *args)
+        assert resumed["splits"] == done["splits"]
 
 
-# a run whose second task kills its worker the way the out-of-memory killer would, in a process of its own (so that
-# a regression hangs that process, which the test times out, not the test session). First argument: what the dying
-# worker holds, or "idle-sibling": it kills the other worker instead, once that one is idle (and so holds the task
-# queue's read lock), and then finishes its own task. Second: when, "mid-run" or "draining" (once the run, stopping,
-# waits for the tasks in flight)
+# a run whose second task kills a worker the way the out-of-memory killer would, in a process of its own (so that
+# a regression hangs that process, which the test times out, not the test session). First argument, how: "self"
+# (the task's own worker, mid-task), "torn-result" (the task's worker, halfway through writing an answer on its
+# pipe) or "sibling" (the other worker, busy with its own tasks; the dying task then finishes). Second, when: "now",
+# or "late-wait" (the parent first waits for an answer 1 s after the death, as a loaded box might)
 _DYING_WORKER = """
 import os, signal, struct, sys, time
-from data_prep import prepare
-task_fn, shut_down, init_worker = prepare.tokenize_task, prepare._shut_down, prepare._init_worker
-HOLD, WHEN = sys.argv.pop(1), sys.argv.pop(1)
+from data_prep import prepare, workers
+HOW, WHEN = sys.argv.pop(1), sys.argv.pop(1)
 OUT = sys.argv[sys.argv.index("--output") + 1]
-DRAINING, WORKERS = OUT + ".draining", OUT + ".workers"
-os.makedirs(WORKERS)
-def draining(*args):
-    open(DRAINING, "w").close()
-    shut_down(*args)
-def init(*args):
-    open(os.path.join(WORKERS, str(os.getpid())), "w").close()
-    init_worker(*args)
+task_fn = prepare.tokenize_task
 def dying(task):
-    if task.index == 1:
-        while WHEN == "draining" and not os.path.exists(DRAINING):
-            time.sleep(0.05)
-        if HOLD == "idle-sibling":
-            time.sleep(1.0)  # the other worker's tasks (20 kB each) take milliseconds
-            for pid in os.listdir(WORKERS):
-                if int(pid) != os.getpid():
-                    os.kill(int(pid), signal.SIGKILL)
-            return task_fn(task)
-        # the pool's queues, from the frame of multiprocessing.pool.worker, which runs this task
+    if task.index != 1:
+        return task_fn(task)
+    if HOW == "sibling":
+        for pid in open(OUT + ".pids").read().split():
+            if int(pid) != os.getpid():
+                os.kill(int(pid), signal.SIGKILL)
+        return task_fn(task)
+    if HOW == "torn-result":  # an answer's length header and the start of its bytes, no more
         frame = sys._getframe()
-        while frame.f_code.co_name != "worker":
+        while frame.f_code.co_name != "_serve":
             frame = frame.f_back
-        tasks, results = frame.f_locals["inqueue"], frame.f_locals["outqueue"]
-        if HOLD == "task-lock":  # as an idle worker does while it waits for a task
-            tasks._rlock.acquire()
-        elif HOLD in ("result-lock", "torn-result"):  # as a worker writing its result
-            results._wlock.acquire()
-            if HOLD == "torn-result":  # a result's length header and the start of its bytes, no more
-                results._writer._send(struct.pack("!i", 1 << 20) + bytes(100))
-        os.kill(os.getpid(), signal.SIGKILL)
-    return task_fn(task)
-prepare.tokenize_task, prepare._shut_down, prepare._init_worker = dying, draining, init
-if WHEN == "before-first-check":  # as a loaded box, slow to draw its progress bar before it first waits
-    until = prepare._until_a_worker_dies
-    def late(pool, results):
-        time.sleep(1.0)  # the dead worker is reaped, and replaced, within milliseconds
-        yield from until(pool, results)
-    prepare._until_a_worker_dies = late
-prepare.WORKER_CHECK_SECONDS = 0.2
-prepare.DRAIN_SECONDS = 60.0
-prepare.TEARDOWN_SECONDS = 3.0
+        frame.f_locals["conn"]._send(struct.pack("!i", 1 << 20) + bytes(100))
+    os.kill(os.getpid(), signal.SIGKILL)
+prepare.tokenize_task = dying
+init = workers.Workers.__init__
+def started(self, *args, **kwargs):
+    init(self, *args, **kwargs)
+    open(OUT + ".pids", "w").write(" ".join(map(str, self.pids)))
+workers.Workers.__init__ = started
+if WHEN == "late-wait":
+    receive = workers.Workers._receive
+    def late(self, early):
+        time.sleep(1.0)
+        receive(self, early)
+    workers.Workers._receive = late
 prepare.main(sys.argv[1:])
 """
 
 
-@pytest.mark.parametrize("hold", ["nothing", "task-lock", "result-lock", "torn-result"])
-def test_a_worker_killed_mid_run_stops_the_run_with_its_reason(hold, small_corpus, tokenizer_model, tmp_path):
-    """Whatever the dead worker held: Pool.terminate() alone hangs on either queue lock left taken (checked)."""
+@pytest.mark.parametrize("how,when", [("self", "now"), ("self", "late-wait"), ("torn-result", "now"),
+                                      ("sibling", "now")])
+def test_a_worker_killed_mid_run_stops_the_run_with_its_reason(how, when, small_corpus, tokenizer_model, tmp_path):
+    """The old Pool-based run hung on a torn result and on queue locks a dead worker held, and once (CI, a loaded
+    box) missed a worker that died before its first look."""
     inputs, _ = small_corpus
     out = tmp_path / "out"
     extra = ["--workers", "2", "--shard-tokens", "20000", "--task-bytes", "20000"]
-    proc = _run_dying_worker(hold, "mid-run", inputs, tokenizer_model, out, extra)
+    args = ["--input", *inputs, "--tokenizer", tokenizer_model, "--output", str(out), *extra]
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", _DYING_WORKER, how, when, *args], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert proc.returncode == 1 and time.monotonic() - t0 < 30, proc.stderr[-2000:]
     assert "was killed by signal 9 (SIGKILL: often the out-of-memory killer); the task it held is lost" in proc.stderr
     assert "rerun the same command to resume" in proc.stderr
-    # only a torn result keeps the pool's own threads from stopping (the run leaves them, its workers killed)
-    assert ("pool's threads did not stop" in proc.stderr) == (hold == "torn-result")
-    if hold == "nothing":
+    assert mp.active_children() == []
+    if (how, when) == ("self", "now"):
         # what was written before stays resumable: the same command without the dying task finishes the run
         done = run_prepare(inputs, tokenizer_model, out, *extra)
         assert done["splits"]["train"]["docs"] + done["splits"]["val"]["docs"] == len(small_corpus[1])
-
-
-def test_a_worker_that_died_before_the_runs_first_check_still_stops_the_run(small_corpus, tokenizer_model, tmp_path):
-    """The pool had already replaced the dead worker, and dropped it from its own list, when the run first looked for
-    dead workers (a loaded CI box once hung so until its 120 s timeout; reproduced with this 1 s delay)."""
-    inputs, _ = small_corpus
-    extra = ["--workers", "2", "--shard-tokens", "20000", "--task-bytes", "20000"]
-    proc = _run_dying_worker("nothing", "before-first-check", inputs, tokenizer_model, tmp_path / "out", extra)
-    assert "was killed by signal 9 (SIGKILL: often the out-of-memory killer); the task it held is lost" in proc.stderr
-
-
-@pytest.mark.parametrize("hold", ["idle-sibling", "result-lock"])
-def test_a_worker_killed_while_the_run_stops_ends_the_drain(hold, small_corpus, tokenizer_model, tmp_path):
-    """The run stops after its first shard (as on Ctrl-C) and lets the tasks in flight finish; meanwhile a worker
-    dies: an idle one (all results then come, but the other workers never get their end-of-work markers past the
-    task-queue lock it held), or one holding the result lock (its task's result never comes). The run must neither
-    wait out DRAIN_SECONDS (60 s here) nor hang (the old drain hung in both: checked)."""
-    inputs, _ = small_corpus
-    extra = ["--workers", "2", "--shard-tokens", "1000", "--task-bytes", "20000"]
-    env = {**os.environ, STOP_AFTER_ENV: "1"}
-    proc = _run_dying_worker(hold, "draining", inputs, tokenizer_model, tmp_path / "out", extra, env=env)
-    assert "stopped after 1 shards" in proc.stderr
-    assert "warning: while the run stopped, a tokenizer worker (pid" in proc.stderr
-    assert "was killed by signal 9" in proc.stderr
-    assert len(list((tmp_path / "out").glob("train-*.arrow"))) == 1
-
-
-def _run_dying_worker(hold, when, inputs, tokenizer_model, out, extra, env=None):
-    args = ["--input", *inputs, "--tokenizer", tokenizer_model, "--output", str(out), *extra]
-    t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", _DYING_WORKER, hold, when, *args], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT, env=env)
-    assert proc.returncode == 1 and time.monotonic() - t0 < 30, proc.stderr[-2000:]
-    return proc
-
-
-class _FakePool:
-    def __init__(self):
-        self.calls, self.started = [], []
-
-    def close(self):
-        self.calls.append("close")
-
-    def join(self):
-        self.calls.append("join")
-
-
-@dataclass(eq=False)
-class _FakeWorker:
-    exitcode: int | None
-    pid: int
-
-
-class _FakeResults:
-    """IMapIterator.next(timeout) stand-in: hands out the given outcomes in order, then StopIteration."""
-
-    def __init__(self, *outcomes):
-        self.outcomes, self.timeouts = list(outcomes), []
-
-    def next(self, timeout):
-        self.timeouts.append(timeout)
-        if not self.outcomes:
-            raise StopIteration
-        out = self.outcomes.pop(0)
-        if isinstance(out, mp.TimeoutError):
-            time.sleep(timeout)
-        if isinstance(out, BaseException):
-            raise out
-        return out
-
-
-def test_shut_down_drains_then_closes_and_kills_only_a_pool_that_does_not_drain(monkeypatch):
-    from data_prep import prepare
-    from data_prep.prepare import _shut_down
-
-    monkeypatch.setattr(prepare, "DRAIN_SECONDS", 60.0)
-    monkeypatch.setattr(prepare, "_kill_pool", lambda pool: pool.calls.append("kill"))
-
-    # results in flight and a failed task are drained, then the workers exit on the pool's own markers
-    pool, results = _FakePool(), _FakeResults({"index": 3}, ValueError("task failed"), {"index": 5})
-    _shut_down(pool, results)
-    assert pool.calls == ["close", "join"] and len(results.timeouts) == 4
-    assert 0 < min(results.timeouts) <= prepare.WORKER_CHECK_SECONDS
-    # nothing issued yet
-    pool = _FakePool()
-    _shut_down(pool, None)
-    assert pool.calls == ["close", "join"]
-    # a second Ctrl-C during the drain: kill
-    pool = _FakePool()
-    _shut_down(pool, _FakeResults({"index": 0}, KeyboardInterrupt()))
-    assert pool.calls == ["kill"]
-    # a task that does not finish within DRAIN_SECONDS (waited for in slices, between which dead workers are looked
-    # for): kill at the deadline
-    monkeypatch.setattr(prepare, "DRAIN_SECONDS", 0.5)
-    monkeypatch.setattr(prepare, "WORKER_CHECK_SECONDS", 0.05)
-    pool, results = _FakePool(), _FakeResults({"index": 0}, *[mp.TimeoutError() for _ in range(100)])
-    t0 = time.monotonic()
-    _shut_down(pool, results)
-    assert pool.calls == ["kill"] and 0.5 <= time.monotonic() - t0 < 5 and len(results.timeouts) > 2
-    # a worker that died during the drain: its task's result never comes; kill at the first slice, not the deadline
-    pool = _FakePool()
-    pool.started = [_FakeWorker(exitcode=None, pid=1), _FakeWorker(exitcode=-9, pid=2)]
-    results = _FakeResults({"index": 0}, *[mp.TimeoutError() for _ in range(100)])
-    _shut_down(pool, results)
-    assert pool.calls == ["kill"] and len(results.timeouts) == 2
 
 
 def test_bad_input_is_skipped_counted_and_reported(tokenizer_model, tmp_path):

@@ -1,0 +1,123 @@
+"""`data_prep.workers.Workers`: results in order, errors and deaths reported at once, back-pressure, kill at will."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import time
+
+import pytest
+
+from data_prep.workers import WorkerDied, Workers
+
+FORK = mp.get_context("fork")
+
+
+def _slower_first(i: int) -> int:
+    time.sleep(0.02 * (8 - i % 8))  # early tasks finish last
+    return i * i
+
+
+def _fails_on_3(i: int) -> int:
+    if i == 3:
+        raise ValueError("task 3 is bad")
+    return i
+
+
+def _dies_on_2(i: int) -> int:
+    if i == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(0.05)
+    return i
+
+
+def _sleeps(i: int) -> int:
+    time.sleep(60)
+    return i
+
+
+def _unpicklable(i: int):
+    return lambda: i
+
+
+def _bad_init() -> None:
+    raise RuntimeError("the model changed")
+
+
+def _identity(i: int) -> int:
+    return i
+
+
+@pytest.mark.parametrize("processes", [1, 3])
+def test_results_come_in_task_order(processes):
+    with Workers(processes, _slower_first, context=FORK) as w:
+        assert list(w.imap(range(20))) == [i * i for i in range(20)]
+    assert mp.active_children() == []
+
+
+def test_the_reader_never_runs_ahead_of_the_workers():
+    pulled = []
+
+    def tasks():
+        for i in range(50):
+            pulled.append(i)
+            yield i
+
+    with Workers(2, _identity, context=FORK, per_worker=2) as w:
+        results = w.imap(tasks())
+        assert next(results) == 0
+        # two tasks a worker, and one more once the first answer freed a slot
+        assert len(pulled) <= 2 * 2 + 1
+        assert list(results) == list(range(1, 50))
+
+
+def test_a_tasks_exception_is_raised_in_the_caller():
+    with pytest.raises(ValueError, match="task 3 is bad"):
+        with Workers(2, _fails_on_3, context=FORK) as w:
+            list(w.imap(range(10)))
+    assert mp.active_children() == []
+
+
+def test_an_init_error_is_raised_in_the_caller():
+    with pytest.raises(RuntimeError, match="the model changed"):
+        with Workers(2, _identity, _bad_init, context=FORK) as w:
+            list(w.imap(range(10)))
+    assert mp.active_children() == []
+
+
+def test_an_unpicklable_result_is_an_error_not_a_hang():
+    with pytest.raises(RuntimeError, match="could not be sent to the parent"):
+        with Workers(1, _unpicklable, context=FORK) as w:
+            list(w.imap(range(2)))
+
+
+def test_a_dead_worker_stops_the_run_at_once_with_how_it_died():
+    t0 = time.monotonic()
+    with pytest.raises(WorkerDied, match=r"was killed by signal 9 \(SIGKILL: often the out-of-memory killer\); "
+                                         r"the task it held is lost"):
+        with Workers(2, _dies_on_2, context=FORK) as w:
+            list(w.imap(range(100)))
+    assert time.monotonic() - t0 < 10 and mp.active_children() == []
+
+
+def test_busy_workers_are_killed_at_once_on_close():
+    w = Workers(2, _sleeps, context=FORK)
+    results = w.imap(range(4))
+    with pytest.raises(TimeoutError):
+        # the answers never come in time: stop waiting from outside, as Ctrl-C would
+        signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(TimeoutError))
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        try:
+            next(results)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    t0 = time.monotonic()
+    w.close(kill=True)
+    assert time.monotonic() - t0 < 5 and mp.active_children() == []
+
+
+def test_spawned_workers_work_too():
+    with Workers(2, _slower_first, context=mp.get_context("spawn")) as w:
+        assert list(w.imap(range(8))) == [i * i for i in range(8)]
