@@ -19,6 +19,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import multiprocessing.connection
 import signal
+import traceback
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -32,21 +33,25 @@ class WorkerDied(RuntimeError):
     """A worker process exited during the run; the task it held, if any, is lost."""
 
 
+class WorkerTraceback(Exception):
+    """Where in the worker an exception raised in the parent came from (its `__cause__`)."""
+
+
 def _serve(conn: mp.connection.Connection, fn: Callable, init: Callable | None, init_args: tuple) -> None:
     """A worker: `init(*init_args)` once, then `fn(task)` for every task received until None. Each answer is
-    ("ok", result) or ("error", exception); an exception that cannot be pickled is sent as its repr."""
+    ("ok", result) or ("error", (exception, its traceback as text))."""
     try:
         if init is not None:
             init(*init_args)
     except Exception as e:  # noqa: BLE001 - the parent raises it
-        _answer(conn, "error", e)
+        _answer(conn, "error", (e, traceback.format_exc()))
         return
     try:
         while (task := conn.recv()) is not None:
             try:
                 status, out = "ok", fn(task)
             except Exception as e:  # noqa: BLE001 - the parent raises it
-                status, out = "error", e
+                status, out = "error", (e, traceback.format_exc())
             _answer(conn, status, out)
     except (EOFError, KeyboardInterrupt):  # the parent has gone, or Ctrl-C reached a worker before its init ran
         pass
@@ -55,8 +60,10 @@ def _serve(conn: mp.connection.Connection, fn: Callable, init: Callable | None, 
 def _answer(conn: mp.connection.Connection, status: str, out: Any) -> None:
     try:
         conn.send((status, out))
-    except Exception as e:  # noqa: BLE001 - an unpicklable exception or result
-        conn.send(("error", RuntimeError(f"{out!r} could not be sent to the parent: {e!r}")))
+    except Exception as e:  # noqa: BLE001 - an exception or result that cannot be pickled
+        error = RuntimeError(f"a worker's {'exception' if status == 'error' else 'result'} could not be sent to the "
+                             f"parent: {e!r}")
+        conn.send(("error", (error, traceback.format_exc())))
 
 
 @dataclass(eq=False)
@@ -155,7 +162,8 @@ class Workers:
             worker.process.join()
             raise WorkerDied(worker.death()) from None
         if status == "error":  # a task's exception, or its init's
-            raise out
+            error, where = out
+            raise error from WorkerTraceback(where)
         early[worker.in_flight.popleft()] = out
 
     def _fail(self, worker: _Worker) -> None:

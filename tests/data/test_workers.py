@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from data_prep.workers import WorkerDied, Workers
+from data_prep.workers import WorkerDied, Workers, WorkerTraceback
 
 FORK = mp.get_context("fork")
 
@@ -72,10 +72,11 @@ def test_the_reader_never_runs_ahead_of_the_workers():
         assert list(results) == list(range(1, 50))
 
 
-def test_a_tasks_exception_is_raised_in_the_caller():
-    with pytest.raises(ValueError, match="task 3 is bad"):
+def test_a_tasks_exception_is_raised_in_the_caller_with_the_workers_traceback():
+    with pytest.raises(ValueError, match="task 3 is bad") as raised:
         with Workers(2, _fails_on_3, context=FORK) as w:
             list(w.imap(range(10)))
+    assert isinstance(raised.value.__cause__, WorkerTraceback) and "_fails_on_3" in str(raised.value.__cause__)
     assert mp.active_children() == []
 
 
@@ -87,7 +88,7 @@ def test_an_init_error_is_raised_in_the_caller():
 
 
 def test_an_unpicklable_result_is_an_error_not_a_hang():
-    with pytest.raises(RuntimeError, match="could not be sent to the parent"):
+    with pytest.raises(RuntimeError, match="a worker's result could not be sent to the parent"):
         with Workers(1, _unpicklable, context=FORK) as w:
             list(w.imap(range(2)))
 
