@@ -79,7 +79,7 @@ class PrepareConfig:
     exclude_subsets: list[str] = field(default_factory=list)
     overwrite: bool = False
     # how worker processes start: "fork" (Linux default) reuses the loaded interpreter (~10 ms per worker instead
-    # of ~0.2 s of imports with "spawn"); the pool is created before this run starts any thread of its own
+    # of ~0.2 s of imports with "spawn"); the workers start before this run starts any thread of its own
     start_method: str = DEFAULT_START_METHOD
     # "spans": each distinct span of a task encoded once (exact for BPE models like ours, 2-3x faster); "whole":
     # every text through sentencepiece as it is; "auto": spans where they are exact (Tokenizer.resolve_encoder)
