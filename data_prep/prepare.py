@@ -27,8 +27,8 @@ import argparse
 import hashlib
 import json
 import multiprocessing as mp
-import pickle
 import os
+import pickle
 import shutil
 import signal
 import sys
@@ -444,7 +444,7 @@ class Preparer:
                 # forked workers inherit the loaded tokenizer; other start methods pickle initargs: the path
                 model = self.tok if cfg.start_method == "fork" else str(self.tok.path)
                 workers = Workers(cfg.workers, tokenize_task, _init_worker, (model, self.tok.sha256, worker_cfg),
-                                  context=ctx)
+                                  context=ctx, name="tokenizer worker")
                 # each worker holds at most two tasks: the reader cannot run ahead of the writer
                 results = workers.imap(_spill_payloads(tasks, spill_dir))
             bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenize", file=sys.stderr, smoothing=0.1)

@@ -70,6 +70,7 @@ def _answer(conn: mp.connection.Connection, status: str, out: Any) -> None:
 class _Worker:
     process: mp.process.BaseProcess
     conn: mp.connection.Connection
+    name: str
     # the indices of the tasks sent to it and not yet answered, oldest first (a worker answers in order)
     in_flight: deque = field(default_factory=deque)
 
@@ -81,15 +82,16 @@ class _Worker:
         how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
         hint = " (SIGKILL: often the out-of-memory killer)" if code == -signal.SIGKILL else ""
         held = "the task it held is lost" if self.in_flight else "it held no task"
-        return f"a tokenizer worker (pid {self.process.pid}) {how}{hint}; {held}"
+        return f"a {self.name} (pid {self.process.pid}) {how}{hint}; {held}"
 
 
 class Workers:
     """`processes` workers running `fn`, each holding at most `per_worker` tasks at a time (the back-pressure that
-    keeps the caller's reader from running ahead). Use as a context manager, or call `close()`."""
+    keeps the caller's reader from running ahead); `name` is what a worker is called in errors. Use as a context
+    manager, or call `close()`."""
 
     def __init__(self, processes: int, fn: Callable, init: Callable | None = None, init_args: tuple = (),
-                 context: mp.context.BaseContext | None = None, per_worker: int = 2) -> None:
+                 context: mp.context.BaseContext | None = None, per_worker: int = 2, name: str = "worker") -> None:
         if processes < 1 or per_worker < 1:
             raise ValueError(f"need processes >= 1 and per_worker >= 1, got {processes} and {per_worker}")
         ctx = context or mp.get_context()
@@ -102,7 +104,7 @@ class Workers:
                 process.start()
                 # the parent's copy of the worker's end closed, the worker's death reads as EOF on `here`
                 there.close()
-                self._workers.append(_Worker(process, here))
+                self._workers.append(_Worker(process, here, name))
         except BaseException:
             self.close(kill=True)
             raise

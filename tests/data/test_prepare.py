@@ -255,6 +255,7 @@ def test_a_worker_killed_mid_run_stops_the_run_with_its_reason(how, when, small_
     proc = subprocess.run([sys.executable, "-c", _DYING_WORKER, how, when, *args], capture_output=True, text=True,
                           timeout=120, cwd=ROOT)
     assert proc.returncode == 1 and time.monotonic() - t0 < 30, proc.stderr[-2000:]
+    assert "a tokenizer worker (pid " in proc.stderr
     assert "was killed by signal 9 (SIGKILL: often the out-of-memory killer); the task it held is lost" in proc.stderr
     assert "rerun the same command to resume" in proc.stderr
     assert mp.active_children() == []
