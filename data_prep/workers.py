@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import multiprocessing.connection
+import pickle
 import signal
 import traceback
 from collections import deque
@@ -159,10 +160,15 @@ class Workers:
 
     def _take_answer(self, worker: _Worker, early: dict) -> None:
         try:
-            status, out = worker.conn.recv()
+            answer = worker.conn.recv_bytes()
         except (EOFError, OSError):  # it died before or while writing its answer: the sentinel tells how
             worker.process.join()
             raise WorkerDied(worker.death()) from None
+        try:
+            status, out = pickle.loads(answer)
+        except Exception as e:  # e.g. an exception class whose constructor takes other arguments than it keeps
+            raise RuntimeError(f"an answer of a {worker.name} (pid {worker.process.pid}) could not be read: "
+                               f"{e!r}") from e
         if status == "error":  # a task's exception, or its init's
             error, where = out
             raise error from WorkerTraceback(where)

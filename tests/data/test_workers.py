@@ -41,6 +41,15 @@ def _unpicklable(i: int):
     return lambda: i
 
 
+class _NeedsTwoArguments(Exception):
+    def __init__(self, a, b):
+        super().__init__(f"{a} and {b}")  # pickles its message only: it cannot be rebuilt from it
+
+
+def _raises_unreadable(i: int) -> int:
+    raise _NeedsTwoArguments(i, i)
+
+
 def _bad_init() -> None:
     raise RuntimeError("the model changed")
 
@@ -91,6 +100,13 @@ def test_an_unpicklable_result_is_an_error_not_a_hang():
     with pytest.raises(RuntimeError, match="a worker's result could not be sent to the parent"):
         with Workers(1, _unpicklable, context=FORK) as w:
             list(w.imap(range(2)))
+
+
+def test_an_answer_the_parent_cannot_unpickle_is_an_error_not_a_hang():
+    with pytest.raises(RuntimeError, match=r"an answer of a worker \(pid \d+\) could not be read"):
+        with Workers(1, _raises_unreadable, context=FORK) as w:
+            list(w.imap(range(2)))
+    assert mp.active_children() == []
 
 
 def test_a_dead_worker_stops_the_run_at_once_with_how_it_died():
