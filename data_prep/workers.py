@@ -87,9 +87,10 @@ class _Worker:
 
 
 class Workers:
-    """`processes` workers running `fn`, each holding at most `per_worker` tasks at a time (the back-pressure that
-    keeps the caller's reader from running ahead); `name` is what a worker is called in errors. Use as a context
-    manager, or call `close()`."""
+    """`processes` workers running `fn`, each holding at most `per_worker` tasks at a time, and at most `processes *
+    per_worker` tasks between being taken and their results being given back (the back-pressure that keeps the
+    caller's reader from running ahead); `name` is what a worker is called in errors. Use as a context manager, or
+    call `close()`."""
 
     def __init__(self, processes: int, fn: Callable, init: Callable | None = None, init_args: tuple = (),
                  context: mp.context.BaseContext | None = None, per_worker: int = 2, name: str = "worker") -> None:
@@ -121,8 +122,11 @@ class Workers:
         early: dict[int, Any] = {}  # results that came before an earlier task's
         sent = given = 0
         more = True
+        # tasks sent and not yet given back, also those already answered: one slow task must not let the other
+        # workers (and the reader, and the answers waiting in `early`) run ahead without bound
+        limit = self.per_worker * len(self._workers)
         while True:
-            while more:
+            while more and sent - given < limit:
                 worker = min(self._workers, key=lambda w: len(w.in_flight))
                 if len(worker.in_flight) >= self.per_worker:
                     break

@@ -65,7 +65,14 @@ def test_results_come_in_task_order(processes):
     assert mp.active_children() == []
 
 
-def test_the_reader_never_runs_ahead_of_the_workers():
+def _slow_on_0(i: int) -> int:
+    if i == 0:
+        time.sleep(0.5)
+    return i
+
+
+def test_the_reader_never_runs_ahead_of_the_results():
+    """Task 0 is slow; the other worker must not race ahead of it (nor the reader, nor the answers kept)."""
     pulled = []
 
     def tasks():
@@ -73,12 +80,12 @@ def test_the_reader_never_runs_ahead_of_the_workers():
             pulled.append(i)
             yield i
 
-    with Workers(2, _identity, context=FORK, per_worker=2) as w:
-        results = w.imap(tasks())
-        assert next(results) == 0
-        # two tasks a worker, and one more once the first answer freed a slot
-        assert len(pulled) <= 2 * 2 + 1
-        assert list(results) == list(range(1, 50))
+    with Workers(2, _slow_on_0, context=FORK, per_worker=2) as w:
+        for given, result in enumerate(w.imap(tasks())):
+            assert result == given
+            # two tasks a worker, counted from the last result given back
+            assert len(pulled) <= given + 2 * 2
+    assert len(pulled) == 50
 
 
 def test_a_tasks_exception_is_raised_in_the_caller_with_the_workers_traceback():
@@ -118,18 +125,22 @@ def test_a_dead_worker_stops_the_run_at_once_with_how_it_died():
     assert time.monotonic() - t0 < 10 and mp.active_children() == []
 
 
+def _time_is_up(*_):
+    raise TimeoutError
+
+
 def test_busy_workers_are_killed_at_once_on_close():
     w = Workers(2, _sleeps, context=FORK)
     results = w.imap(range(4))
-    with pytest.raises(TimeoutError):
-        # the answers never come in time: stop waiting from outside, as Ctrl-C would
-        signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(TimeoutError))
-        signal.setitimer(signal.ITIMER_REAL, 0.5)
-        try:
+    # the answers would take a minute: the wait is broken from outside after 0.5 s, as Ctrl-C would break it
+    signal.signal(signal.SIGALRM, _time_is_up)
+    signal.setitimer(signal.ITIMER_REAL, 0.5)
+    try:
+        with pytest.raises(TimeoutError):
             next(results)
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
     t0 = time.monotonic()
     w.close(kill=True)
     assert time.monotonic() - t0 < 5 and mp.active_children() == []
