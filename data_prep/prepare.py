@@ -445,7 +445,7 @@ class Preparer:
                 model = self.tok if cfg.start_method == "fork" else str(self.tok.path)
                 workers = Workers(cfg.workers, tokenize_task, _init_worker, (model, self.tok.sha256, worker_cfg),
                                   context=ctx, name="tokenizer worker")
-                # each worker holds at most two tasks: the reader cannot run ahead of the writer
+                # two tasks a worker at most between being cut and being written: the reader cannot run ahead
                 results = workers.imap(_spill_payloads(tasks, spill_dir))
             bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenize", file=sys.stderr, smoothing=0.1)
             for res in results:
