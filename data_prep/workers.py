@@ -75,15 +75,14 @@ class _Worker:
     # the indices of the tasks sent to it and not yet answered, oldest first (a worker answers in order)
     in_flight: deque = field(default_factory=deque)
 
-    def death(self) -> str | None:
-        """How the process ended, or None while it runs."""
+    def died(self) -> WorkerDied:
+        """How the process ended, once it has (it is joined here: its pipe or its sentinel said it is ending)."""
+        self.process.join()
         code = self.process.exitcode
-        if code is None:
-            return None
         how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
         hint = " (SIGKILL: often the out-of-memory killer)" if code == -signal.SIGKILL else ""
         held = "the task it held is lost" if self.in_flight else "it held no task"
-        return f"a {self.name} (pid {self.process.pid}) {how}{hint}; {held}"
+        return WorkerDied(f"a {self.name} (pid {self.process.pid}) {how}{hint}; {held}")
 
 
 class Workers:
@@ -165,9 +164,8 @@ class Workers:
     def _take_answer(self, worker: _Worker, early: dict) -> None:
         try:
             answer = worker.conn.recv_bytes()
-        except (EOFError, OSError):  # it died before or while writing its answer: the sentinel tells how
-            worker.process.join()
-            raise WorkerDied(worker.death()) from None
+        except (EOFError, OSError):  # it died before or while writing its answer
+            raise worker.died() from None
         try:
             status, out = pickle.loads(answer)
         except Exception as e:  # e.g. an exception class whose constructor takes other arguments than it keeps
@@ -182,8 +180,7 @@ class Workers:
         """Raise why `worker` stopped: the error it answered last, else how it died."""
         if worker.conn.poll():
             self._take_answer(worker, {})
-        worker.process.join()
-        raise WorkerDied(worker.death())
+        raise worker.died()
 
     def close(self, kill: bool = False) -> None:
         """End the workers: each gets its end-of-work marker and is joined, or with `kill` (or when one does not
