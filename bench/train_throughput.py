@@ -509,6 +509,9 @@ def main() -> int:
     from metala.ops.metala.chunk import CONFIG
 
     result["kernel_config"] = CONFIG
+    # Inductor and operator settings given by environment variable (they reach the row processes the same way)
+    result["env"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith(("TORCHINDUCTOR_", "METALA_"))
+                     and k != "TORCHINDUCTOR_CACHE_DIR"}
     all_ok = True
     path = result_path(args.out, gpu_tag(gpu), "train_throughput", args.tag)
 
