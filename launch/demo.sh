@@ -3,7 +3,7 @@
 #   set-up (.venv with CPU torch) -> sentencepiece tokenizer -> tokenized Arrow shards -> MetaLA trained with
 #   DeepSpeed on 2 CPU ranks, stopped half-way and resumed from its checkpoint -> sample text -> evaluation
 #   (lm-eval on offline local tasks, needle in a haystack, report.md).
-# Environment: DEMO_OUT (default runs/demo), DEMO_STEPS (default 300), DEMO_RANKS (default 2).
+# Environment: DEMO_OUT (default runs/demo), DEMO_STEPS (default 240), DEMO_RANKS (default 2).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
