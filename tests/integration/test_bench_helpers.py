@@ -178,3 +178,36 @@ def test_op_host_profiles_charge_the_operators_host_work_to_its_functions_per_ca
     assert names["ChunkMetaLAFunction"]["count"] == 1.0
     assert names["ChunkMetaLAFunctionBackward"]["count"] == 1.0
     assert all(leaf.grad is not None for leaf in leaves)
+
+
+def test_train_rows_gives_each_row_its_own_overrides_arguments_and_environment(tmp_path):
+    # bench/gpu/train_rows.sh in a copy of its folder, with its GPU set-up (env.sh) and `python` replaced by stubs
+    # that print what a row ran with
+    root = Path(__file__).resolve().parents[2]
+    (tmp_path / "bench/gpu").mkdir(parents=True)
+    (tmp_path / "bench/gpu/train_rows.sh").write_text((root / "bench/gpu/train_rows.sh").read_text())
+    (tmp_path / "bench/gpu/env.sh").write_text(
+        "T0=$(date +%s); DEADLINE=${DEADLINE:-585}\nleft() { echo $(( DEADLINE - ($(date +%s) - T0) )); }\n")
+    stub = tmp_path / "bin/python"
+    stub.parent.mkdir()
+    stub.write_text('#!/usr/bin/env bash\necho "CD=${TORCHINDUCTOR_COORDINATE_DESCENT_TUNING:-unset} $*"\n'
+                    'echo "100 tok/s"\n')
+    stub.chmod(0o755)
+    out = tmp_path / "out"
+    out.mkdir()
+    rows = ('cd={"compile_memory_budget": 1.0}|TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 --micro-batch 32;'
+            'base={"compile_memory_budget": 0.9}|--micro-batch 16;plain={}')
+    env = {**os.environ, "PATH": f"{stub.parent}:{os.environ['PATH']}", "ROWS": rows, "OUT": str(out),
+           "PRESET": "360m", "TAG": "t"}
+    env.pop("TORCHINDUCTOR_COORDINATE_DESCENT_TUNING", None)
+    proc = subprocess.run(["bash", "bench/gpu/train_rows.sh"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert [line.split(":")[0] for line in proc.stdout.splitlines()[:3]] == ["1 cd", "2 base", "3 plain"]
+    logs = {p.name: p.read_text() for p in out.glob("row_*.log")}
+    cd, base, plain = logs["row_1_cd.log"], logs["row_2_base.log"], logs["row_3_plain.log"]
+    assert cd.startswith("CD=1 ") and '--train-overrides {"compile_memory_budget": 1.0} --micro-batch 32' in cd
+    assert "TORCHINDUCTOR" not in cd.split(" ", 1)[1]  # the setting is the row's environment, not an argument
+    assert base.startswith("CD=unset ") and '{"compile_memory_budget": 0.9} --micro-batch 16 --out' in base
+    assert plain.startswith("CD=unset ") and "--train-overrides {} --out" in plain
+    assert "--presets 360m" in plain and "--tag t_3_plain" in plain
