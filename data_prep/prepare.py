@@ -443,9 +443,9 @@ class Preparer:
                 ctx = mp.get_context(cfg.start_method)
                 # forked workers inherit the loaded tokenizer; other start methods pickle initargs: the path
                 model = self.tok if cfg.start_method == "fork" else str(self.tok.path)
-                workers = Workers(cfg.workers, tokenize_task, _init_worker, (model, self.tok.sha256, worker_cfg),
-                                  context=ctx, name="tokenizer worker")
                 # two tasks a worker at most between being cut and being written: the reader cannot run ahead
+                workers = Workers(cfg.workers, tokenize_task, _init_worker, (model, self.tok.sha256, worker_cfg),
+                                  context=ctx, per_worker=2, name="tokenizer worker")
                 results = workers.imap(_spill_payloads(tasks, spill_dir))
             bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenize", file=sys.stderr, smoothing=0.1)
             for res in results:
