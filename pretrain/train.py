@@ -19,6 +19,17 @@ from pretrain.config import ConfigError, TrainConfig, load_config
 from pretrain.data import DataError
 
 
+def _batch_fix(global_batch: int, micro_batch: int, dp: int) -> str:
+    """What would make the batch whole: the largest micro-batch up to the asked one that divides each rank's share,
+    or, where the share is not whole, another global batch (a recipe's micro_batch is tuned for one GPU count; more
+    data-parallel GPUs need a smaller one)."""
+    if global_batch % dp:
+        return f"no micro_batch fits: use a global_batch divisible by {dp}"
+    per_rank = global_batch // dp
+    best = max(m for m in range(1, min(micro_batch, per_rank) + 1) if per_rank % m == 0)
+    return f"each rank gets {per_rank} sequences a step: set e.g. train.micro_batch={best}"
+
+
 def plan(cfg: TrainConfig, world_size: int) -> list[str]:
     """The resolved plan of a run, as lines; raises ConfigError on an impossible layout or batch."""
     from pretrain.data import load_manifest
@@ -31,7 +42,7 @@ def plan(cfg: TrainConfig, world_size: int) -> list[str]:
     t = cfg.train
     if t.global_batch % (t.micro_batch * dp):
         raise ConfigError(f"train.global_batch ({t.global_batch}) must be a multiple of train.micro_batch "
-                          f"({t.micro_batch}) x data-parallel size ({dp})")
+                          f"({t.micro_batch}) x data-parallel size ({dp}); {_batch_fix(t.global_batch, t.micro_batch, dp)}")
     lines = []
     vocab_note = ""
     data_dir = Path(cfg.data.dir)

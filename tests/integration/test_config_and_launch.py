@@ -48,6 +48,19 @@ def test_dry_run_reports_an_impossible_batch():
     r = subprocess.run(["bash", str(REPO / "launch/pretrain.sh"), "360m"], env=env, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 2 and "global_batch (256) must be a multiple" in r.stderr
+    assert "use a global_batch divisible by 3" in r.stderr
+
+
+def test_dry_run_names_the_micro_batch_that_fits_more_gpus():
+    # the 360m recipe's micro-batch of 32 fills one rank's 32 sequences on 8 GPUs; 16 GPUs leave 16 a rank
+    env = {**os.environ, "DRY_RUN": "1", "NUM_GPUS": "16", "PYTHON": sys.executable}
+    r = subprocess.run(["bash", str(REPO / "launch/pretrain.sh"), "360m"], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "each rank gets 16 sequences a step: set e.g. train.micro_batch=16" in r.stderr
+    env["NUM_GPUS"] = "8"
+    r = subprocess.run(["bash", str(REPO / "launch/pretrain.sh"), "360m", "train.micro_batch=64"], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "each rank gets 32 sequences a step: set e.g. train.micro_batch=32" in r.stderr
 
 
 def test_unknown_recipe_name():
