@@ -108,7 +108,8 @@ class TrainSection:
     steps: int
     # sequences per optimizer step over all data-parallel ranks
     global_batch: int
-    # sequences per forward pass on one rank
+    # sequences per forward pass on one rank, at most: a rank whose share of global_batch is smaller runs its whole
+    # share at once (`rank_micro_batch`), so a recipe sized for one node's GPUs also runs on more
     micro_batch: int
     out_dir: str
     seed: int = 0
@@ -173,6 +174,31 @@ class TrainSection:
             raise ConfigError(
                 f"train.global_batch ({self.global_batch}) must be a multiple of train.micro_batch ({self.micro_batch})"
             )
+
+
+def rank_micro_batch(train: TrainSection, dp: int) -> int:
+    """Sequences a rank runs per forward over `dp` data-parallel ranks: train.micro_batch, or the rank's whole share
+    of the global batch where that is smaller. A recipe's micro-batch is sized for one GPU's memory and one node's
+    GPU count; on more GPUs each rank's share shrinks, and running it at once needs no more memory than asked for.
+    Raises ConfigError, naming a micro-batch that fits, where the share is not whole or not a multiple of it."""
+    if train.global_batch % dp:
+        raise ConfigError(f"train.global_batch ({train.global_batch}) must be a multiple of the data-parallel size "
+                          f"({dp}); no micro_batch fits")
+    share = train.global_batch // dp
+    micro = min(train.micro_batch, share)
+    if share % micro:
+        fits = max(m for m in range(1, micro + 1) if share % m == 0)
+        raise ConfigError(f"train.global_batch ({train.global_batch}) must be a multiple of train.micro_batch "
+                          f"({micro}) x data-parallel size ({dp}); each rank gets {share} sequences a step: set e.g. "
+                          f"train.micro_batch={fits}")
+    return micro
+
+
+def describe_micro_batch(train: TrainSection, dp: int) -> str:
+    """How a rank splits its share of the batch, for the plan and the training log (says where it was capped)."""
+    micro = rank_micro_batch(train, dp)
+    capped = f" (train.micro_batch {train.micro_batch} capped at the rank's share)" if micro < train.micro_batch else ""
+    return f"micro {micro}/rank{capped}, grad accumulation {train.global_batch // (micro * dp)}"
 
 
 @dataclass(kw_only=True, slots=True)

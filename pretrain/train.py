@@ -15,19 +15,8 @@ import warnings
 from pathlib import Path
 from typing import NoReturn
 
-from pretrain.config import ConfigError, TrainConfig, load_config
+from pretrain.config import ConfigError, TrainConfig, describe_micro_batch, load_config
 from pretrain.data import DataError
-
-
-def _batch_fix(global_batch: int, micro_batch: int, dp: int) -> str:
-    """What would make the batch whole: the largest micro-batch up to the asked one that divides each rank's share,
-    or, where the share is not whole, another global batch (a recipe's micro_batch is tuned for one GPU count; more
-    data-parallel GPUs need a smaller one)."""
-    if global_batch % dp:
-        return f"no micro_batch fits: use a global_batch divisible by {dp}"
-    per_rank = global_batch // dp
-    best = max(m for m in range(1, min(micro_batch, per_rank) + 1) if per_rank % m == 0)
-    return f"each rank gets {per_rank} sequences a step: set e.g. train.micro_batch={best}"
 
 
 def plan(cfg: TrainConfig, world_size: int) -> list[str]:
@@ -40,9 +29,7 @@ def plan(cfg: TrainConfig, world_size: int) -> list[str]:
         raise ConfigError(f"world size {world_size} is not divisible by parallel.tp * parallel.sp = {tp * sp}")
     dp = world_size // (tp * sp)
     t = cfg.train
-    if t.global_batch % (t.micro_batch * dp):
-        raise ConfigError(f"train.global_batch ({t.global_batch}) must be a multiple of train.micro_batch "
-                          f"({t.micro_batch}) x data-parallel size ({dp}); {_batch_fix(t.global_batch, t.micro_batch, dp)}")
+    micro_line = describe_micro_batch(t, dp)
     lines = []
     vocab_note = ""
     data_dir = Path(cfg.data.dir)
@@ -68,8 +55,7 @@ def plan(cfg: TrainConfig, world_size: int) -> list[str]:
         f"model       {mcfg.name}: {mcfg.param_count() / 1e6:,.1f}M params, d={mcfg.d_model} L={mcfg.n_layers} "
         f"H={mcfg.n_heads} vocab={mcfg.vocab_size}{vocab_note}, tied={mcfg.tie_embeddings}",
         f"world       {world_size} ranks = DP {dp} x SP {sp} x TP {tp}; ZeRO-{t.zero_stage}; precision {t.precision}",
-        f"batch       global {t.global_batch} x seq {cfg.data.seq_len} = {tokens_step:,} tokens/step; micro "
-        f"{t.micro_batch}/rank, grad accumulation {t.global_batch // (t.micro_batch * dp)}",
+        f"batch       global {t.global_batch} x seq {cfg.data.seq_len} = {tokens_step:,} tokens/step; {micro_line}",
         f"schedule    {t.steps:,} steps = {t.steps * tokens_step / 1e9:,.3f}B tokens; lr {cfg.optim.lr:g} warm-up "
         f"{cfg.warmup_steps()} steps, cosine to {cfg.optim.lr * cfg.optim.min_lr_ratio:g}",
         "compute     " + (f"torch.compile (mode {t.compile_mode}, activation memory budget {t.compile_memory_budget:g}"

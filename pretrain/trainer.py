@@ -20,7 +20,7 @@ import yaml
 from metala import MetaLAConfig, MetaLAForCausalLM
 from metala.ops.utils.chunk_plan import boundaries_to_device, host_to_device
 from pretrain import checkpoint as ckpt
-from pretrain.config import ConfigError, TrainConfig
+from pretrain.config import ConfigError, TrainConfig, describe_micro_batch, rank_micro_batch
 from pretrain.data import DataError, PackedDataset, PackedLoader, iter_eval_batches, load_manifest
 from pretrain.distributed import all_ranks_ok, comm_device, init_distributed, reduce_mean, reduce_sum
 from pretrain.faults import kill_point, poison_loss
@@ -59,16 +59,11 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 def deepspeed_config(cfg: TrainConfig, dp: int, precision: str) -> dict:
     t, o = cfg.train, cfg.optim
-    per_rank = t.global_batch // dp if t.global_batch % dp == 0 else 0
-    if per_rank == 0 or per_rank % t.micro_batch:
-        raise ConfigError(
-            f"train.global_batch ({t.global_batch}) must be a multiple of train.micro_batch ({t.micro_batch}) x "
-            f"data-parallel size ({dp})"
-        )
+    micro = rank_micro_batch(t, dp)
     return {
         "train_batch_size": t.global_batch,
-        "train_micro_batch_size_per_gpu": t.micro_batch,
-        "gradient_accumulation_steps": per_rank // t.micro_batch,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": t.global_batch // (dp * micro),
         # under ZeRO-1/2 the step guard applies this clip on the device in DeepSpeed's place
         # (`NonFiniteStepGuard.take_over_clipping`); DeepSpeed still computes the norm that it reads
         "gradient_clipping": o.grad_clip,
@@ -162,7 +157,8 @@ class Trainer:
         self.engine, self.scheduler, self.guard = initialize_with_guard(
             model, optimizer, ds_cfg, self.device, stop_flag=lambda: self._stop_signal is not None,
             fused_master_step=t.fused_master_step, lr_scheduler=scheduler, mpu=mpu)
-        self.loader = PackedLoader(self.train_data, t.global_batch, t.micro_batch, self.layout.coords.dp,
+        self.micro_batch = rank_micro_batch(t, self.layout.dp)
+        self.loader = PackedLoader(self.train_data, t.global_batch, self.micro_batch, self.layout.coords.dp,
                                    self.layout.dp, doc_reset=self.model_config.doc_reset,
                                    mask_eos_label=cfg.data.mask_eos_label)
         self.step = 0
@@ -382,7 +378,7 @@ class Trainer:
             return {}
         self.engine.eval()
         dp, r = self.layout.dp, self.layout.coords.dp
-        mb = self.cfg.train.micro_batch
+        mb = self.micro_batch
         total = len(self.val_data) // mb
         # every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively)
         per_rank = min(self.cfg.train.eval_batches, total // dp) if total >= dp else 0
@@ -423,7 +419,8 @@ class Trainer:
         n_mfu = self.model_config.non_embedding_param_count()
         self.print0(f"model: {self.model_config.name} {self.model_config.param_count() / 1e6:.2f}M params "
                     f"(vocab {self.model_config.vocab_size}); {self.layout.describe()}; ZeRO-{t.zero_stage}; "
-                    f"{self.precision}; {self.tokens_per_step:,} tokens/step; steps {self.step} -> {t.steps}")
+                    f"{self.precision}; {self.tokens_per_step:,} tokens/step, {describe_micro_batch(t, self.layout.dp)}; "
+                    f"steps {self.step} -> {t.steps}")
         last: dict[str, float] = {}
         acc_loss = torch.zeros((), device=self.device)
         acc_n = 0

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pretrain.config import ConfigError, load_config
+from pretrain.config import ConfigError, load_config, rank_micro_batch
 from pretrain.optim import lr_multiplier
+from pretrain.trainer import deepspeed_config
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = sorted(p.stem for p in (REPO / "launch/configs").glob("*.yaml"))
@@ -48,19 +49,32 @@ def test_dry_run_reports_an_impossible_batch():
     r = subprocess.run(["bash", str(REPO / "launch/pretrain.sh"), "360m"], env=env, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 2 and "global_batch (256) must be a multiple" in r.stderr
-    assert "use a global_batch divisible by 3" in r.stderr
+    assert "must be a multiple of the data-parallel size (3)" in r.stderr
 
 
-def test_dry_run_names_the_micro_batch_that_fits_more_gpus():
-    # the 360m recipe's micro-batch of 32 fills one rank's 32 sequences on 8 GPUs; 16 GPUs leave 16 a rank
+def test_micro_batch_is_capped_at_a_ranks_share_and_a_misfit_names_one_that_fits():
+    # the 360m recipe's micro-batch of 32 fills one rank's 32 sequences on 8 GPUs; 16 GPUs leave 16 a rank, which
+    # each rank then runs at once (no more memory than 32 would take)
     env = {**os.environ, "DRY_RUN": "1", "NUM_GPUS": "16", "PYTHON": sys.executable}
     r = subprocess.run(["bash", str(REPO / "launch/pretrain.sh"), "360m"], env=env, capture_output=True, text=True,
                        timeout=120)
-    assert r.returncode == 2 and "each rank gets 16 sequences a step: set e.g. train.micro_batch=16" in r.stderr
-    env["NUM_GPUS"] = "8"
-    r = subprocess.run(["bash", str(REPO / "launch/pretrain.sh"), "360m", "train.micro_batch=64"], env=env,
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "each rank gets 32 sequences a step: set e.g. train.micro_batch=32" in r.stderr
+    assert r.returncode == 0, r.stderr
+    assert "micro 16/rank (train.micro_batch 32 capped at the rank's share), grad accumulation 1" in r.stdout
+    env["NUM_GPUS"] = "3"
+    r = subprocess.run(["bash", str(REPO / "launch/pretrain.sh"), "360m", "train.global_batch=96",
+                        "train.micro_batch=12"], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "each rank gets 32 sequences a step: set e.g. train.micro_batch=8" in r.stderr
+
+
+def test_deepspeed_config_takes_the_ranks_micro_batch():
+    cfg = load_config(tiny_recipe(), ["train.global_batch=16", "train.micro_batch=16"])
+    assert rank_micro_batch(cfg.train, 1) == 16 and rank_micro_batch(cfg.train, 4) == 4
+    ds = deepspeed_config(cfg, 2, "fp32")
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (16, 8, 1)
+    ds = deepspeed_config(load_config(tiny_recipe(), ["train.global_batch=16", "train.micro_batch=2"]), 2, "fp32")
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (2, 4)
+    with pytest.raises(ConfigError, match="must be a multiple of the data-parallel size"):
+        rank_micro_batch(cfg.train, 3)
 
 
 def test_unknown_recipe_name():

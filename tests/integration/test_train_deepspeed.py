@@ -71,6 +71,20 @@ def test_killed_run_resumes_exactly(stage, straight_run, demo_data, tmp_path):
         assert again[step] == pytest.approx(reference[step], abs=tol), (step, again[step], reference[step])
 
 
+def test_a_micro_batch_above_the_ranks_share_runs_the_share_whole(straight_run, demo_data, tmp_path):
+    # train.micro_batch 8 on 2 ranks of a global batch of 8: each rank runs its 4 sequences in one forward where the
+    # straight run accumulated 2 micro-batches of 2. The same samples and schedule: the same loss curve up to the fp32
+    # rounding of a different summation order
+    out = tmp_path / "whole_share"
+    r = launch(demo_data, out, "train.zero_stage=1", "train.micro_batch=8")
+    check_ok(r)
+    assert "micro 4/rank (train.micro_batch 8 capped at the rank's share), grad accumulation 1" in r.stdout
+    ref, got = step_losses(straight_run[0]), step_losses(out)
+    assert sorted(got) == list(range(1, 9))
+    for step in range(1, 9):
+        assert got[step] == pytest.approx(ref[step], rel=1e-4), (step, got[step], ref[step])
+
+
 def test_export_matches_the_trained_weights(demo_data, tmp_path):
     run = tmp_path / "run"
     check_ok(launch(demo_data, run, "train.zero_stage=1", "train.steps=2", "train.save_every=0", "train.eval_every=0"))
