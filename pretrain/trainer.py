@@ -419,8 +419,8 @@ class Trainer:
         n_mfu = self.model_config.non_embedding_param_count()
         self.print0(f"model: {self.model_config.name} {self.model_config.param_count() / 1e6:.2f}M params "
                     f"(vocab {self.model_config.vocab_size}); {self.layout.describe()}; ZeRO-{t.zero_stage}; "
-                    f"{self.precision}; {self.tokens_per_step:,} tokens/step, {describe_micro_batch(t, self.layout.dp)}; "
-                    f"steps {self.step} -> {t.steps}")
+                    f"{self.precision}; {self.tokens_per_step:,} tokens/step, "
+                    f"{describe_micro_batch(t, self.layout.dp)}; steps {self.step} -> {t.steps}")
         last: dict[str, float] = {}
         acc_loss = torch.zeros((), device=self.device)
         acc_n = 0

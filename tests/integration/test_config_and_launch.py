@@ -70,7 +70,8 @@ def test_deepspeed_config_takes_the_ranks_micro_batch():
     cfg = load_config(tiny_recipe(), ["train.global_batch=16", "train.micro_batch=16"])
     assert rank_micro_batch(cfg.train, 1) == 16 and rank_micro_batch(cfg.train, 4) == 4
     ds = deepspeed_config(cfg, 2, "fp32")
-    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (16, 8, 1)
+    batch = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+    assert tuple(ds[k] for k in batch) == (16, 8, 1)
     ds = deepspeed_config(load_config(tiny_recipe(), ["train.global_batch=16", "train.micro_batch=2"]), 2, "fp32")
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (2, 4)
     with pytest.raises(ConfigError, match="must be a multiple of the data-parallel size"):
