@@ -118,9 +118,10 @@ class TrainSection:
     activation_checkpointing: bool = False
     compile: bool = False
     # with compile (ignored without): torch.compile's activation memory budget
-    # (torch._functorch.config.activation_memory_budget), process-wide. Below 1, the partitioner recomputes elementwise work in the backward (norm outputs, SiLU(a) * b,
-    # the output gate) instead of saving it: about 6 of 20 saved [tokens, d_model] bf16 tensors a layer fewer, no
-    # matmul recomputed at any budget in [0.6, 0.99] for the presets (tests/parallel/test_compile.py)
+    # (torch._functorch.config.activation_memory_budget), process-wide. Below 1, the partitioner recomputes
+    # elementwise work in the backward (norm outputs, SiLU(a) * b, the output gate) instead of saving it: about 6 of
+    # 20 saved [tokens, d_model] bf16 tensors a layer fewer, no matmul recomputed at any budget in [0.6, 0.99] for
+    # the presets (tests/parallel/test_compile.py)
     compile_memory_budget: float = 1.0
     # with compile (ignored without): activations kept for the backward at any budget, from COMPILE_SAVE_CHOICES:
     # "swiglu" (SiLU(a) * b), "mlp_norm" (the SwiGLU's input norm's output), "conv_silu" (SiLU of the mixer's short

@@ -39,7 +39,8 @@ def test_training_logs_evaluates_and_checkpoints(straight_run):
         manifest = json.loads((folder / MANIFEST).read_text())
         assert manifest["step"] == step and manifest["zero_stage"] == 1
         assert manifest["consumed_samples"] == 8 * step
-        assert {"model_config.json", "tokenizer.model", "rng_rank00000.pt", "rng_rank00001.pt"} <= set(manifest["files"])
+        files = set(manifest["files"])
+        assert {"model_config.json", "tokenizer.model", "rng_rank00000.pt", "rng_rank00001.pt"} <= files
     assert (out / "checkpoints" / "latest").read_text() == "step_00000008"
 
 
