@@ -5,6 +5,7 @@ Set METALA_FAULT to one or more ';'-separated specs; unset (the normal case), ev
     kill_in_save@step=4,rank=0      SIGKILL rank 0 while checkpoint step 4 is being written (files staged,
                                     manifest not yet)
     nan@step=3-5,rank=1             multiply rank 1's loss by NaN during steps 3 to 5
+    oom@step=2,micro=0,rank=1       raise torch.OutOfMemoryError on rank 1 before micro-batch 0 of step 2
 """
 
 from __future__ import annotations
@@ -42,3 +43,11 @@ def kill_point(name: str, step: int, rank: int, micro: int | None = None) -> Non
 
 def poison_loss(step: int, rank: int) -> bool:
     return any(spec == "nan" and _matches(kv, step, rank) for spec, kv in _specs())
+
+
+def oom_point(step: int, rank: int, micro: int | None = None) -> None:
+    for spec, kv in _specs():
+        if spec == "oom" and _matches(kv, step, rank, micro):
+            import torch
+
+            raise torch.OutOfMemoryError(f"injected by METALA_FAULT at step {step}, micro-batch {micro}, rank {rank}")

@@ -11,6 +11,7 @@ import atexit
 import logging
 import os
 import sys
+import traceback
 import warnings
 from pathlib import Path
 from typing import NoReturn
@@ -67,6 +68,39 @@ def plan(cfg: TrainConfig, world_size: int) -> list[str]:
     return lines
 
 
+def out_of_memory_advice(cfg: TrainConfig, trainer) -> str:
+    """What to change after a rank ran out of accelerator memory, from what it was running (`trainer` is None or
+    half-built when the model, optimizer or engine did not fit)."""
+    t = cfg.train
+    micro = getattr(trainer, "micro_batch", None)
+    if micro is None:
+        return ("while building the model, optimizer and engine: split the weights and optimizer states over more "
+                f"ranks (train.zero_stage={min(t.zero_stage + 1, 3)} or parallel.tp), or pick a smaller model")
+    import torch
+
+    peak = ""
+    if trainer.device.type == "cuda":
+        total = torch.cuda.get_device_properties(trainer.device).total_memory
+        peak = f", peak {torch.cuda.max_memory_allocated(trainer.device) / 2**30:.1f} of {total / 2**30:.1f} GiB"
+    share = t.global_batch // trainer.layout.dp
+    smaller = [m for m in range(1, micro) if share % m == 0]
+    fixes = []
+    if smaller:
+        fixes.append(f"train.micro_batch={smaller[-1]} (the same global batch in more accumulated micro-batches)")
+    if t.compile and not t.activation_checkpointing and t.compile_memory_budget > 0.5:
+        fixes.append(f"train.compile_memory_budget={max(0.5, round(t.compile_memory_budget - 0.2, 1)):g} (Inductor "
+                     "recomputes more elementwise work in the backward)")
+    if not t.activation_checkpointing:
+        fixes.append("train.activation_checkpointing=true (each block recomputed in the backward)")
+    if t.zero_stage < 2:
+        fixes.append("train.zero_stage=2 (gradients partitioned over the data-parallel ranks)")
+    where = (f"at step {trainer.step + 1}, {micro} sequences of {cfg.data.seq_len} tokens a forward on each rank"
+             f"{peak}")
+    if not fixes:
+        return f"{where}; every memory setting is at its lowest: split the model over more GPUs (parallel.tp)"
+    return f"{where}; lower the memory with " + ", or ".join(fixes)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="recipe YAML (launch/configs/*.yaml)")
@@ -90,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    import torch
+
     from pretrain.distributed import shutdown_distributed
     from pretrain.trainer import Trainer, TrainingDiverged
 
@@ -106,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"training stopped: {e}", file=sys.stderr)
         return 3
+    except torch.OutOfMemoryError:
+        traceback.print_exc()
+        print(f"out of memory: {out_of_memory_advice(cfg, trainer)}", file=sys.stderr)
+        return 4
     finally:
         if trainer is not None:
             trainer.close()

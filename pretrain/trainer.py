@@ -23,7 +23,7 @@ from pretrain import checkpoint as ckpt
 from pretrain.config import ConfigError, TrainConfig, describe_micro_batch, rank_micro_batch
 from pretrain.data import DataError, PackedDataset, PackedLoader, iter_eval_batches, load_manifest
 from pretrain.distributed import all_ranks_ok, comm_device, init_distributed, reduce_mean, reduce_sum
-from pretrain.faults import kill_point, poison_loss
+from pretrain.faults import kill_point, oom_point, poison_loss
 from pretrain.metrics import MultiSink, NullSink, build_sinks
 from pretrain.optim import build_optimizer, build_scheduler, lr_multiplier
 from pretrain.parallel.layout import ParallelLayout
@@ -363,6 +363,7 @@ class Trainer:
         self.guard.new_step()
         for micro, mb in enumerate(self.loader.next_step()):
             kill_point("kill", step, self.rank, micro)
+            oom_point(step, self.rank, micro)
             loss = self._forward_loss(mb)
             loss = loss * float("nan") if poison_loss(step, self.rank) else loss
             self.guard.observe_loss(loss)

@@ -131,6 +131,47 @@ def test_repeated_non_finite_steps_stop_the_run(demo_data, tmp_path):
     assert (out / "checkpoints" / "latest").read_text() == "step_00000005"
 
 
+def test_out_of_memory_names_what_to_lower(demo_data, tmp_path):
+    # one rank runs out of memory in the middle of step 2 (micro-batch 1 of 2): the launcher stops the others, and
+    # that rank says where it was and which settings lower the memory, starting with the micro-batch
+    out = tmp_path / "run"
+    r = launch(demo_data, out, "train.eval_every=0", "train.save_every=0",
+               env={"METALA_FAULT": "oom@step=2,micro=1,rank=1"})
+    assert r.returncode != 0
+    assert "torch.OutOfMemoryError: injected by METALA_FAULT at step 2, micro-batch 1, rank 1" in r.stderr
+    assert ("out of memory: at step 2, 2 sequences of 64 tokens a forward on each rank; lower the memory with "
+            "train.micro_batch=1 (the same global batch in more accumulated micro-batches), or "
+            "train.activation_checkpointing=true") in r.stderr
+    # the run keeps what it had: no checkpoint was due, none is torn
+    assert not (out / "checkpoints" / "latest").exists()
+
+
+def test_out_of_memory_advice_follows_the_settings():
+    from types import SimpleNamespace
+
+    import torch
+
+    from pretrain.config import load_config
+    from pretrain.train import out_of_memory_advice
+
+    recipe = REPO / "launch/configs/360m.yaml"
+    cfg = load_config(recipe)
+    # the 360m recipe on 8 GPUs: 32 sequences a rank in one forward, compiled at budget 0.9, ZeRO-1
+    rank = SimpleNamespace(micro_batch=32, layout=SimpleNamespace(dp=8), device=torch.device("cpu"), step=99)
+    advice = out_of_memory_advice(cfg, rank)
+    assert advice.startswith("at step 100, 32 sequences of 2048 tokens a forward on each rank; lower the memory with "
+                             "train.micro_batch=16 ")
+    for fix in ("train.compile_memory_budget=0.7", "train.activation_checkpointing=true", "train.zero_stage=2"):
+        assert fix in advice, fix
+    # nothing left to split at one sequence a forward with checkpointing on, under ZeRO-3
+    cfg = load_config(recipe, ["train.activation_checkpointing=true", "train.zero_stage=3"])
+    advice = out_of_memory_advice(cfg, SimpleNamespace(micro_batch=1, layout=SimpleNamespace(dp=256),
+                                                       device=torch.device("cpu"), step=0))
+    assert advice.endswith("every memory setting is at its lowest: split the model over more GPUs (parallel.tp)")
+    # before the engine existed
+    assert "while building the model" in out_of_memory_advice(cfg, None)
+
+
 def test_torn_checkpoint_falls_back_with_a_warning(tmp_path):
     root = tmp_path / "checkpoints"
     for step in (2, 4):
