@@ -14,10 +14,13 @@ import sys
 import traceback
 import warnings
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from pretrain.config import ConfigError, TrainConfig, describe_micro_batch, load_config
 from pretrain.data import DataError
+
+if TYPE_CHECKING:
+    from pretrain.trainer import Trainer
 
 
 def plan(cfg: TrainConfig, world_size: int) -> list[str]:
@@ -68,12 +71,11 @@ def plan(cfg: TrainConfig, world_size: int) -> list[str]:
     return lines
 
 
-def out_of_memory_advice(cfg: TrainConfig, trainer) -> str:
-    """What to change after a rank ran out of accelerator memory, from what it was running (`trainer` is None or
-    half-built when the model, optimizer or engine did not fit)."""
+def out_of_memory_advice(cfg: TrainConfig, trainer: Trainer | None) -> str:
+    """What to change after a rank ran out of accelerator memory, from what it was running (`trainer` is None when
+    the model, optimizer or engine did not fit: the Trainer was never built)."""
     t = cfg.train
-    micro = getattr(trainer, "micro_batch", None)
-    if micro is None:
+    if trainer is None:
         return ("while building the model, optimizer and engine: split the weights and optimizer states over more "
                 f"ranks (train.zero_stage={min(t.zero_stage + 1, 3)} or parallel.tp), or pick a smaller model")
     import torch
@@ -82,7 +84,7 @@ def out_of_memory_advice(cfg: TrainConfig, trainer) -> str:
     if trainer.device.type == "cuda":
         total = torch.cuda.get_device_properties(trainer.device).total_memory
         peak = f", peak {torch.cuda.max_memory_allocated(trainer.device) / 2**30:.1f} of {total / 2**30:.1f} GiB"
-    share = t.global_batch // trainer.layout.dp
+    micro, share = trainer.micro_batch, t.global_batch // trainer.layout.dp
     smaller = [m for m in range(1, micro) if share % m == 0]
     fixes = []
     if smaller:
