@@ -177,6 +177,11 @@ class TrainSection:
             )
 
 
+def largest_micro_batch(share: int, at_most: int) -> int:
+    """The largest micro-batch up to `at_most` that divides a rank's `share` of sequences (1 always does)."""
+    return max(m for m in range(1, min(share, at_most) + 1) if share % m == 0)
+
+
 def rank_micro_batch(train: TrainSection, dp: int) -> int:
     """Sequences a rank runs per forward over `dp` data-parallel ranks: train.micro_batch, or the rank's whole share
     of the global batch where that is smaller. A recipe's micro-batch is sized for one GPU's memory and one node's
@@ -188,7 +193,7 @@ def rank_micro_batch(train: TrainSection, dp: int) -> int:
     share = train.global_batch // dp
     micro = min(train.micro_batch, share)
     if share % micro:
-        fits = max(m for m in range(1, micro + 1) if share % m == 0)
+        fits = largest_micro_batch(share, micro)
         raise ConfigError(f"train.global_batch ({train.global_batch}) must be a multiple of train.micro_batch "
                           f"({micro}) x data-parallel size ({dp}); each rank gets {share} sequences a step: set e.g. "
                           f"train.micro_batch={fits}")

@@ -35,19 +35,21 @@ def _matches(kv: dict[str, str], step: int, rank: int, micro: int | None = None)
     return int(lo) <= step <= int(hi or lo)
 
 
+def _fires(name: str, step: int, rank: int, micro: int | None = None) -> bool:
+    return any(spec == name and _matches(kv, step, rank, micro) for spec, kv in _specs())
+
+
 def kill_point(name: str, step: int, rank: int, micro: int | None = None) -> None:
-    for spec, kv in _specs():
-        if spec == name and _matches(kv, step, rank, micro):
-            os.kill(os.getpid(), signal.SIGKILL)
+    if _fires(name, step, rank, micro):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def poison_loss(step: int, rank: int) -> bool:
-    return any(spec == "nan" and _matches(kv, step, rank) for spec, kv in _specs())
+    return _fires("nan", step, rank)
 
 
 def oom_point(step: int, rank: int, micro: int | None = None) -> None:
-    for spec, kv in _specs():
-        if spec == "oom" and _matches(kv, step, rank, micro):
-            import torch
+    if _fires("oom", step, rank, micro):
+        import torch
 
-            raise torch.OutOfMemoryError(f"injected by METALA_FAULT at step {step}, micro-batch {micro}, rank {rank}")
+        raise torch.OutOfMemoryError(f"injected by METALA_FAULT at step {step}, micro-batch {micro}, rank {rank}")

@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from pretrain.config import ConfigError, TrainConfig, describe_micro_batch, load_config
+from pretrain.config import ConfigError, TrainConfig, describe_micro_batch, largest_micro_batch, load_config
 from pretrain.data import DataError
 
 if TYPE_CHECKING:
@@ -85,10 +85,10 @@ def out_of_memory_advice(cfg: TrainConfig, trainer: Trainer | None) -> str:
         total = torch.cuda.get_device_properties(trainer.device).total_memory
         peak = f", peak {torch.cuda.max_memory_allocated(trainer.device) / 2**30:.1f} of {total / 2**30:.1f} GiB"
     micro, share = trainer.micro_batch, t.global_batch // trainer.layout.dp
-    smaller = [m for m in range(1, micro) if share % m == 0]
     fixes = []
-    if smaller:
-        fixes.append(f"train.micro_batch={smaller[-1]} (the same global batch in more accumulated micro-batches)")
+    if micro > 1:
+        fixes.append(f"train.micro_batch={largest_micro_batch(share, micro - 1)} (the same global batch in more "
+                     "accumulated micro-batches)")
     if t.compile and not t.activation_checkpointing and t.compile_memory_budget > 0.5:
         fixes.append(f"train.compile_memory_budget={max(0.5, round(t.compile_memory_budget - 0.2, 1)):g} (Inductor "
                      "recomputes more elementwise work in the backward)")

@@ -157,7 +157,7 @@ class Trainer:
         self.engine, self.scheduler, self.guard = initialize_with_guard(
             model, optimizer, ds_cfg, self.device, stop_flag=lambda: self._stop_signal is not None,
             fused_master_step=t.fused_master_step, lr_scheduler=scheduler, mpu=mpu)
-        self.micro_batch = rank_micro_batch(t, self.layout.dp)
+        self.micro_batch = ds_cfg["train_micro_batch_size_per_gpu"]  # rank_micro_batch, as DeepSpeed runs it
         self.loader = PackedLoader(self.train_data, t.global_batch, self.micro_batch, self.layout.coords.dp,
                                    self.layout.dp, doc_reset=self.model_config.doc_reset,
                                    mask_eos_label=cfg.data.mask_eos_label)
