@@ -144,8 +144,8 @@ def in_process(model: str, inputs: list[str]) -> dict:
     defaults = {f.name: f.default for f in dataclasses.fields(P.PrepareConfig)}
     blocks = [b for path in inputs for _, b in jsonl_blocks(path, ReadErrors(), True, defaults["task_bytes"])]
     tok = Tokenizer(model)
-    P._WORKER.update(tok=tok, include=frozenset(), exclude=frozenset(), val_fraction=defaults["val_fraction"],
-                     split_seed=defaults["split_seed"], dtype=np.uint16, encoder="auto", spill_dir="")
+    rules = P.DocRules(val_fraction=defaults["val_fraction"], split_seed=defaults["split_seed"])
+    P._WORKER.update(tok=tok, rules=rules, dtype=np.uint16, encoder="auto", spill_dir="")
     t0 = time.perf_counter()
     n = sum(int(P.tokenize_task(P.Task(i, 0, block=b))["train"][0].size) for i, b in enumerate(blocks))
     return {"tokens": n, "tokens_per_s": n / (time.perf_counter() - t0)}

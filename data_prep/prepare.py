@@ -10,7 +10,8 @@ Output, in OUT:
   - `skipped.jsonl`: file, line and reason of skipped records (capped).
 
 The reader streams records in a fixed order and cuts them into tasks of about `--task-bytes`; worker processes
-parse and tokenize tasks (ordered, with back-pressure so the reader cannot run ahead); the main process writes a
+parse and tokenize tasks (ordered, with back-pressure so the reader cannot run ahead), and the reader parses a task
+itself while no worker waits for work (`--parse-in`, see `data_prep.documents`); the main process writes a
 shard (temp file, fsync, rename) whenever a task ends with at least `--shard-tokens` train tokens buffered. The
 validation split is a deterministic hash of each document's text. After every shard, `progress.json` records the
 task to restart from, so rerunning the same command after an interruption finishes the missing shards without
@@ -35,12 +36,13 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from data_prep.documents import DocRules, TaskDocs, classify
 from data_prep.readers import (
     SKIP_REASONS,
     RawRecord,
@@ -50,7 +52,6 @@ from data_prep.readers import (
     iter_hf,
     iter_parquet,
     jsonl_blocks,
-    parse_record,
 )
 from data_prep.tokenizer import ENCODERS, Tokenizer
 from data_prep.workers import WorkerDied, Workers
@@ -58,11 +59,12 @@ from data_prep.workers import WorkerDied, Workers
 # bump when the shard layout or the task cutting changes: an old progress.json then no longer matches
 SHARD_SCHEMA_VERSION = 1
 
-SKIP_EXAMPLES_PER_TASK = 5
 SKIP_LOG_CAP = 100_000
 # test hook: stop (as if killed) after this many train shards were committed
 STOP_AFTER_ENV = "METALA_PREPARE_STOP_AFTER_SHARDS"
 DEFAULT_START_METHOD = "fork" if sys.platform == "linux" else "spawn"
+# where a task's records are parsed: "auto" in the reader while no worker waits for work, else in the worker
+PARSE_IN = ("auto", "reader", "workers")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -84,6 +86,9 @@ class PrepareConfig:
     # "spans": each distinct span of a task encoded once (exact for BPE models like ours, 2-3x faster); "whole":
     # every text through sentencepiece as it is; "auto": spans where they are exact (Tokenizer.resolve_encoder)
     encoder: str = "auto"
+    # "auto": the reader parses a task while every worker has one to work on (its core is otherwise idle), the
+    # worker when one is waiting (the reader must not hold it up); "reader" / "workers": always there. Same output.
+    parse_in: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -100,6 +105,8 @@ class PrepareConfig:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.encoder not in ENCODERS:
             raise ValueError(f"encoder must be one of {ENCODERS}, got {self.encoder!r}")
+        if self.parse_in not in PARSE_IN:
+            raise ValueError(f"parse_in must be one of {PARSE_IN}, got {self.parse_in!r}")
         if self.start_method not in mp.get_all_start_methods():
             raise ValueError(f"start_method must be one of {mp.get_all_start_methods()}, got {self.start_method!r}")
 
@@ -115,8 +122,17 @@ class Task:
     records: list[RawRecord] = field(default_factory=list)
     # bytes of input read when the task was cut (for the progress bar)
     bytes_read: int = 0
-    # the block (.jsonl) or the pickled records (.pickle) moved to this file (see `_spill_payloads`)
+    # the block (.jsonl), the pickled records (.pickle) or the documents parsed by the reader (.docs) moved to this
+    # file (see `_spill_payloads`)
     spill: str = ""
+
+    def documents(self, rules: DocRules) -> TaskDocs:
+        """The task's documents: as the reader parsed them, else parsed here."""
+        if self.spill.endswith(".docs"):
+            docs = TaskDocs.unpack(_take_file(self.spill))
+            self.spill = ""
+            return docs
+        return classify(self.raw_records(), rules)
 
     def raw_records(self) -> Iterator[RawRecord]:
         if self.spill:
@@ -154,14 +170,6 @@ class SplitBuffer:
         return tokens, lengths, subsets
 
 
-def is_validation(text: str, fraction: float, seed: int) -> bool:
-    """Deterministic split: a keyed hash of the text; identical documents always land on the same side."""
-    if fraction <= 0:
-        return False
-    h = hashlib.blake2b(text.encode("utf-8"), digest_size=8, key=seed.to_bytes(8, "little")).digest()
-    return int.from_bytes(h, "little") / 2**64 < fraction
-
-
 _WORKER: dict = {}
 
 
@@ -183,10 +191,19 @@ def _take_file(path: str, dtype: type | None = None) -> bytes | np.ndarray:
     return data
 
 
-def _spill_payloads(tasks: Iterator[Task], folder: str) -> Iterator[Task]:
+def _spill_payloads(tasks: Iterator[Task], folder: str, reader_parses: Callable[[], bool], rules: DocRules,
+                    parsed_in: Counter) -> Iterator[Task]:
     """Tasks with their block or records moved to files: what the parent sends a worker stays small (see
-    `data_prep.workers`: the parent must never block on a full pipe)."""
+    `data_prep.workers`: the parent must never block on a full pipe). Where `reader_parses()` says so, the records
+    are parsed here and the worker gets the documents; `parsed_in` counts the tasks parsed by "reader" / "workers"."""
     for task in tasks:
+        if reader_parses():
+            parsed_in["reader"] += 1
+            task.spill = _give_file(folder, f"task-{task.index}.docs", classify(task.raw_records(), rules).pack())
+            task.block, task.records = b"", []
+            yield task
+            continue
+        parsed_in["workers"] += 1
         if task.block:
             task.spill = _give_file(folder, f"task-{task.index}.jsonl", task.block)
             task.block = b""
@@ -208,35 +225,17 @@ def _init_worker(model: str | Tokenizer, sha256: str, cfg: dict) -> None:
 
 
 def tokenize_task(task: Task) -> dict:
-    """Worker: parse, split and tokenize one task. Returns plain arrays and counters (cheap to pickle)."""
+    """Worker: parse (unless the reader did), split and tokenize one task. Returns plain arrays and counters (cheap
+    to pickle)."""
     tok: Tokenizer = _WORKER["tok"]
-    include, exclude = _WORKER["include"], _WORKER["exclude"]
-    texts: dict[str, list[str]] = {"train": [], "val": []}
-    subsets: dict[str, list[str]] = {"train": [], "val": []}
-    skips: Counter = Counter()
-    licenses: Counter = Counter()
-    examples = []
-    n_records = 0
-    for rec in task.raw_records():
-        n_records += 1
-        parsed = parse_record(rec.payload, include, exclude)
-        if parsed.text is None:
-            skips[parsed.reason] += 1
-            if len(examples) < SKIP_EXAMPLES_PER_TASK:
-                examples.append({"source": rec.source, "line": rec.line, "reason": parsed.reason})
-            continue
-        split = "val" if is_validation(parsed.text, _WORKER["val_fraction"], _WORKER["split_seed"]) else "train"
-        texts[split].append(parsed.text)
-        subsets[split].append(parsed.subset)
-        if parsed.license:
-            licenses[parsed.license] += 1
-    out = {"index": task.index, "bytes_read": task.bytes_read, "skips": skips, "examples": examples,
-           "licenses": licenses, "n_records": n_records}
+    docs = task.documents(_WORKER["rules"])
+    out = {"index": task.index, "bytes_read": task.bytes_read, "skips": docs.skips, "examples": docs.examples,
+           "licenses": docs.licenses, "n_records": docs.n_records}
     for split in ("train", "val"):
-        tokens, lengths = tok.encode_documents(texts[split], _WORKER["dtype"], _WORKER["encoder"])
+        tokens, lengths = tok.encode_documents(docs.texts[split], _WORKER["dtype"], _WORKER["encoder"])
         if _WORKER["spill_dir"] and tokens.size:
             tokens = _give_file(_WORKER["spill_dir"], f"result-{task.index}-{split}.bin", tokens)
-        out[split] = (tokens, lengths, subsets[split])
+        out[split] = (tokens, lengths, docs.subsets[split])
     return out
 
 
@@ -422,10 +421,11 @@ class Preparer:
         total_bytes = sum(Path(s).stat().st_size for s in cfg.inputs if input_kind(s) != "hf") or None
         # the spill folder (only with worker processes) is private to this run and removed at the end
         spill_dir = tempfile.mkdtemp(prefix="metala-prepare-") if cfg.workers > 0 else None
-        worker_cfg = {"include": frozenset(cfg.include_subsets), "exclude": frozenset(cfg.exclude_subsets),
-                      "val_fraction": cfg.val_fraction, "split_seed": cfg.split_seed, "dtype": self.dtype,
-                      "encoder": self.encoder,
-                      "spill_dir": spill_dir}
+        rules = DocRules(frozenset(cfg.include_subsets), frozenset(cfg.exclude_subsets), cfg.val_fraction,
+                         cfg.split_seed)
+        worker_cfg = {"rules": rules, "dtype": self.dtype, "encoder": self.encoder, "spill_dir": spill_dir}
+        # tasks parsed by the reader and by the workers (the manifest's last_run says how the run shared the work)
+        parsed_in: Counter = Counter()
         stop_after = int(os.environ.get(STOP_AFTER_ENV, "0"))
         tasks = make_tasks(cfg.inputs, cfg.task_bytes, self.state["next_task"], errors)
         t0 = time.time()
@@ -446,7 +446,8 @@ class Preparer:
                 # two tasks a worker at most between being cut and being written: the reader cannot run ahead
                 workers = Workers(cfg.workers, tokenize_task, _init_worker, (model, self.tok.sha256, worker_cfg),
                                   context=ctx, per_worker=2, name="tokenizer worker")
-                results = workers.imap(_spill_payloads(tasks, spill_dir))
+                results = workers.imap(_spill_payloads(tasks, spill_dir, self._reader_parses(workers), rules,
+                                                       parsed_in))
             bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenize", file=sys.stderr, smoothing=0.1)
             for res in results:
                 self._absorb(res)
@@ -475,13 +476,21 @@ class Preparer:
             if spill_dir is not None:
                 shutil.rmtree(spill_dir, ignore_errors=True)
         elapsed = time.time() - t0
-        manifest = self._manifest(errors, elapsed, new_tokens)
+        manifest = self._manifest(errors, elapsed, new_tokens, parsed_in)
         _atomic_json(self.out / "manifest.json", manifest)
         (self.out / "progress.json").unlink(missing_ok=True)
         self._report(manifest)
         return manifest
 
-    def _manifest(self, errors: ReadErrors, elapsed: float, new_tokens: int) -> dict:
+    def _reader_parses(self, workers: Workers) -> Callable[[], bool]:
+        """Asked as each task is cut: whether the reader parses it. Under "auto" only while no worker waits for
+        work: a reader that parses slower than the workers encode (many workers) then leaves the parsing to them,
+        task by task, instead of holding them up."""
+        if self.cfg.parse_in == "auto":
+            return lambda: not workers.has_idle_worker()
+        return (lambda: True) if self.cfg.parse_in == "reader" else (lambda: False)
+
+    def _manifest(self, errors: ReadErrors, elapsed: float, new_tokens: int, parsed_in: Counter) -> dict:
         st, cfg = self.state, self.cfg
         sources = []
         for spec in cfg.inputs:
@@ -512,7 +521,9 @@ class Preparer:
             "read_errors": errors.errors,
             "settings": {k: v for k, v in asdict(cfg).items() if k not in ("inputs", "tokenizer", "output", "overwrite")},
             "last_run": {"seconds": round(elapsed, 3), "tokens": new_tokens,
-                         "tokens_per_s": round(new_tokens / max(elapsed, 1e-9))},
+                         "tokens_per_s": round(new_tokens / max(elapsed, 1e-9)),
+                         # tasks whose records the reader parsed, and those its workers parsed (none: in-process)
+                         "tasks_parsed_by": {"reader": parsed_in["reader"], "workers": parsed_in["workers"]}},
         }
 
     def _report(self, m: dict) -> None:
@@ -543,6 +554,9 @@ def parse_args(argv: list[str] | None = None) -> PrepareConfig:
     ap.add_argument("--encoder", choices=ENCODERS, default="auto",
                     help="spans: encode each distinct span once (exact for BPE, faster); whole: whole texts; "
                          "auto: spans where exact")
+    ap.add_argument("--parse-in", choices=PARSE_IN, default="auto",
+                    help="where JSON records are parsed: auto (the reader while every worker is busy, else the "
+                         "workers), reader, workers; the same output either way")
     ap.add_argument("--start-method", choices=mp.get_all_start_methods(), default=DEFAULT_START_METHOD,
                     help="how worker processes start (default: fork on Linux, else spawn)")
     a = ap.parse_args(argv)
@@ -551,7 +565,7 @@ def parse_args(argv: list[str] | None = None) -> PrepareConfig:
                              shard_tokens=a.shard_tokens, val_fraction=a.val_fraction, split_seed=a.split_seed,
                              task_bytes=a.task_bytes, include_subsets=a.include_subsets,
                              exclude_subsets=a.exclude_subsets, overwrite=a.overwrite, start_method=a.start_method,
-                             encoder=a.encoder)
+                             encoder=a.encoder, parse_in=a.parse_in)
     except ValueError as e:
         ap.error(str(e))
 

@@ -114,6 +114,11 @@ class Workers:
     def pids(self) -> list[int]:
         return [w.process.pid for w in self._workers]
 
+    def has_idle_worker(self) -> bool:
+        """Whether some worker is out of work: it holds no task, or only one whose answer is already waiting to be
+        read. Cheap (a poll of each pipe); asked by the caller's task iterator while `imap` takes a task."""
+        return any(not w.in_flight or (len(w.in_flight) == 1 and w.conn.poll()) for w in self._workers)
+
     def imap(self, tasks: Iterable) -> Iterator:
         """`fn(task)` for every task, in the tasks' order. A task's exception is raised here; WorkerDied as soon as
         any worker has exited. Tasks are taken from `tasks` only as workers have room for them."""

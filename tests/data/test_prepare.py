@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from data_prep.prepare import STOP_AFTER_ENV, is_validation
+from data_prep.documents import is_validation
+from data_prep.prepare import STOP_AFTER_ENV
 from data_prep.prepare import main as prepare_main
 from data_prep.shards import ShardView
 from data_prep.tokenizer import Tokenizer
@@ -302,6 +303,40 @@ def test_bad_input_is_skipped_counted_and_reported(tokenizer_model, tmp_path):
     assert (good, "invalid_json") in examples
     logged = [json.loads(line) for line in (tmp_path / "out" / "skipped.jsonl").read_text().splitlines()]
     assert {"file": good, "line": 2, "reason": "invalid_json"} in logged
+
+
+def test_where_records_are_parsed_changes_nothing_in_the_output(small_corpus, tokenizer_model, tmp_path):
+    """The reader parses a task while its workers are busy (`--parse-in auto`), and the worker then gets the
+    documents instead of the JSON. Every shard byte, count, skip example and log line is the same wherever the records
+    were parsed, bad records and the validation split included; the manifest says who parsed how many tasks."""
+    _, docs = small_corpus
+    bad = [b'{"text": "broken json\n', {"meta": {"pile_set_name": "S0"}}, b'{"text": "\xff\xfe not utf-8"}\n',
+           {"text": "  ", "meta": {}},
+           {"text": "Caf\u00e9 \u2014 \U0001f600 na\u00efve", "meta": {"pile_set_name": "S1"}}]
+    records = [r for i, d in enumerate(docs[:300]) for r in ([d] + ([bad[i // 30 % 5]] if i % 30 == 7 else []))]
+    inputs = [write_jsonl_zst(tmp_path / "mixed.jsonl.zst", records)]
+    args = ("--val-fraction", "0.1", "--shard-tokens", "30000", "--task-bytes", "20000",
+            "--exclude-subsets", "S2")
+    runs = {}
+    for name, extra in {"in-process": ("--workers", "0"), "workers": ("--workers", "2", "--parse-in", "workers"),
+                        "reader": ("--workers", "2", "--parse-in", "reader"),
+                        "auto": ("--workers", "1", "--parse-in", "auto")}.items():
+        out = tmp_path / name
+        m = run_prepare(inputs, tokenizer_model, out, *args, *extra)
+        runs[name] = (m, (out / "skipped.jsonl").read_text())
+    m0, log0 = runs["in-process"]
+    n_tasks = runs["workers"][0]["last_run"]["tasks_parsed_by"]["workers"]
+    assert n_tasks > 5 and m0["skipped"]["filtered_subset"] > 0 and m0["splits"]["val"]["docs"] > 0
+    assert all(m0["skipped"][r] > 0 for r in ("invalid_json", "missing_text", "invalid_utf8", "empty_text"))
+    for name, (m, log) in runs.items():
+        for key in ("splits", "skipped", "skipped_examples", "licenses", "records"):
+            assert m[key] == m0[key], (name, key)
+        assert log == log0, name
+    assert runs["in-process"][0]["last_run"]["tasks_parsed_by"] == {"reader": 0, "workers": 0}
+    assert runs["reader"][0]["last_run"]["tasks_parsed_by"] == {"reader": n_tasks, "workers": 0}
+    # auto: the first task goes to a worker that waits for it; the next, taken while that worker is busy, the reader
+    auto = runs["auto"][0]["last_run"]["tasks_parsed_by"]
+    assert auto["workers"] >= 1 and auto["reader"] >= 1 and auto["reader"] + auto["workers"] == n_tasks
 
 
 def test_bad_arguments(tokenizer_model, tmp_path):

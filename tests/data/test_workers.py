@@ -88,6 +88,34 @@ def test_the_reader_never_runs_ahead_of_the_results():
     assert len(pulled) == 50
 
 
+def _naps(i: int) -> int:
+    time.sleep(0.3)
+    return i
+
+
+@pytest.mark.parametrize("slow_tasks", [True, False])
+def test_has_idle_worker_says_when_a_worker_is_out_of_work(slow_tasks):
+    """Asked as each task is taken (what `prepare`'s reader does before parsing a task itself). Slow tasks: only the
+    first finds the worker idle. Instant tasks and a slow consumer: each later one finds the worker done with the
+    task it held, its answer waiting in the pipe, so out of work."""
+    seen = []
+
+    def tasks():
+        for i in range(5):
+            seen.append(w.has_idle_worker())
+            yield i
+
+    with Workers(1, _naps if slow_tasks else _identity, context=FORK, per_worker=2) as w:
+        for result in w.imap(tasks()):
+            if not slow_tasks:
+                time.sleep(0.2)
+    if slow_tasks:
+        assert seen == [True, False, False, False, False]
+    else:
+        # the second is taken right after the first was sent: the worker may or may not have answered it yet
+        assert seen[0] and seen[2:] == [True, True, True]
+
+
 def test_a_tasks_exception_is_raised_in_the_caller_with_the_workers_traceback():
     with pytest.raises(ValueError, match="task 3 is bad") as raised:
         with Workers(2, _fails_on_3, context=FORK) as w:
