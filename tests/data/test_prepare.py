@@ -16,6 +16,7 @@ import pytest
 import zstandard
 
 from data_prep.documents import is_validation
+from data_prep import prepare
 from data_prep.prepare import STOP_AFTER_ENV
 from data_prep.prepare import main as prepare_main
 from data_prep.shards import ShardView
@@ -118,8 +119,6 @@ def test_parquet_records_reach_the_workers_through_the_spill_folder(small_corpus
 
 
 def test_worker_init_takes_the_forked_tokenizer_or_loads_and_checks_the_file(tokenizer_model, tmp_path):
-    from data_prep import prepare
-
     tok = Tokenizer(tokenizer_model)
     # forked workers get the parent's object itself: no second load; and they leave Ctrl-C to the parent
     sigint = signal.getsignal(signal.SIGINT)
@@ -171,8 +170,6 @@ def test_resume_after_interruption(small_corpus, tokenizer_model, tmp_path, monk
 
 def test_stopping_early_ends_the_workers_and_leaves_a_resumable_output(small_corpus, tokenizer_model, tmp_path,
                                                                          monkeypatch):
-    from data_prep import prepare
-
     inputs, _ = small_corpus
     args = ("--workers", "2", "--shard-tokens", "20000", "--task-bytes", "20000")
     done = run_prepare(inputs, tokenizer_model, tmp_path / "done", *args)
@@ -305,7 +302,8 @@ def test_bad_input_is_skipped_counted_and_reported(tokenizer_model, tmp_path):
     assert {"file": good, "line": 2, "reason": "invalid_json"} in logged
 
 
-def test_where_records_are_parsed_changes_nothing_in_the_output(small_corpus, tokenizer_model, tmp_path):
+def test_where_records_are_parsed_changes_nothing_in_the_output(small_corpus, tokenizer_model, tmp_path,
+                                                                 monkeypatch):
     """The reader parses a task while its workers are busy (`--parse-in auto`), and the worker then gets the
     documents instead of the JSON. Every shard byte, count, skip example and log line is the same wherever the records
     were parsed, bad records and the validation split included; the manifest says who parsed how many tasks."""
@@ -317,10 +315,12 @@ def test_where_records_are_parsed_changes_nothing_in_the_output(small_corpus, to
     inputs = [write_jsonl_zst(tmp_path / "mixed.jsonl.zst", records)]
     args = ("--val-fraction", "0.1", "--shard-tokens", "30000", "--task-bytes", "20000",
             "--exclude-subsets", "S2")
+    monkeypatch.setattr(prepare, "usable_cores", lambda: 2)  # as on CI's 2-core box, wherever this runs
     runs = {}
     for name, extra in {"in-process": ("--workers", "0"), "workers": ("--workers", "2", "--parse-in", "workers"),
                         "reader": ("--workers", "2", "--parse-in", "reader"),
-                        "auto": ("--workers", "1", "--parse-in", "auto")}.items():
+                        "auto": ("--workers", "1", "--parse-in", "auto"),
+                        "auto, no spare core": ("--workers", "2", "--parse-in", "auto")}.items():
         out = tmp_path / name
         m = run_prepare(inputs, tokenizer_model, out, *args, *extra)
         runs[name] = (m, (out / "skipped.jsonl").read_text())
@@ -337,6 +337,8 @@ def test_where_records_are_parsed_changes_nothing_in_the_output(small_corpus, to
     # auto: the first task goes to a worker that waits for it; the next, taken while that worker is busy, the reader
     auto = runs["auto"][0]["last_run"]["tasks_parsed_by"]
     assert auto["workers"] >= 1 and auto["reader"] >= 1 and auto["reader"] + auto["workers"] == n_tasks
+    # as many workers as cores: the reader has no core of its own to parse on
+    assert runs["auto, no spare core"][0]["last_run"]["tasks_parsed_by"] == {"reader": 0, "workers": n_tasks}
 
 
 def test_bad_arguments(tokenizer_model, tmp_path):
