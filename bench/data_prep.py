@@ -4,7 +4,8 @@ For a 32k BPE and a 32k unigram tokenizer trained on the bundled corpus, in one 
   - raw encode: `sp.encode(texts)` on one thread (list output, the default) and with numpy output, on texts
     already in memory (no reading, parsing or writing);
   - our pipeline with 1 worker and with each of `--workers` (read .jsonl.zst, parse, split, tokenize, write shards
-    + manifest; the default `--encoder auto`: distinct spans encoded once for BPE, whole texts for unigram):
+    + manifest; the default `--encoder auto`: distinct spans encoded once for BPE, whole texts for unigram; the
+    default `--parse-in auto`: the reader parses JSON where it has a core beside the workers, i.e. with 1 worker here):
     tokens/s, scaling over 1 worker, and tokens per CPU-second (all processes counted, the reader included);
   - the plain `datasets` baseline: load_dataset("json") + map(batched, num_proc) + save_to_disk, against ours with
     as many workers;
