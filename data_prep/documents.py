@@ -1,9 +1,10 @@
 """A task's records sorted into documents (by split) and skips (by reason): the parsing half of a tokenizer task.
 
 `prepare` runs it where there is time for it: in the worker that encodes the task, or in the reader (the main
-process) while no worker waits for work. With one worker on two cores the reader's core is otherwise idle between
-tasks, and parsing there takes JSON decoding, record checks and the split hash (~4 % of the run) off the worker,
-whose encode is the run's pace. Either way the documents, their order and every count are the same.
+process) where it has a core beside the workers and no worker waits for work. With one worker on two cores the
+reader's core is otherwise idle between tasks, and parsing there takes JSON decoding, record checks and the split
+hash (~4 % of the run) off the worker, whose encode is the run's pace. Either way the documents, their order and
+every count are the same.
 """
 
 from __future__ import annotations

@@ -10,12 +10,12 @@ Output, in OUT:
   - `skipped.jsonl`: file, line and reason of skipped records (capped).
 
 The reader streams records in a fixed order and cuts them into tasks of about `--task-bytes`; worker processes
-parse and tokenize tasks (ordered, with back-pressure so the reader cannot run ahead), and the reader parses a task
-itself while no worker waits for work (`--parse-in`, see `data_prep.documents`); the main process writes a
-shard (temp file, fsync, rename) whenever a task ends with at least `--shard-tokens` train tokens buffered. The
-validation split is a deterministic hash of each document's text. After every shard, `progress.json` records the
-task to restart from, so rerunning the same command after an interruption finishes the missing shards without
-redoing the done ones.
+parse and tokenize tasks (ordered, with back-pressure so the reader cannot run ahead); where the reader has a core
+beside the workers it parses a task itself while no worker waits for work (`--parse-in`, `data_prep.documents`); the
+main process writes a shard (temp file, fsync, rename) whenever a task ends with at least `--shard-tokens` train
+tokens buffered. The validation split is a deterministic hash of each document's text. After every shard,
+`progress.json` records the task to restart from, so rerunning the same command after an interruption finishes the
+missing shards without redoing the done ones.
 
 Example:
     python -m data_prep.prepare --input data/demo/*.jsonl.zst --tokenizer runs/tok/tokenizer.model \\
@@ -63,7 +63,7 @@ SKIP_LOG_CAP = 100_000
 # test hook: stop (as if killed) after this many train shards were committed
 STOP_AFTER_ENV = "METALA_PREPARE_STOP_AFTER_SHARDS"
 DEFAULT_START_METHOD = "fork" if sys.platform == "linux" else "spawn"
-# where a task's records are parsed: "auto" in the reader while no worker waits for work, else in the worker
+# where a task's records are parsed (`PrepareConfig.parse_in`)
 PARSE_IN = ("auto", "reader", "workers")
 
 
@@ -568,8 +568,8 @@ def parse_args(argv: list[str] | None = None) -> PrepareConfig:
                     help="spans: encode each distinct span once (exact for BPE, faster); whole: whole texts; "
                          "auto: spans where exact")
     ap.add_argument("--parse-in", choices=PARSE_IN, default="auto",
-                    help="where JSON records are parsed: auto (the reader while every worker is busy, else the "
-                         "workers), reader, workers; the same output either way")
+                    help="where JSON records are parsed: auto (the reader, if it has a core beside the workers and "
+                         "every worker is busy; else the workers), reader, workers; the same output either way")
     ap.add_argument("--start-method", choices=mp.get_all_start_methods(), default=DEFAULT_START_METHOD,
                     help="how worker processes start (default: fork on Linux, else spawn)")
     a = ap.parse_args(argv)
