@@ -111,9 +111,14 @@ def test_parquet_records_reach_the_workers_through_the_spill_folder(small_corpus
     args = ("--shard-tokens", "50000", "--task-bytes", "20000")
     two = run_prepare([str(tmp_path / "all.parquet")], tokenizer_model, tmp_path / "two", "--workers", "2", *args)
     zero = run_prepare([str(tmp_path / "all.parquet")], tokenizer_model, tmp_path / "zero", "--workers", "0", *args)
+    # the records parsed by the reader instead: the workers get documents, not pickled records
+    reader = run_prepare([str(tmp_path / "all.parquet")], tokenizer_model, tmp_path / "reader", "--workers", "1",
+                         "--parse-in", "reader", *args)
     jsonl = run_prepare(inputs, tokenizer_model, tmp_path / "jsonl", "--workers", "2", *args)
     assert list(spill_root.iterdir()) == [] and two["records"] == len(docs)
+    assert reader["last_run"]["tasks_parsed_by"]["workers"] == 0 and reader["last_run"]["tasks_parsed_by"]["reader"] > 1
     assert read_split(tmp_path / "two", two, "train") == read_split(tmp_path / "zero", zero, "train")
+    assert read_split(tmp_path / "reader", reader, "train") == read_split(tmp_path / "zero", zero, "train")
     assert read_split(tmp_path / "two", two, "train") == read_split(tmp_path / "jsonl", jsonl, "train")
     assert two["splits"]["train"]["subsets"] == jsonl["splits"]["train"]["subsets"]
 
