@@ -202,15 +202,14 @@ def _spill_payloads(tasks: Iterator[Task], folder: str, reader_parses: Callable[
             parsed_in["reader"] += 1
             task.spill = _give_file(folder, f"task-{task.index}.docs", classify(task.raw_records(), rules).pack())
             task.block, task.records = b"", []
-            yield task
-            continue
-        parsed_in["workers"] += 1
-        if task.block:
-            task.spill = _give_file(folder, f"task-{task.index}.jsonl", task.block)
-            task.block = b""
-        elif task.records:
-            task.spill = _give_file(folder, f"task-{task.index}.pickle", pickle.dumps(task.records, protocol=5))
-            task.records = []
+        else:
+            parsed_in["workers"] += 1
+            if task.block:
+                task.spill = _give_file(folder, f"task-{task.index}.jsonl", task.block)
+                task.block = b""
+            elif task.records:
+                task.spill = _give_file(folder, f"task-{task.index}.pickle", pickle.dumps(task.records, protocol=5))
+                task.records = []
         yield task
 
 
@@ -430,8 +429,8 @@ class Preparer:
         total_bytes = sum(Path(s).stat().st_size for s in cfg.inputs if input_kind(s) != "hf") or None
         # the spill folder (only with worker processes) is private to this run and removed at the end
         spill_dir = tempfile.mkdtemp(prefix="metala-prepare-") if cfg.workers > 0 else None
-        rules = DocRules(frozenset(cfg.include_subsets), frozenset(cfg.exclude_subsets), cfg.val_fraction,
-                         cfg.split_seed)
+        rules = DocRules(include=frozenset(cfg.include_subsets), exclude=frozenset(cfg.exclude_subsets),
+                         val_fraction=cfg.val_fraction, split_seed=cfg.split_seed)
         worker_cfg = {"rules": rules, "dtype": self.dtype, "encoder": self.encoder, "spill_dir": spill_dir}
         # tasks parsed by the reader and by the workers (the manifest's last_run says how the run shared the work)
         parsed_in: Counter = Counter()
